@@ -1,0 +1,99 @@
+"""Readable reference samplers. Every step is written in (x0, eps) space through the schedule, so one
+function serves DDIM, Euler (VP in sigma coordinates, EDM, rectified flow: all the same deterministic
+update) and DDPM ancestral sampling (DDIM with eta = 1)."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from .schedules import NoiseSchedule, _bcast
+
+
+def ddim_step(schedule: NoiseSchedule, x0: torch.Tensor, eps: torch.Tensor, t, t_prev,
+              eta: float = 0.0, noise: torch.Tensor | None = None) -> torch.Tensor:
+    """One DDIM step from t to t_prev (Song et al. 2021, eq. 12); ``t_prev=None`` lands on x0.
+
+    x_prev = alpha' x0 + sqrt(sigma'^2 - s^2) eps + s z with the posterior std
+    s = eta * (sigma'/sigma) * sqrt(sigma^2 - (alpha/alpha')^2 sigma'^2) (eta = 1: DDPM ancestral step)."""
+    if t_prev is None:
+        return x0
+    a_p, s_p = _bcast(schedule.alpha(t_prev), x0), _bcast(schedule.sigma(t_prev), x0)
+    if eta == 0.0:
+        return a_p * x0 + s_p * eps
+    a, s = _bcast(schedule.alpha(t), x0), _bcast(schedule.sigma(t), x0)
+    var = (s_p / s) ** 2 * (s**2 - (a / a_p) ** 2 * s_p**2)
+    std = eta * var.clamp_min(1e-20).sqrt()
+    if noise is None:
+        raise ValueError("ddim_step with eta > 0 needs noise")
+    return a_p * x0 + (s_p**2 - std**2).clamp_min(0).sqrt() * eps + std * noise
+
+
+def lcm_scalings(schedule: NoiseSchedule, t, sigma_data: float = 0.5, timestep_scaling: float = 10.0):
+    """LCM boundary conditions for discrete VP teachers (Luo et al. 2023): with s = timestep_scaling * timestep,
+    c_skip = sigma_data^2 / (s^2 + sigma_data^2), c_out = s / sqrt(s^2 + sigma_data^2)."""
+    s = schedule.t_to_timestep(t) * timestep_scaling
+    return sigma_data**2 / (s**2 + sigma_data**2), s / (s**2 + sigma_data**2).sqrt()
+
+
+def consistency_step(schedule: NoiseSchedule, x_t: torch.Tensor, x0: torch.Tensor, c_skip, c_out,
+                     t_next=None, noise: torch.Tensor | None = None) -> torch.Tensor:
+    """Consistency-model step: f = c_skip x_t + c_out x0, then re-noise to ``t_next`` (multistep
+    consistency sampling, Song et al. 2023 Alg. 1); ``t_next=None`` returns f."""
+    f = _bcast(torch.as_tensor(c_skip), x_t) * x_t + _bcast(torch.as_tensor(c_out), x_t) * x0
+    if t_next is None:
+        return f
+    if noise is None:
+        raise ValueError("consistency_step to a later point needs noise")
+    return schedule.add_noise(f, noise, t_next)
+
+
+def initial_noise_scale(schedule: NoiseSchedule, t) -> float:
+    """Scale of x_T = scale * N(0, I) at the first sampling time (1 for VP and flow, sigma for EDM)."""
+    return 1.0 if schedule.kind in ("vp", "flow") else float(schedule.sigma(t))
+
+
+@torch.no_grad()
+def sample(
+    model_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    schedule: NoiseSchedule,
+    noise: torch.Tensor,
+    num_steps: int | None = None,
+    *,
+    pred_type: str,
+    ts: torch.Tensor | None = None,
+    spacing: str = "trailing",
+    eta: float = 0.0,
+    generator: torch.Generator | None = None,
+    clip_x0: float | None = None,
+    progress: bool = False,
+) -> torch.Tensor:
+    """DDIM / Euler / ancestral sampling of ``model_fn(x_t, t) -> prediction of pred_type``.
+
+    ``ts`` (continuous times, noisiest first) defaults to ``schedule.timesteps(num_steps, spacing)``;
+    after the last one the sampler lands on the predicted x0."""
+    if ts is None:
+        if num_steps is None:
+            raise ValueError("pass num_steps or ts")
+        ts = schedule.timesteps(num_steps, spacing)
+    ts = torch.as_tensor(ts, dtype=torch.float64)
+    x = noise * initial_noise_scale(schedule, ts[0])
+    it = range(len(ts))
+    if progress:
+        from tqdm.auto import tqdm
+
+        it = tqdm(it, desc="sampling", leave=False)
+    for i in it:
+        t = ts[i].expand(x.shape[0])
+        pred = model_fn(x, t)
+        x0, eps = schedule.to_x0_eps(pred, x, t, pred_type)
+        if clip_x0 is not None:
+            x0 = x0.clamp(-clip_x0, clip_x0)
+            eps = schedule.to_x0_eps(x0, x, t, "x0")[1]
+        t_prev = ts[i + 1].expand(x.shape[0]) if i + 1 < len(ts) else None
+        z = None
+        if eta > 0 and t_prev is not None:
+            z = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        x = ddim_step(schedule, x0, eps, t, t_prev, eta=eta, noise=z)
+    return x
