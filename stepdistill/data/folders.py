@@ -1,0 +1,113 @@
+"""Images-with-captions folders and prompt files."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
+CAPTION_SOURCES = ("auto", "txt", "metadata", "none")
+PROMPT_KEYS = ("prompt", "text", "caption")
+
+
+def _read_jsonl(path: Path):
+    """Yield ``(line_number, object)`` for each non-blank line of a JSON-lines file."""
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if line.strip():
+                try:
+                    yield lineno, json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
+
+
+class ImageFolderDataset(Dataset):
+    """The images directly under ``root`` (sorted by name), as ``{"image": (3, R, R), "caption": str}``.
+
+    Images are converted to RGB and scaled to [-1, 1]. With ``center_crop`` the shortest side is resized
+    to ``resolution`` (PIL bicubic) and the centre square is cropped; otherwise the image is resized to
+    ``resolution`` x ``resolution`` directly (aspect ratio not kept).
+
+    Captions (``caption_source``): "metadata" reads ``root/metadata.jsonl`` (lines
+    ``{"file_name": ..., "text": ...}``), "txt" reads a sibling ``<stem>.txt``, "auto" uses the metadata
+    entry when there is one and the ``.txt`` file otherwise, "none" gives no captions. A missing caption
+    is "".
+    """
+
+    def __init__(self, root, resolution: int, center_crop: bool = True, caption_source: str = "auto"):
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise FileNotFoundError(f"image folder not found: {self.root}")
+        if isinstance(resolution, bool) or not isinstance(resolution, int) or resolution < 1:
+            raise ValueError(f"resolution must be a positive int, got {resolution!r}")
+        if caption_source not in CAPTION_SOURCES:
+            raise ValueError(f"unknown caption_source {caption_source!r}; expected one of {CAPTION_SOURCES}")
+        self.resolution, self.center_crop = resolution, center_crop
+        self.files = sorted(
+            p for p in self.root.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
+        )
+        if not self.files:
+            raise ValueError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found in {self.root}")
+        metadata = {}
+        if caption_source in ("auto", "metadata") and (self.root / "metadata.jsonl").is_file():
+            for lineno, obj in _read_jsonl(self.root / "metadata.jsonl"):
+                if not isinstance(obj, dict) or "file_name" not in obj:
+                    raise ValueError(
+                        f"{self.root / 'metadata.jsonl'}:{lineno}: expected an object with 'file_name'"
+                    )
+                metadata[Path(str(obj["file_name"])).as_posix()] = str(obj.get("text", ""))
+        self.captions = []
+        for path in self.files:
+            caption = metadata.get(path.name)
+            txt = path.with_suffix(".txt")
+            if caption is None and caption_source in ("auto", "txt") and txt.is_file():
+                caption = txt.read_text(encoding="utf-8").strip()
+            self.captions.append(caption or "")
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def _load(self, path: Path) -> torch.Tensor:
+        r = self.resolution
+        with Image.open(path) as img:
+            img = img.convert("RGB")
+        if self.center_crop:
+            scale = r / min(img.size)
+            w, h = max(r, round(img.width * scale)), max(r, round(img.height * scale))
+            img = img.resize((w, h), Image.Resampling.BICUBIC)
+            left, top = (w - r) // 2, (h - r) // 2
+            img = img.crop((left, top, left + r, top + r))
+        else:
+            img = img.resize((r, r), Image.Resampling.BICUBIC)
+        return torch.from_numpy(np.asarray(img, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1).contiguous()
+
+    def __getitem__(self, i: int) -> dict:
+        return {"image": self._load(self.files[i]), "caption": self.captions[i]}
+
+
+def load_prompts(path) -> list[str]:
+    """Read prompts from a ``.txt`` file (one per non-blank line, stripped) or a ``.jsonl`` file (one
+    object per line with a "prompt", "text" or "caption" key)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"prompt file not found: {path}")
+    suffix = path.suffix.lower()
+    if suffix == ".txt":
+        prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    elif suffix == ".jsonl":
+        prompts = []
+        for lineno, obj in _read_jsonl(path):
+            key = next((k for k in PROMPT_KEYS if isinstance(obj, dict) and k in obj), None)
+            if key is None:
+                raise ValueError(f"{path}:{lineno}: expected an object with one of the keys {PROMPT_KEYS}")
+            prompts.append(str(obj[key]).strip())
+    else:
+        raise ValueError(f"unsupported prompt file type {path.suffix!r} for {path}; expected .txt or .jsonl")
+    if not prompts:
+        raise ValueError(f"empty prompt file: {path}")
+    return prompts

@@ -1,0 +1,47 @@
+"""The trainable score of the generator's distribution (DMD / DMD2, SiD / SIM, VSD)."""
+
+from __future__ import annotations
+
+import copy
+
+from .adapters import adapter_active, add_lora
+from .denoiser import Denoiser, _unwrap
+from .teacher import Teacher
+
+
+class FakeScore(Denoiser):
+    """Same ``predict`` API as the teacher, plus ``dsm_loss`` (inherited) to fit it to generated samples.
+
+    Build it from the teacher, either as a full trainable copy or as a LoRA adapter on the teacher's own
+    frozen weights (then the teacher runs with adapters off: one copy of the base in memory)::
+
+        fake = FakeScore.from_teacher(teacher, mode="lora", lora_rank=64)
+    """
+
+    adapter_name: str | None = None
+
+    @classmethod
+    def from_teacher(cls, teacher: Teacher, mode: str = "full", *, lora_rank: int = 64, lora_alpha=None,
+                     adapter_name: str = "fake_score", target_modules=None) -> "FakeScore":
+        if mode == "full":
+            net = copy.deepcopy(_unwrap(teacher.net))
+            net.requires_grad_(True).train()
+            fake = cls(net, teacher.schedule, teacher.prediction_type, cfg_convention=teacher.cfg_convention)
+        elif mode == "lora":
+            net = _unwrap(teacher.net)
+            add_lora(net, lora_rank, lora_alpha, adapter_name=adapter_name, target_modules=target_modules)
+            teacher.shares_base = True
+            fake = cls(net, teacher.schedule, teacher.prediction_type, cfg_convention=teacher.cfg_convention)
+            fake.adapter_name = adapter_name
+        else:
+            raise ValueError(f"fake score mode must be 'full' or 'lora', got {mode!r}")
+        return fake
+
+    def trainable_parameters(self):
+        return [p for p in self.net.parameters() if p.requires_grad]
+
+    def _forward(self, x_t, t, kwargs):
+        if self.adapter_name is None:
+            return super()._forward(x_t, t, kwargs)
+        with adapter_active(_unwrap(self.net), self.adapter_name):
+            return super()._forward(x_t, t, kwargs)

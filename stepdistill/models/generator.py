@@ -1,0 +1,99 @@
+"""The student: a one- or few-step generator that carries its trained timesteps."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+
+from ..sampling import ddim_step, initial_noise_scale
+from ..schedules import NoiseSchedule
+from .adapters import adapter_active, add_lora
+from .conditioning import Cond
+from .denoiser import Denoiser, _unwrap
+from .teacher import Teacher
+
+SAMPLERS = ("consistency", "ddim")
+
+
+class Generator(Denoiser):
+    """``generator(x_t, cond, t)`` returns x0 (with gradients); ``sample(noise, cond)`` runs the trained
+    few-step chain.
+
+    Args:
+        timesteps: continuous times of the trained steps, noisiest first (e.g. ``[1.0]`` for one step, or
+            DMD2's 4-step ``[999, 749, 499, 249] / 999``); export writes them into the pipeline.
+        sampler: ``"consistency"`` (predict x0, re-noise with fresh noise to the next time: DMD2 / LCM) or
+            ``"ddim"`` (deterministic DDIM between the times: progressive distillation).
+    """
+
+    adapter_name: str | None = None
+
+    def __init__(self, net, schedule: NoiseSchedule, prediction_type: str, *, timesteps=(1.0,),
+                 sampler: str = "consistency", **kw):
+        super().__init__(net, schedule, prediction_type, **kw)
+        if sampler not in SAMPLERS:
+            raise ValueError(f"unknown generator sampler {sampler!r}; expected one of {SAMPLERS}")
+        ts = torch.as_tensor(timesteps, dtype=torch.float64).reshape(-1)
+        if len(ts) == 0 or (ts < 0).any() or (ts > 1).any() or (ts[1:] >= ts[:-1]).any():
+            raise ValueError(f"generator timesteps must be decreasing continuous times in [0, 1], got {ts.tolist()}")
+        self.timesteps = ts
+        self.sampler = sampler
+
+    @classmethod
+    def from_teacher(cls, teacher: Teacher, mode: str = "full", *, timesteps=(1.0,), sampler="consistency",
+                     lora_rank: int = 64, lora_alpha=None, adapter_name: str = "generator",
+                     target_modules=None) -> "Generator":
+        """Initialise the student from the teacher's weights: a full trainable copy, or a LoRA adapter on
+        the teacher's network (the teacher then runs with adapters off)."""
+        if mode == "full":
+            net = copy.deepcopy(_unwrap(teacher.net)).requires_grad_(True).train()
+            return cls(net, teacher.schedule, teacher.prediction_type, timesteps=timesteps, sampler=sampler,
+                       cfg_convention=teacher.cfg_convention)
+        if mode != "lora":
+            raise ValueError(f"generator mode must be 'full' or 'lora', got {mode!r}")
+        net = _unwrap(teacher.net)
+        add_lora(net, lora_rank, lora_alpha, adapter_name=adapter_name, target_modules=target_modules)
+        teacher.shares_base = True
+        gen = cls(net, teacher.schedule, teacher.prediction_type, timesteps=timesteps, sampler=sampler,
+                  cfg_convention=teacher.cfg_convention)
+        gen.adapter_name = adapter_name
+        return gen
+
+    def _forward(self, x_t, t, kwargs):
+        if self.adapter_name is None:
+            return super()._forward(x_t, t, kwargs)
+        with adapter_active(_unwrap(self.net), self.adapter_name):
+            return super()._forward(x_t, t, kwargs)
+
+    def forward(self, x_t: torch.Tensor, cond: Cond | None = None, t=None, guidance_scale=None) -> torch.Tensor:
+        """x0 predicted from x_t at time t (default: the first trained time)."""
+        if t is None:
+            t = self.timesteps[0]
+        return self.predict(x_t, t, cond, target="x0", guidance_scale=guidance_scale)
+
+    def initial_noise(self, noise: torch.Tensor) -> torch.Tensor:
+        return noise * initial_noise_scale(self.schedule, self.timesteps[0])
+
+    @torch.no_grad()
+    def sample(self, noise: torch.Tensor, cond: Cond | None = None, num_steps: int | None = None,
+               generator: torch.Generator | None = None, guidance_scale=None) -> torch.Tensor:
+        """Run the first ``num_steps`` (default all) trained steps from ``noise`` ~ N(0, I)."""
+        n = len(self.timesteps) if num_steps is None else num_steps
+        if not 1 <= n <= len(self.timesteps):
+            raise ValueError(f"num_steps must be in [1, {len(self.timesteps)}] for this generator, got {n}")
+        ts = self.timesteps[:n]
+        x = self.initial_noise(noise)
+        for i in range(n):
+            t = ts[i].expand(x.shape[0])
+            x0 = self.predict(x, t, cond, target="x0", guidance_scale=guidance_scale)
+            if i + 1 == n:
+                return x0
+            t_next = ts[i + 1].expand(x.shape[0])
+            if self.sampler == "consistency":
+                z = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+                x = self.schedule.add_noise(x0, z, t_next)
+            else:
+                eps = self.schedule.to_x0_eps(x0, x, t, "x0")[1]
+                x = ddim_step(self.schedule, x0, eps, t, t_next)
+        return x

@@ -1,0 +1,494 @@
+"""DistillTrainer: the training loop every method shares, on accelerate.
+
+A method writes only hooks:
+
+* ``build()``                      create networks, data and anything else (called once, before prepare);
+* ``networks() -> {name: NetSpec}`` the trainable networks and their optimiser settings;
+* ``phase(step) -> tuple[str]``    which networks are updated at this step (two-time-scale rules);
+* ``compute_loss(batch, phase)``   returns ``{"loss": tensor, other scalars to log}``;
+* ``on_step_end(step)``            optional (target-network EMA, progressive halving, ...);
+* ``sample_images(step)``          optional: a (N, C, H, W) tensor in [-1, 1] for the periodic grid.
+
+The base class owns: accelerate preparation (one ``prepare`` call per network with its own optimiser and
+LR schedule, so FSDP2's one-model rule holds), the per-phase ``requires_grad`` flips, one
+``accumulate`` block per micro-batch over every network, gradient clipping, AdamW + warm-up, EMA,
+atomic checkpoints with exact resume, the non-finite-loss guard, tqdm, trackers and sample grids.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from ..config import ConfigError
+
+CHECKPOINT_PREFIX = "step_"
+
+
+@dataclass
+class TrainConfig:
+    """Settings shared by every trainer (method configs subclass this).
+
+    > Parameters that control the run
+    output_dir (`str`, defaults to `"outputs/run"`): where checkpoints, samples, logs and exports go.
+    seed (`int`, defaults to `0`): seeds python, numpy and torch (per process: seed + rank).
+    max_steps (`int`, defaults to `1000`): optimiser steps.
+    > Parameters that control the batch
+    global_batch (`int`, defaults to `64`): samples per optimiser step over all processes;
+        must equal per-device batch x grad_accum x processes.
+    grad_accum (`int`, defaults to `1`): micro-batches accumulated per optimiser step.
+    > Optimisation
+    learning_rate (`float`, defaults to `1e-4`), adam_beta1 / adam_beta2 (`0.9` / `0.999`), weight_decay (`0.0`),
+    warmup_steps (`int`, `0`): linear warm-up; max_grad_norm (`float`, `1.0`; 0 disables clipping);
+    ema_decay (`float`, `0.0`: off): EMA of the networks named by ``ema_networks``.
+    mixed_precision (`str`, `"no"`): "no" or "bf16" (autocast; weights and optimiser stay fp32).
+    > Checkpoints and logging
+    checkpoint_every (`int`, `500`), checkpoints_total_limit (`int`, `2`), resume (`str`, `""`: "latest" or a
+    checkpoint folder), log_every (`int`, `10`), sample_every (`int`, `0`: off), report_to (`str`, `""` or
+    "tensorboard"), max_nonfinite (`int`, `10`): abort after this many non-finite losses in a row.
+    """
+
+    output_dir: str = "outputs/run"
+    seed: int = 0
+    max_steps: int = 1000
+    global_batch: int = 64
+    grad_accum: int = 1
+    learning_rate: float = 1e-4
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    max_grad_norm: float = 1.0
+    ema_decay: float = 0.0
+    mixed_precision: str = "no"
+    checkpoint_every: int = 500
+    checkpoints_total_limit: int = 2
+    resume: str = ""
+    log_every: int = 10
+    sample_every: int = 0
+    report_to: str = ""
+    max_nonfinite: int = 10
+    progress: bool = True
+
+
+@dataclass
+class NetSpec:
+    """A trainable network and its optimiser settings (None: use the config's)."""
+
+    module: nn.Module
+    lr: float | None = None
+    betas: tuple[float, float] | None = None
+    weight_decay: float | None = None
+    params: list | None = None  # default: the parameters that require grad when the trainer starts
+    extra: dict = field(default_factory=dict)
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+def _atomic_save_file(tensors: dict, path: str, metadata=None):
+    tmp = f"{path}.tmp{os.getpid()}"
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
+    os.replace(tmp, path)
+
+
+def list_checkpoints(output_dir: str) -> list[str]:
+    root = os.path.join(output_dir, "checkpoints")
+    if not os.path.isdir(root):
+        return []
+    done = [d for d in os.listdir(root) if d.startswith(CHECKPOINT_PREFIX)
+            and os.path.isfile(os.path.join(root, d, "trainer_state.json"))]
+    return [os.path.join(root, d) for d in sorted(done, key=lambda d: int(d[len(CHECKPOINT_PREFIX):]))]
+
+
+class InfiniteSampler(torch.utils.data.Sampler):
+    """Endless, seeded, per-process shard of shuffled indices; its position is part of the checkpoint."""
+
+    def __init__(self, n: int, seed: int, rank: int = 0, world: int = 1):
+        if n < 1:
+            raise ValueError("the training dataset is empty")
+        self.n, self.seed, self.rank, self.world = n, seed, rank, world
+        self.consumed = 0  # indices yielded by this process
+
+    def __iter__(self):
+        cache_epoch, perm = None, None
+        while True:
+            g = self.consumed * self.world + self.rank
+            epoch, pos = divmod(g, self.n)
+            if epoch != cache_epoch:
+                perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 100003 + epoch))
+                cache_epoch = epoch
+            self.consumed += 1
+            yield int(perm[pos])
+
+    def __len__(self):  # effectively infinite
+        return 2**62
+
+
+class DistillTrainer:
+    """Base trainer; see the module docstring for the hooks a method implements."""
+
+    config_class = TrainConfig
+
+    def __init__(self, config: TrainConfig, accelerator=None):
+        self.config = config
+        self._accelerator = accelerator
+        self.global_step = 0
+        self.nonfinite_in_row = 0
+        self.nonfinite_total = 0
+        self.history: list[dict] = []
+
+    # ------------------------------------------------------------------ hooks
+    def build(self):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def networks(self) -> dict[str, NetSpec]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def phase(self, step: int) -> tuple[str, ...]:
+        return tuple(self.specs)
+
+    def compute_loss(self, batch, phase: tuple[str, ...]) -> dict:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def on_step_end(self, step: int) -> None:
+        pass
+
+    def ema_networks(self) -> tuple[str, ...]:
+        return tuple(self.specs)[:1]
+
+    def train_dataset(self):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def collate(self, items):
+        return torch.utils.data.default_collate(items)
+
+    def sample_images(self, step: int):
+        return None
+
+    # ------------------------------------------------------------------ setup
+    @property
+    def accelerator(self):
+        return self._accelerator
+
+    def validate(self):
+        """Checks that need no model: called before anything loads."""
+        c = self.config
+        if c.mixed_precision not in ("no", "bf16"):
+            raise ConfigError(f"mixed_precision must be 'no' or 'bf16', got {c.mixed_precision!r}")
+        if c.grad_accum < 1:
+            raise ConfigError(f"grad_accum must be >= 1, got {c.grad_accum}")
+        if c.max_steps < 1:
+            raise ConfigError(f"max_steps must be >= 1, got {c.max_steps}")
+        if not 0.0 <= c.ema_decay < 1.0:
+            raise ConfigError(f"ema_decay must be in [0, 1), got {c.ema_decay}")
+        if c.resume not in ("", "latest") and not os.path.isdir(c.resume):
+            raise ConfigError(f"resume: checkpoint folder {c.resume!r} does not exist")
+
+    def setup(self):
+        from accelerate import Accelerator
+        from accelerate.utils import DistributedDataParallelKwargs, DistributedType
+
+        c = self.config
+        self.validate()
+        if self._accelerator is None:
+            self._accelerator = Accelerator(
+                gradient_accumulation_steps=c.grad_accum,
+                mixed_precision=c.mixed_precision,
+                log_with=c.report_to or None,
+                project_dir=c.output_dir,
+                kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=self.find_unused_parameters)],
+            )
+        acc = self._accelerator
+        per_device, rem = divmod(c.global_batch, c.grad_accum * acc.num_processes)
+        if rem or per_device < 1:
+            raise ConfigError(
+                f"global_batch={c.global_batch} is not divisible by grad_accum={c.grad_accum} x "
+                f"{acc.num_processes} processes; choose global_batch = per-device batch x grad_accum x processes"
+            )
+        self.per_device_batch = per_device
+        self._seed_everything(c.seed + acc.process_index)
+        self.build()
+        self.specs = self.networks()
+        if acc.distributed_type == DistributedType.DEEPSPEED and len(self.specs) > 1:
+            raise ConfigError(
+                f"DeepSpeed cannot train several networks with one Accelerator ({', '.join(self.specs)}); "
+                "use DDP (accelerate launch --multi_gpu) or FSDP (recipes/accelerate/fsdp*.yaml)"
+            )
+        self.opts, self.lr_scheds, self.params = {}, {}, {}
+        for name, spec in self.specs.items():
+            params = spec.params if spec.params is not None else [p for p in spec.module.parameters() if p.requires_grad]
+            if not params:
+                raise ValueError(f"network {name!r} has no trainable parameter")
+            opt = torch.optim.AdamW(
+                params,
+                lr=spec.lr if spec.lr is not None else c.learning_rate,
+                betas=spec.betas or (c.adam_beta1, c.adam_beta2),
+                weight_decay=spec.weight_decay if spec.weight_decay is not None else c.weight_decay,
+            )
+            warm = max(c.warmup_steps, 0)
+            sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s, w=warm: min(1.0, (s + 1) / w) if w else 1.0)
+            module, opt, sched = acc.prepare(spec.module, opt, sched)
+            spec.module = module
+            self.opts[name], self.lr_scheds[name], self.params[name] = opt, sched, params
+        self.on_prepared()
+        self.ema = {}
+        if c.ema_decay > 0:
+            for name in self.ema_networks():
+                self.ema[name] = {k: v.detach().clone().float() for k, v in self._inner(name).state_dict().items()}
+        ds = self.train_dataset()
+        self.sampler = InfiniteSampler(len(ds), c.seed, acc.process_index, acc.num_processes)
+        self.loader = torch.utils.data.DataLoader(ds, batch_size=per_device, sampler=self.sampler,
+                                                  collate_fn=self.collate, num_workers=0, drop_last=True,
+                                                  # its own generator: creating an iterator must not draw from
+                                                  # the global RNG, or a resumed run would diverge
+                                                  generator=torch.Generator().manual_seed(c.seed))
+        if acc.is_main_process:
+            os.makedirs(c.output_dir, exist_ok=True)
+            with open(os.path.join(c.output_dir, "config.json"), "w") as f:
+                json.dump(asdict(c), f, indent=2)
+        if c.report_to:
+            acc.init_trackers("stepdistill", config={k: v for k, v in asdict(c).items()
+                                                     if isinstance(v, (int, float, str, bool))})
+        if c.resume:
+            self.load_checkpoint(c.resume)
+
+    find_unused_parameters = False
+
+    def on_prepared(self):
+        """Called after every network is prepared (e.g. to wrap prepared modules into Denoisers)."""
+
+    def _inner(self, name) -> nn.Module:
+        return self.accelerator.unwrap_model(self.specs[name].module)
+
+    @staticmethod
+    def _seed_everything(seed):
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
+        torch.manual_seed(seed)
+
+    # ------------------------------------------------------------------ loop
+    def _set_phase(self, active):
+        for name, params in self.params.items():
+            on = name in active
+            for p in params:
+                p.requires_grad_(on)
+            self.specs[name].module.train(on or self.specs[name].module.training)
+
+    def train(self):
+        self.setup()
+        c, acc = self.config, self.accelerator
+        data = iter(self.loader)
+        bar = None
+        if c.progress and acc.is_main_process:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=c.max_steps, initial=self.global_step, desc=type(self).__name__, dynamic_ncols=True)
+        modules = [s.module for s in self.specs.values()]
+        t_start = time.time()
+        while self.global_step < c.max_steps:
+            step = self.global_step
+            active = tuple(self.phase(step))
+            unknown = set(active) - set(self.specs)
+            if unknown:
+                raise ValueError(f"phase({step}) returned unknown networks {sorted(unknown)}")
+            self._set_phase(active)
+            logs: dict[str, float] = {}
+            skipped = False
+            for _ in range(c.grad_accum):
+                batch = next(data)
+                with acc.accumulate(*modules):
+                    out = self.compute_loss(batch, active)
+                    loss = out["loss"]
+                    finite = torch.isfinite(loss.detach()).float()
+                    finite = acc.reduce(finite.reshape(1), "min") if acc.num_processes > 1 else finite
+                    if finite.item() < 1:
+                        skipped = True
+                        for n in active:
+                            self.opts[n].zero_grad(set_to_none=True)
+                        break
+                    acc.backward(loss)
+                    if acc.sync_gradients:
+                        for n in active:
+                            if c.max_grad_norm > 0:
+                                acc.clip_grad_norm_(self.params[n], c.max_grad_norm)
+                            self.opts[n].step()
+                            self.lr_scheds[n].step()
+                            self.opts[n].zero_grad(set_to_none=True)
+                for k, v in out.items():
+                    logs[k] = logs.get(k, 0.0) + float(v.detach().float().mean()) / c.grad_accum
+            if skipped:
+                self.nonfinite_in_row += 1
+                self.nonfinite_total += 1
+                if self.nonfinite_in_row >= c.max_nonfinite:
+                    raise NonFiniteLossError(
+                        f"{self.nonfinite_in_row} non-finite losses in a row at step {step}; lower learning_rate, "
+                        "check the data range, or resume from the last checkpoint")
+                continue
+            self.nonfinite_in_row = 0
+            self._update_ema(active)
+            self.on_step_end(step)
+            self.global_step += 1
+            logs["phase"] = "+".join(active)
+            self.history.append({"step": step, **{k: v for k, v in logs.items() if k != "phase"}})
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix({k: f"{v:.4g}" for k, v in logs.items() if k != "phase"}, refresh=False)
+            if c.report_to and (self.global_step % max(c.log_every, 1) == 0):
+                acc.log({k: v for k, v in logs.items() if k != "phase"}, step=self.global_step)
+            if c.sample_every and self.global_step % c.sample_every == 0:
+                self._save_samples()
+            if c.checkpoint_every and (self.global_step % c.checkpoint_every == 0 or self.global_step == c.max_steps):
+                self.save_checkpoint()
+        if bar is not None:
+            bar.close()
+        self.train_seconds = time.time() - t_start
+        acc.wait_for_everyone()
+        if c.report_to:
+            acc.end_training()
+        return self.history
+
+    @torch.no_grad()
+    def _update_ema(self, active):
+        d = self.config.ema_decay
+        for name, shadow in self.ema.items():
+            if name not in active:
+                continue
+            for k, v in self._inner(name).state_dict().items():
+                if v.dtype.is_floating_point:
+                    shadow[k].lerp_(v.detach().float(), 1 - d)
+                else:
+                    shadow[k].copy_(v)
+
+    def ema_state_dict(self, name):
+        return self.ema.get(name)
+
+    def _save_samples(self):
+        imgs = self.sample_images(self.global_step)
+        if imgs is None or not self.accelerator.is_main_process:
+            return
+        from ..utils import save_image_grid
+
+        path = os.path.join(self.config.output_dir, "samples", f"step_{self.global_step:07d}.png")
+        save_image_grid(imgs, path)
+
+    # ------------------------------------------------------------------ checkpoints
+    def save_checkpoint(self) -> str | None:
+        """Write ``checkpoints/step_N`` atomically: a temp folder renamed into place when complete."""
+        acc = self.accelerator
+        c = self.config
+        root = os.path.join(c.output_dir, "checkpoints")
+        final = os.path.join(root, f"{CHECKPOINT_PREFIX}{self.global_step:07d}")
+        tmp = os.path.join(root, f".tmp_{CHECKPOINT_PREFIX}{self.global_step:07d}")
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+            os.makedirs(tmp, exist_ok=True)
+        acc.wait_for_everyone()
+        for name in self.specs:
+            sd = acc.get_state_dict(self.specs[name].module)
+            if acc.is_main_process:
+                _atomic_save_file(sd, os.path.join(tmp, f"{name}.safetensors"))
+                if name in self.ema:
+                    _atomic_save_file(self.ema[name], os.path.join(tmp, f"{name}_ema.safetensors"))
+                torch.save({"optimizer": self.opts[name].state_dict(), "lr_scheduler": self.lr_scheds[name].state_dict()},
+                           os.path.join(tmp, f"{name}_optim.pt"))
+        rng = {
+            "python": random.getstate(),
+            "numpy": np.random.get_state(),
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "sampler_consumed": self.sampler.consumed,
+        }
+        torch.save(_rng_to_tensors(rng), os.path.join(tmp, f"rng_{acc.process_index}.pt"))
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            state = {"global_step": self.global_step, "nonfinite_total": self.nonfinite_total,
+                     "networks": list(self.specs), "history_tail": self.history[-50:]}
+            with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
+                json.dump(state, f)
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
+            done = list_checkpoints(c.output_dir)
+            for old in done[: max(len(done) - max(c.checkpoints_total_limit, 1), 0)]:
+                shutil.rmtree(old, ignore_errors=True)
+        acc.wait_for_everyone()
+        return final
+
+    def load_checkpoint(self, where: str):
+        c = self.config
+        if where == "latest":
+            done = list_checkpoints(c.output_dir)
+            if not done:
+                raise FileNotFoundError(f"--resume latest: no checkpoint under {os.path.join(c.output_dir, 'checkpoints')}")
+            path = done[-1]
+        else:
+            path = where
+        state_file = os.path.join(path, "trainer_state.json")
+        if not os.path.isfile(state_file):
+            raise FileNotFoundError(f"{path!r} is not a complete checkpoint (no trainer_state.json)")
+        try:
+            with open(state_file) as f:
+                state = json.load(f)
+            missing = set(self.specs) - set(state["networks"])
+            if missing:
+                raise ValueError(f"checkpoint {path!r} has no weights for networks {sorted(missing)}")
+            for name in self.specs:
+                sd = load_file(os.path.join(path, f"{name}.safetensors"))
+                self._inner(name).load_state_dict(sd)
+                ema_file = os.path.join(path, f"{name}_ema.safetensors")
+                if name in self.ema and os.path.isfile(ema_file):
+                    self.ema[name] = {k: v.float() for k, v in load_file(ema_file).items()}
+                opt_state = torch.load(os.path.join(path, f"{name}_optim.pt"), weights_only=True)
+                self.opts[name].load_state_dict(opt_state["optimizer"])
+                self.lr_scheds[name].load_state_dict(opt_state["lr_scheduler"])
+            rng_file = os.path.join(path, f"rng_{self.accelerator.process_index}.pt")
+            rng = _rng_from_tensors(torch.load(rng_file, weights_only=True))
+        except Exception as e:  # noqa: BLE001 - any unreadable file (safetensors, torch, json) means corrupt
+            raise RuntimeError(f"checkpoint {path!r} is unreadable or corrupt ({e}); earlier checkpoints in "
+                               f"{os.path.dirname(path)!r} are untouched: resume from one of them") from e
+        random.setstate(rng["python"])
+        np.random.set_state(rng["numpy"])
+        torch.set_rng_state(rng["torch"])
+        if rng["cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+        self.sampler.consumed = rng["sampler_consumed"]
+        self.global_step = state["global_step"]
+        self.nonfinite_total = state.get("nonfinite_total", 0)
+        return path
+
+
+def _rng_to_tensors(rng):
+    """RNG states as tensors / plain types so that ``torch.load(weights_only=True)`` can read them."""
+    py = rng["python"]
+    np_state = rng["numpy"]
+    return {
+        "python": (py[0], torch.tensor(py[1], dtype=torch.int64), py[2]),
+        "numpy": (np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), int(np_state[2]), int(np_state[3]),
+                  float(np_state[4])),
+        "torch": rng["torch"],
+        "cuda": rng["cuda"],
+        "sampler_consumed": rng["sampler_consumed"],
+    }
+
+
+def _rng_from_tensors(d):
+    py = d["python"]
+    npst = d["numpy"]
+    return {
+        "python": (py[0], tuple(int(v) for v in py[1].tolist()), py[2]),
+        "numpy": (npst[0], npst[1].numpy().astype(np.uint32), npst[2], npst[3], npst[4]),
+        "torch": d["torch"],
+        "cuda": d["cuda"],
+        "sampler_consumed": d["sampler_consumed"],
+    }
