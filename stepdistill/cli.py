@@ -17,7 +17,11 @@ Multi-GPU: accelerate launch -m stepdistill.train --config <recipe.yaml> [key=va
 
 
 def _sample_args(p):
-    p.add_argument("--model", default=None, help="diffusers folder (unet/ + scheduler/) or hub id; default: bundled digits teacher")
+    p.add_argument(
+        "--model",
+        default=None,
+        help="diffusers folder (unet/ + scheduler/) or hub id; default: the bundled digits teacher",
+    )
     p.add_argument("--guidance-scale", type=float, default=1.0, help="CFG scale, out_u + w (out_c - out_u); 1 = off")
     p.add_argument("--seed", type=int, default=0)
 
@@ -47,8 +51,14 @@ def cmd_sample(args) -> int:
         cond = ClassConditioner.for_unet2d(net)(torch.arange(n) % (net.config.num_class_embeds - 1))
     shape = (n, net.config.in_channels, net.config.sample_size, net.config.sample_size)
     noise = torch.randn(shape, generator=torch.Generator().manual_seed(args.seed))
-    x = sample(lambda x, t: teacher.raw(x, t, cond, args.guidance_scale), teacher.schedule, noise, args.steps,
-               pred_type=teacher.prediction_type, progress=True)
+    x = sample(
+        lambda x, t: teacher.raw(x, t, cond, args.guidance_scale),
+        teacher.schedule,
+        noise,
+        args.steps,
+        pred_type=teacher.prediction_type,
+        progress=True,
+    )
     save_image_grid(x, args.out, nrow=10, scale=4)
     print(f"wrote {args.out}")
     return 0
@@ -57,8 +67,13 @@ def cmd_sample(args) -> int:
 def cmd_fd_digits(args) -> int:
     from .eval.teacher_report import teacher_fd_report
 
-    report = teacher_fd_report(_load_teacher(args.model), steps=args.steps, num_samples=args.num_samples,
-                               guidance_scale=args.guidance_scale, seed=args.seed)
+    report = teacher_fd_report(
+        _load_teacher(args.model),
+        steps=args.steps,
+        num_samples=args.num_samples,
+        guidance_scale=args.guidance_scale,
+        seed=args.seed,
+    )
     for row in report["rows"]:
         print(f"steps={row['steps']:>3}  FD-digits={row['fd_digits']:.3f}")
     if args.out:
@@ -74,12 +89,17 @@ def cmd_fd_digits(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from .train import add_train_args
 
-    p = argparse.ArgumentParser(prog="stepdistill", description=DESCRIPTION,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="stepdistill", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--version", action="store_true", help="print the version and exit")
     sub = p.add_subparsers(dest="command", metavar="command")
-    tr = sub.add_parser("train", help="train from a recipe YAML", description="Train from a recipe. "
-                        "Example: stepdistill train --config recipes/teacher/digits.yaml max_steps=200")
+    tr = sub.add_parser(
+        "train",
+        help="train from a recipe YAML",
+        description="Train from a recipe. "
+        "Example: stepdistill train --config recipes/teacher/digits.yaml max_steps=200",
+    )
     add_train_args(tr)
     sp = sub.add_parser("sample", help="sample a model folder into an image grid")
     _sample_args(sp)

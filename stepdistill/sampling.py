@@ -4,15 +4,22 @@ update) and DDPM ancestral sampling (DDIM with eta = 1)."""
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
 from .schedules import NoiseSchedule, _bcast
 
 
-def ddim_step(schedule: NoiseSchedule, x0: torch.Tensor, eps: torch.Tensor, t, t_prev,
-              eta: float = 0.0, noise: torch.Tensor | None = None) -> torch.Tensor:
+def ddim_step(
+    schedule: NoiseSchedule,
+    x0: torch.Tensor,
+    eps: torch.Tensor,
+    t,
+    t_prev,
+    eta: float = 0.0,
+    noise: torch.Tensor | None = None,
+) -> torch.Tensor:
     """One DDIM step from t to t_prev (Song et al. 2021, eq. 12); ``t_prev=None`` lands on x0.
 
     x_prev = alpha' x0 + sqrt(sigma'^2 - s^2) eps + s z with the posterior std
@@ -37,8 +44,15 @@ def lcm_scalings(schedule: NoiseSchedule, t, sigma_data: float = 0.5, timestep_s
     return sigma_data**2 / (s**2 + sigma_data**2), s / (s**2 + sigma_data**2).sqrt()
 
 
-def consistency_step(schedule: NoiseSchedule, x_t: torch.Tensor, x0: torch.Tensor, c_skip, c_out,
-                     t_next=None, noise: torch.Tensor | None = None) -> torch.Tensor:
+def consistency_step(
+    schedule: NoiseSchedule,
+    x_t: torch.Tensor,
+    x0: torch.Tensor,
+    c_skip,
+    c_out,
+    t_next=None,
+    noise: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Consistency-model step: f = c_skip x_t + c_out x0, then re-noise to ``t_next`` (multistep
     consistency sampling, Song et al. 2023 Alg. 1); ``t_next=None`` returns f."""
     f = _bcast(torch.as_tensor(c_skip), x_t) * x_t + _bcast(torch.as_tensor(c_out), x_t) * x0

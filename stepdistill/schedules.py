@@ -260,9 +260,7 @@ def vp_alphas_cumprod(
         def abar(u: float) -> float:
             return math.cos((u + 0.008) / 1.008 * math.pi / 2) ** 2
 
-        betas = torch.tensor(
-            [min(1 - abar((i + 1) / T) / abar(i / T), 0.999) for i in range(T)], dtype=torch.float32
-        )
+        betas = torch.tensor([min(1 - abar((i + 1) / T) / abar(i / T), 0.999) for i in range(T)], dtype=torch.float32)
     else:
         raise ValueError(
             f"unknown beta_schedule {beta_schedule!r}; expected linear, scaled_linear or squaredcos_cap_v2"
@@ -295,8 +293,14 @@ class VPSchedule(NoiseSchedule):
 
     @classmethod
     def from_config(cls, config: dict) -> "VPSchedule":
-        keys = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas",
-                "rescale_betas_zero_snr")
+        keys = (
+            "num_train_timesteps",
+            "beta_start",
+            "beta_end",
+            "beta_schedule",
+            "trained_betas",
+            "rescale_betas_zero_snr",
+        )
         kw = {k: config[k] for k in keys if k in config and config[k] is not None}
         return cls(vp_alphas_cumprod(**kw), config=config)
 
@@ -505,8 +509,10 @@ def _load_config(obj) -> dict:
     if isinstance(obj, (str, os.PathLike)):
         path = str(obj)
         if os.path.isdir(path):
-            for cand in (os.path.join(path, "scheduler_config.json"),
-                         os.path.join(path, "scheduler", "scheduler_config.json")):
+            for cand in (
+                os.path.join(path, "scheduler_config.json"),
+                os.path.join(path, "scheduler", "scheduler_config.json"),
+            ):
                 if os.path.isfile(cand):
                     path = cand
                     break

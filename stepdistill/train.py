@@ -10,9 +10,10 @@ from .config import ConfigError, build_config, parse_overrides, read_yaml
 
 def trainer_classes() -> dict:
     """Method name (the recipe's ``method:`` key) -> trainer class."""
+    from .trainers.dmd2 import DMD2Trainer
     from .trainers.dsm import DSMTrainer
 
-    return {"dsm": DSMTrainer}
+    return {"dsm": DSMTrainer, "dmd2": DMD2Trainer}
 
 
 def make_trainer(config_path: str, overrides=()):

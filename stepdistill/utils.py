@@ -24,7 +24,7 @@ def image_grid(images: torch.Tensor, nrow: int | None = None, pad: int = 1):
     grid = torch.zeros(c, ncol * (h + pad) + pad, nrow * (w + pad) + pad, dtype=torch.uint8)
     for i in range(n):
         r, col = divmod(i, nrow)
-        grid[:, pad + r * (h + pad): pad + r * (h + pad) + h, pad + col * (w + pad): pad + col * (w + pad) + w] = x[i]
+        grid[:, pad + r * (h + pad) : pad + r * (h + pad) + h, pad + col * (w + pad) : pad + col * (w + pad) + w] = x[i]
     arr = grid.permute(1, 2, 0).numpy()
     return Image.fromarray(arr[..., 0] if c == 1 else arr)
 

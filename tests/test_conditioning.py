@@ -90,9 +90,7 @@ def test_index_repeat_to():
     assert len(s) == 2 and torch.equal(s.kwargs["labels"], torch.tensor([1, 2]))
     assert torch.equal(s.null["labels"], torch.tensor([99, 99]))
     t = c.index(torch.tensor([4, 0]))
-    assert torch.equal(
-        t.kwargs["added_cond_kwargs"]["time_ids"][0], c.kwargs["added_cond_kwargs"]["time_ids"][4]
-    )
+    assert torch.equal(t.kwargs["added_cond_kwargs"]["time_ids"][0], c.kwargs["added_cond_kwargs"]["time_ids"][4])
     m = c.index(torch.tensor([True, False, True, False, False]))
     assert torch.equal(m.kwargs["labels"], torch.tensor([0, 2]))
     one = c.index(3)  # int keeps the batch dim
@@ -438,9 +436,7 @@ def test_text_bad_input(sd):
 def test_from_pretrained_local_folder(which, tmp_path, request):
     comps, pipe = request.getfixturevalue(which)
     kind = which.split("_")[0]
-    cls = {"sd": StableDiffusionPipeline, "sdxl": StableDiffusionXLPipeline, "sd3": StableDiffusion3Pipeline}[
-        kind
-    ]
+    cls = {"sd": StableDiffusionPipeline, "sdxl": StableDiffusionXLPipeline, "sd3": StableDiffusion3Pipeline}[kind]
     path = save_tiny_pipeline(comps, cls, tmp_path / "pipe")
     tc = TextConditioner.from_pretrained(path, max_sequence_length=T5_LEN)
     assert tc.kind == kind

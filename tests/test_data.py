@@ -191,9 +191,9 @@ def test_sliced_wasserstein_properties():
     shifted = [sliced_wasserstein(a, b + torch.tensor([s, 0.0]), generator=_gen()) for s in (0.5, 1.0, 2.0)]
     assert d_ab < shifted[0] < shifted[1] < shifted[2]
     # A shift by v of a point cloud gives a per-direction W2 of |<v, u>|: SW2 = |v| / sqrt(D).
-    assert sliced_wasserstein(
-        a, a + torch.tensor([1.0, 0.0]), n_proj=4096, generator=_gen()
-    ) == pytest.approx(1 / math.sqrt(2), rel=0.05)
+    assert sliced_wasserstein(a, a + torch.tensor([1.0, 0.0]), n_proj=4096, generator=_gen()) == pytest.approx(
+        1 / math.sqrt(2), rel=0.05
+    )
 
 
 def test_sliced_wasserstein_unequal_sizes():
@@ -211,9 +211,7 @@ def test_sliced_wasserstein_1d_gaussians(m):
     x = torch.randn(20000, 1, generator=_gen(0), dtype=torch.float64)
     y = torch.randn(20000, 1, generator=_gen(1), dtype=torch.float64) + m
     assert sliced_wasserstein(x, y, n_proj=16, generator=_gen()) == pytest.approx(m, abs=0.03)
-    assert sliced_wasserstein(x[:, 0], y[:15000, 0], n_proj=16, generator=_gen()) == pytest.approx(
-        m, abs=0.03
-    )
+    assert sliced_wasserstein(x[:, 0], y[:15000, 0], n_proj=16, generator=_gen()) == pytest.approx(m, abs=0.03)
 
 
 def test_sliced_wasserstein_errors():

@@ -63,9 +63,7 @@ def test_real_digits_beat_noise(metric, floor):
 def test_fd_grows_with_noise(metric, digits):
     gen = torch.Generator().manual_seed(0)
     test = digits[1]
-    scores = [
-        metric.score(test + std * torch.randn(test.shape, generator=gen)) for std in (0.0, 0.2, 0.5, 1.0)
-    ]
+    scores = [metric.score(test + std * torch.randn(test.shape, generator=gen)) for std in (0.0, 0.2, 0.5, 1.0)]
     assert all(a < b for a, b in itertools.pairwise(scores)), scores
 
 
@@ -96,9 +94,7 @@ def test_too_few_samples(metric, digits):
 
 
 def test_missing_classifier(tmp_path):
-    with pytest.raises(
-        FileNotFoundError, match=r"nowhere.*python -m stepdistill\.eval\.fd_digits train --out"
-    ):
+    with pytest.raises(FileNotFoundError, match=r"nowhere.*python -m stepdistill\.eval\.fd_digits train --out"):
         load_classifier(tmp_path / "nowhere")
 
 
@@ -111,7 +107,6 @@ def test_train_classifier_smoke(tmp_path, capsys):
     assert sorted(p.name for p in (tmp_path / "clf").iterdir()) == ["config.json", "model.safetensors"]
     config = json.loads((tmp_path / "clf" / "config.json").read_text())
     assert (
-        config["command"]
-        == f"python -m stepdistill.eval.fd_digits train --out {tmp_path / 'clf'} --steps 30 --seed 1"
+        config["command"] == f"python -m stepdistill.eval.fd_digits train --out {tmp_path / 'clf'} --steps 30 --seed 1"
     )
     assert isinstance(load_classifier(tmp_path / "clf"), DigitsClassifier)

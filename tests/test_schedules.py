@@ -61,8 +61,14 @@ def test_vp_timestep_grids_match_ddim(spacing):
 @pytest.mark.parametrize("pred", ["epsilon", "v_prediction", "sample"])
 @pytest.mark.parametrize("eta", [0.0, 1.0])
 def test_ddim_step_matches_diffusers(pred, eta):
-    sched = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
-                          prediction_type=pred, clip_sample=False, timestep_spacing="trailing")
+    sched = DDIMScheduler(
+        beta_schedule="scaled_linear",
+        beta_start=0.00085,
+        beta_end=0.012,
+        prediction_type=pred,
+        clip_sample=False,
+        timestep_spacing="trailing",
+    )
     sched.set_timesteps(10)
     ours = from_diffusers(sched)
     x = torch.randn(SHAPE, generator=_gen(3))
@@ -92,8 +98,9 @@ def test_ddpm_step_is_ddim_eta_one():
 
 
 def test_euler_discrete_step_matches_ddim_in_vp_coordinates():
-    sched = EulerDiscreteScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
-                                   timestep_spacing="trailing")
+    sched = EulerDiscreteScheduler(
+        beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, timestep_spacing="trailing"
+    )
     sched.set_timesteps(8)
     ours = from_diffusers(sched)
     t_int, t_prev_int = int(sched.timesteps[2]), int(sched.timesteps[3])
@@ -132,8 +139,7 @@ def test_flow_schedule_matches_flow_match_euler(shift):
     for n in (1, 4, 28):
         sched.set_timesteps(n)
         torch.testing.assert_close(ours.timesteps(n).float(), sched.sigmas[:-1], atol=1e-6, rtol=0)
-        torch.testing.assert_close(ours.t_to_timestep(ours.timesteps(n)).float(), sched.timesteps,
-                                   atol=1e-3, rtol=0)
+        torch.testing.assert_close(ours.t_to_timestep(ours.timesteps(n)).float(), sched.timesteps, atol=1e-3, rtol=0)
     sched.set_timesteps(4)
     x0, eps = torch.randn(SHAPE, generator=_gen(14)), torch.randn(SHAPE, generator=_gen(15))
     ts = sched.timesteps[1:2].expand(3)

@@ -18,9 +18,20 @@ RECIPE = os.path.join(os.path.dirname(__file__), "..", "recipes", "teacher", "di
 
 
 def tiny(out, **kw):
-    base = dict(output_dir=str(out), resolution=8, block_out_channels=[8, 16], attention_levels=[False, True],
-                norm_num_groups=4, global_batch=8, max_steps=6, checkpoint_every=3, ema_decay=0.9,
-                learning_rate=1e-3, warmup_steps=2, progress=False)
+    base = dict(
+        output_dir=str(out),
+        resolution=8,
+        block_out_channels=[8, 16],
+        attention_levels=[False, True],
+        norm_num_groups=4,
+        global_batch=8,
+        max_steps=6,
+        checkpoint_every=3,
+        ema_decay=0.9,
+        learning_rate=1e-3,
+        warmup_steps=2,
+        progress=False,
+    )
     base.update(kw)
     return DSMTrainer(build_config(DSMConfig, base))
 
@@ -79,9 +90,21 @@ class NaNTrainer(DSMTrainer):
 
 
 def test_nonfinite_losses_are_skipped_then_abort(tmp_path):
-    cfg = build_config(DSMConfig, dict(output_dir=str(tmp_path), resolution=8, block_out_channels=[8, 16],
-                                       attention_levels=[False, False], norm_num_groups=4, global_batch=4,
-                                       max_steps=4, checkpoint_every=0, progress=False, max_nonfinite=3))
+    cfg = build_config(
+        DSMConfig,
+        dict(
+            output_dir=str(tmp_path),
+            resolution=8,
+            block_out_channels=[8, 16],
+            attention_levels=[False, False],
+            norm_num_groups=4,
+            global_batch=4,
+            max_steps=4,
+            checkpoint_every=0,
+            progress=False,
+            max_nonfinite=3,
+        ),
+    )
     t = NaNTrainer(cfg)
     t.bad_calls = {2}
     t.train()
@@ -135,8 +158,10 @@ def test_grad_accumulation_matches_one_big_batch(tmp_path):
         grads.append(torch.cat([p.grad.flatten() for p in t.specs["model"].module.parameters()]))
     torch.testing.assert_close(grads[0], grads[1], atol=1e-6, rtol=1e-4)
     # and the loop makes one optimiser step per grad_accum micro-batches, consuming the global batch
-    for t, accum in ((tiny(tmp_path / "c", max_steps=2, checkpoint_every=0), 1),
-                     (tiny(tmp_path / "d", max_steps=2, checkpoint_every=0, grad_accum=2), 2)):
+    for t, accum in (
+        (tiny(tmp_path / "c", max_steps=2, checkpoint_every=0), 1),
+        (tiny(tmp_path / "d", max_steps=2, checkpoint_every=0, grad_accum=2), 2),
+    ):
         t.train()
         state = t.opts["model"].optimizer.state
         assert {int(v["step"]) for v in state.values()} == {2}
@@ -153,6 +178,7 @@ def test_cli_help(args):
 def test_cli_train_reports_bad_recipe(tmp_path):
     bad = tmp_path / "r.yaml"
     bad.write_text("method: dsm\nlearning_rat: 1\n")
-    out = subprocess.run([sys.executable, "-m", "stepdistill.cli", "train", "--config", str(bad)],
-                         capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "stepdistill.cli", "train", "--config", str(bad)], capture_output=True, text=True
+    )
     assert out.returncode == 2 and "unknown key 'learning_rat'" in out.stderr

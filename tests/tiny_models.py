@@ -47,9 +47,7 @@ CLIP_BOS_ID = _clip_vocab()["<|startoftext|>"]
 CLIP_EOS_ID = _clip_vocab()["<|endoftext|>"]
 
 
-def tiny_clip_tokenizer(
-    tmp_dir, pad_token: str = "<|endoftext|>", model_max_length: int = TOKENIZER_MAX_LENGTH
-):
+def tiny_clip_tokenizer(tmp_dir, pad_token: str = "<|endoftext|>", model_max_length: int = TOKENIZER_MAX_LENGTH):
     """A real ``CLIPTokenizer`` over lowercase letters (+ a few merged words), max length 16.
 
     ``vocab.json`` / ``merges.txt`` are written to ``tmp_dir``. SD1.5 pads with ``<|endoftext|>``, the second
@@ -64,9 +62,7 @@ def tiny_clip_tokenizer(
         json.dump(_clip_vocab(), f)
     with open(merges_file, "w", encoding="utf-8") as f:
         f.write("#version: 0.2\n" + "\n".join(_CLIP_MERGES) + "\n")
-    return CLIPTokenizer(
-        vocab=vocab_file, merges=merges_file, pad_token=pad_token, model_max_length=model_max_length
-    )
+    return CLIPTokenizer(vocab=vocab_file, merges=merges_file, pad_token=pad_token, model_max_length=model_max_length)
 
 
 def _t5_vocab() -> list[tuple[str, float]]:
@@ -322,9 +318,7 @@ def tiny_sdxl_components(tmp_dir) -> dict:
         "unet": tiny_sdxl_unet(cross_attention_dim=64, text_embeds_dim=32),
         "vae": tiny_vae(),
         "text_encoder": tiny_clip_text_encoder(with_projection=False, hidden_size=32, seed=1),
-        "text_encoder_2": tiny_clip_text_encoder(
-            with_projection=True, hidden_size=32, projection_dim=32, seed=2
-        ),
+        "text_encoder_2": tiny_clip_text_encoder(with_projection=True, hidden_size=32, projection_dim=32, seed=2),
         "tokenizer": tiny_clip_tokenizer(src),
         "tokenizer_2": tiny_clip_tokenizer(src, pad_token="!"),
         "scheduler": EulerDiscreteScheduler(**_SD_BETAS, timestep_spacing="leading", steps_offset=1),
@@ -340,12 +334,8 @@ def tiny_sd3_components(tmp_dir, with_t5: bool = False) -> dict:
     return {
         "transformer": tiny_sd3_transformer(joint_attention_dim=96, pooled_projection_dim=64),
         "vae": tiny_vae(shift_factor=0.0609, scaling_factor=1.5305),
-        "text_encoder": tiny_clip_text_encoder(
-            with_projection=True, hidden_size=32, projection_dim=32, seed=1
-        ),
-        "text_encoder_2": tiny_clip_text_encoder(
-            with_projection=True, hidden_size=32, projection_dim=32, seed=2
-        ),
+        "text_encoder": tiny_clip_text_encoder(with_projection=True, hidden_size=32, projection_dim=32, seed=1),
+        "text_encoder_2": tiny_clip_text_encoder(with_projection=True, hidden_size=32, projection_dim=32, seed=2),
         "text_encoder_3": tiny_t5_encoder(d_model=96, seed=3) if with_t5 else None,
         "tokenizer": tiny_clip_tokenizer(src),
         "tokenizer_2": tiny_clip_tokenizer(src, pad_token="!"),

@@ -48,18 +48,14 @@ class ImageFolderDataset(Dataset):
         if caption_source not in CAPTION_SOURCES:
             raise ValueError(f"unknown caption_source {caption_source!r}; expected one of {CAPTION_SOURCES}")
         self.resolution, self.center_crop = resolution, center_crop
-        self.files = sorted(
-            p for p in self.root.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
-        )
+        self.files = sorted(p for p in self.root.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
         if not self.files:
             raise ValueError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found in {self.root}")
         metadata = {}
         if caption_source in ("auto", "metadata") and (self.root / "metadata.jsonl").is_file():
             for lineno, obj in _read_jsonl(self.root / "metadata.jsonl"):
                 if not isinstance(obj, dict) or "file_name" not in obj:
-                    raise ValueError(
-                        f"{self.root / 'metadata.jsonl'}:{lineno}: expected an object with 'file_name'"
-                    )
+                    raise ValueError(f"{self.root / 'metadata.jsonl'}:{lineno}: expected an object with 'file_name'")
                 metadata[Path(str(obj["file_name"])).as_posix()] = str(obj.get("text", ""))
         self.captions = []
         for path in self.files:

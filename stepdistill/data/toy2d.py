@@ -48,9 +48,7 @@ def sample_toy2d(name: str, n: int, generator: torch.Generator | None = None):
         return centers[labels] + GMM_STD[name] * torch.randn(n, 2, generator=generator), labels
     if name == "checkerboard":
         # 4x4 board of unit cells on [-2, 2]^2; the 8 cells with even (row + col) are occupied.
-        cells = torch.tensor(
-            [(i, j) for i in range(4) for j in range(4) if (i + j) % 2 == 0], dtype=torch.float32
-        )
+        cells = torch.tensor([(i, j) for i in range(4) for j in range(4) if (i + j) % 2 == 0], dtype=torch.float32)
         labels = torch.randint(len(cells), (n,), generator=generator)
         return cells[labels] - 2.0 + torch.rand(n, 2, generator=generator), labels
     from sklearn.datasets import make_moons
@@ -108,9 +106,7 @@ def sliced_wasserstein(
     """
     a, b = (t.detach().reshape(-1, 1) if t.dim() == 1 else t.detach() for t in (a, b))
     if a.dim() != 2 or b.dim() != 2 or a.shape[1] != b.shape[1] or len(a) == 0 or len(b) == 0:
-        raise ValueError(
-            f"expected non-empty point clouds (N, D) and (M, D), got {tuple(a.shape)}, {tuple(b.shape)}"
-        )
+        raise ValueError(f"expected non-empty point clouds (N, D) and (M, D), got {tuple(a.shape)}, {tuple(b.shape)}")
     dtype = torch.promote_types(torch.promote_types(a.dtype, b.dtype), torch.float32)
     dirs = torch.randn(n_proj, a.shape[1], generator=generator, dtype=torch.float64).to(a.device, dtype)
     dirs = dirs / dirs.norm(dim=1, keepdim=True)

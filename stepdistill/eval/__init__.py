@@ -1,9 +1,16 @@
-"""Evaluation metrics (FD-digits: Frechet distance in a small digits classifier's feature space).
+"""Evaluation metrics (FD-digits: Frechet distance in a small digits classifier's feature space)."""
 
-Names are imported lazily, so ``python -m stepdistill.eval.fd_digits`` does not import the module twice.
-"""
+import warnings
 
-from importlib import import_module
+# Eager import: it makes the package attribute `fd_digits` the function, not the submodule of that name.
+from .fd_digits import (
+    DEFAULT_CLASSIFIER_DIR,
+    DigitsClassifier,
+    FDDigits,
+    fd_digits,
+    load_classifier,
+    train_classifier,
+)
 
 __all__ = [
     "DEFAULT_CLASSIFIER_DIR",
@@ -14,8 +21,6 @@ __all__ = [
     "train_classifier",
 ]
 
-
-def __getattr__(name: str):
-    if name in __all__:
-        return getattr(import_module(".fd_digits", __name__), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+# `python -m stepdistill.eval.fd_digits` imports this package (so the submodule) before running the
+# submodule as __main__; runpy then warns about that harmless second execution. Silence only that warning.
+warnings.filterwarnings("ignore", message="'stepdistill.eval.fd_digits' found in sys.modules", category=RuntimeWarning)

@@ -6,9 +6,10 @@ on the "train" split (shipped in ``stepdistill/assets/digits_classifier``, < 1 M
 penultimate features, and FD-digits is the Frechet distance between the Gaussian fits of the features of
 generated images and of the held-out "test" split.
 
-Floor: real training digits score FD-digits(train vs test) ~ 0.7 with the shipped classifier (the
+Floor: real training digits score FD-digits(train vs test) = 3.87 with the shipped classifier (the
 exact value is printed by the train command and stored in ``config.json`` as "fd_train_vs_test");
-a generator cannot be expected to go much below it.
+a generator cannot be expected to go much below it. Values depend on the classifier's feature scale:
+compare FD-digits numbers only between runs that use the same weights, never with FID.
 
 The distance itself is computed by torchmetrics' ``FrechetInceptionDistance`` with a custom feature
 module (it only needs an int ``num_features`` attribute; with ``normalize=False`` a custom module gets
@@ -18,7 +19,9 @@ and our feature module returns float64 so the result stays float64 too.
 
 Reproduce the shipped weights with::
 
-    python -m stepdistill.eval.fd_digits train --out stepdistill/assets/digits_classifier
+    python -m stepdistill.eval.fd_digits train --out stepdistill/assets/digits_classifier --steps 2000 --seed 0
+
+(bit-identical on the same machine; about 16 ms per step, ~35 s in all, on 2 idle CPU cores).
 """
 
 from __future__ import annotations
@@ -104,6 +107,7 @@ def _atomic_write(path: Path, write) -> None:
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600 files
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -115,9 +119,7 @@ def _accuracy(model: DigitsClassifier, images: torch.Tensor, labels: torch.Tenso
     return (model(images).argmax(dim=1) == labels).float().mean().item()
 
 
-def train_classifier(
-    out_dir, steps: int = 2000, seed: int = 0, batch_size: int = 128, lr: float = 3e-3
-) -> dict:
+def train_classifier(out_dir, steps: int = 2000, seed: int = 0, batch_size: int = 128, lr: float = 3e-3) -> dict:
     """Train the FD-digits classifier on the "train" split and write ``model.safetensors`` and
     ``config.json`` to ``out_dir`` (atomically). Prints and returns the config (held-out accuracy and
     the FD-digits floor train vs test)."""
@@ -245,9 +247,7 @@ def fd_digits(images: torch.Tensor, reference_images: torch.Tensor, classifier=N
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(
-        prog="python -m stepdistill.eval.fd_digits", description=__doc__.split("\n")[0]
-    )
+    parser = argparse.ArgumentParser(prog="python -m stepdistill.eval.fd_digits", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="cmd", required=True)
     train = sub.add_parser("train", help="train the FD-digits classifier")
     train.add_argument("--out", default=str(DEFAULT_CLASSIFIER_DIR), help="output directory")

@@ -7,5 +7,13 @@ from .generator import Generator
 from .loading import load_network
 from .teacher import Teacher
 
-__all__ = ["Cond", "Denoiser", "FakeScore", "Generator", "Teacher", "SUPPORTED_NETWORKS", "load_network",
-           "network_call"]
+__all__ = [
+    "Cond",
+    "Denoiser",
+    "FakeScore",
+    "Generator",
+    "Teacher",
+    "SUPPORTED_NETWORKS",
+    "load_network",
+    "network_call",
+]

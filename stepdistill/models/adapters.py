@@ -15,9 +15,24 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 # attention, projection, feed-forward, resnet and sampler convolutions, time embedding: the module names
 # LCM-LoRA / DMD2 target in diffusers UNets and transformers (present names only are used)
 DIFFUSERS_LORA_TARGETS = (
-    "to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",
-    "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1", "conv2", "conv_shortcut",
-    "downsamplers.0.conv", "upsamplers.0.conv", "time_emb_proj",
+    "to_q",
+    "to_k",
+    "to_v",
+    "to_out.0",
+    "add_q_proj",
+    "add_k_proj",
+    "add_v_proj",
+    "to_add_out",
+    "proj_in",
+    "proj_out",
+    "ff.net.0.proj",
+    "ff.net.2",
+    "conv1",
+    "conv2",
+    "conv_shortcut",
+    "downsamplers.0.conv",
+    "upsamplers.0.conv",
+    "time_emb_proj",
 )
 
 
@@ -45,17 +60,29 @@ def adapter_names(net: torch.nn.Module) -> set[str]:
     return names
 
 
-def add_lora(net: torch.nn.Module, rank: int = 64, alpha: float | None = None, *, adapter_name: str = "default",
-             target_modules=None, dropout: float = 0.0, init_lora_weights=True) -> torch.nn.Module:
+def add_lora(
+    net: torch.nn.Module,
+    rank: int = 64,
+    alpha: float | None = None,
+    *,
+    adapter_name: str = "default",
+    target_modules=None,
+    dropout: float = 0.0,
+    init_lora_weights=True,
+) -> torch.nn.Module:
     """Inject a LoRA adapter (peft) into ``net`` in place; only the new adapter's weights are trainable
     afterwards if the base was frozen. ``alpha`` defaults to ``rank`` (scale 1)."""
     if rank < 1:
         raise ValueError(f"LoRA rank must be >= 1, got {rank}")
     if adapter_name in adapter_names(net):
         raise ValueError(f"adapter {adapter_name!r} already exists on {type(net).__name__}")
-    config = LoraConfig(r=rank, lora_alpha=alpha if alpha is not None else rank, lora_dropout=dropout,
-                        target_modules=list(target_modules or default_target_modules(net)),
-                        init_lora_weights=init_lora_weights)
+    config = LoraConfig(
+        r=rank,
+        lora_alpha=alpha if alpha is not None else rank,
+        lora_dropout=dropout,
+        target_modules=list(target_modules or default_target_modules(net)),
+        init_lora_weights=init_lora_weights,
+    )
     flags = {p: p.requires_grad for p in net.parameters()}
     inject_adapter_in_model(config, net, adapter_name=adapter_name)
     for p in net.parameters():  # keep the base as it was; new adapter params are trainable
@@ -137,8 +164,10 @@ def merge_lora(net: torch.nn.Module, adapter_name: str | None = None) -> torch.n
         raise ValueError(f"no adapter named {adapter_name!r} on {type(net).__name__}; have {sorted(present)}")
     others = present - {adapter_name} if adapter_name else set()
     if others:
-        raise ValueError(f"cannot merge {adapter_name!r} in place: the network also carries {sorted(others)}; "
-                         "merge a deep copy and delete the other adapters there")
+        raise ValueError(
+            f"cannot merge {adapter_name!r} in place: the network also carries {sorted(others)}; "
+            "merge a deep copy and delete the other adapters there"
+        )
     for m in tuner_layers(net):
         m.merge(adapter_names=sorted(present))
     for key, _ in list(net.named_modules()):

@@ -45,9 +45,7 @@ def _map_tensors(d: dict, fn: Callable[[torch.Tensor], torch.Tensor]) -> dict:
     return out
 
 
-def _zip_tensors(
-    a: dict, b: dict, fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], prefix: str = ""
-) -> dict:
+def _zip_tensors(a: dict, b: dict, fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], prefix: str = "") -> dict:
     """Combine two kwargs dicts of identical structure tensor-by-tensor; non-tensors must be equal."""
     if set(a) != set(b):
         raise ValueError(
@@ -236,9 +234,7 @@ class Cond:
 
         def pick(c: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
             if c.shape != u.shape:
-                raise ValueError(
-                    f"cond and null tensors differ in shape: {tuple(c.shape)} vs {tuple(u.shape)}"
-                )
+                raise ValueError(f"cond and null tensors differ in shape: {tuple(c.shape)} vs {tuple(u.shape)}")
             m = mask.to(c.device).view(n, *([1] * (c.ndim - 1)))
             return torch.where(m, u.to(device=c.device, dtype=c.dtype), c)
 
@@ -286,9 +282,7 @@ class ClassConditioner:
             if isinstance(null_class, bool) or not isinstance(null_class, int) or null_class < 0:
                 raise ValueError(f"null_class must be a non-negative int, got {null_class!r}")
             if null_class < num_classes:
-                raise ValueError(
-                    f"null_class {null_class} collides with a real class (num_classes={num_classes})"
-                )
+                raise ValueError(f"null_class {null_class} collides with a real class (num_classes={num_classes})")
             self.null_class: int | None = null_class
         else:
             if null_class is not None:
@@ -338,9 +332,7 @@ class ClassConditioner:
         config = getattr(transformer, "config", transformer)
         num_classes = getattr(config, "num_embeds_ada_norm", None)
         if num_classes is None:
-            raise ValueError(
-                f"{type(transformer).__name__} has no num_embeds_ada_norm: not class-conditional"
-            )
+            raise ValueError(f"{type(transformer).__name__} has no num_embeds_ada_norm: not class-conditional")
         rows = None
         if isinstance(transformer, torch.nn.Module):
             for module in transformer.modules():
@@ -352,9 +344,7 @@ class ClassConditioner:
             return cls(
                 num_classes,
                 with_null=False,
-                no_null_reason=(
-                    f"the DiT label table has {rows} rows for {num_classes} classes (no null row)"
-                ),
+                no_null_reason=(f"the DiT label table has {rows} rows for {num_classes} classes (no null row)"),
             )
         return cls(num_classes, null_class=num_classes)
 
@@ -373,9 +363,7 @@ class ClassConditioner:
                 raise ValueError(f"class label {int(bad[0])} outside [0, {self.num_classes})")
         if self.null_class is None:
             return Cond(kwargs={"class_labels": labels}, null=None, null_reason=self.no_null_reason)
-        return Cond(
-            kwargs={"class_labels": labels}, null={"class_labels": torch.full_like(labels, self.null_class)}
-        )
+        return Cond(kwargs={"class_labels": labels}, null={"class_labels": torch.full_like(labels, self.null_class)})
 
     def null(self, batch_size: int, device=None) -> Cond:
         """Unconditional conditioning only (all labels = null class), e.g. for unconditional sampling."""
@@ -457,8 +445,7 @@ class TextConditioner:
         expected = {"sd": (1,), "sdxl": (2,), "sd3": (2, 3)}[kind]
         if len(text_encoders) not in expected:
             raise ValueError(
-                f"kind {kind!r} needs {' or '.join(map(str, expected))} text encoders, "
-                f"got {len(text_encoders)}"
+                f"kind {kind!r} needs {' or '.join(map(str, expected))} text encoders, got {len(text_encoders)}"
             )
         if kind == "sd3" and len(text_encoders) == 2:
             tokenizers.append(None)
@@ -486,11 +473,7 @@ class TextConditioner:
         elif resolution is not None:
             self.resolution = self._parse_resolution(resolution)
 
-        if (
-            isinstance(max_sequence_length, bool)
-            or not isinstance(max_sequence_length, int)
-            or max_sequence_length < 1
-        ):
+        if isinstance(max_sequence_length, bool) or not isinstance(max_sequence_length, int) or max_sequence_length < 1:
             raise ValueError(f"max_sequence_length must be a positive int, got {max_sequence_length!r}")
         self.max_sequence_length = max_sequence_length
         self.joint_attention_dim = joint_attention_dim
@@ -556,9 +539,7 @@ class TextConditioner:
             if os.path.exists(source):
                 raise FileNotFoundError(f"{source!r} is a file, not a diffusers pipeline folder")
             if not _HUB_ID.match(source):
-                raise FileNotFoundError(
-                    f"pipeline folder {source!r} does not exist (and is not a hub id 'org/name')"
-                )
+                raise FileNotFoundError(f"pipeline folder {source!r} does not exist (and is not a hub id 'org/name')")
         hub_kwargs: dict[str, Any] = {}
         if revision is not None:
             hub_kwargs["revision"] = revision
@@ -570,9 +551,7 @@ class TextConditioner:
                 full = os.path.join(source, filename)
                 if not os.path.isfile(full):
                     if required:
-                        raise FileNotFoundError(
-                            f"{full!r} not found: is {source!r} a diffusers pipeline folder?"
-                        )
+                        raise FileNotFoundError(f"{full!r} not found: is {source!r} a diffusers pipeline folder?")
                     return None
             else:
                 from huggingface_hub import hf_hub_download
@@ -666,9 +645,7 @@ class TextConditioner:
             if isinstance(sample, int) and blocks:
                 resolution = sample * 2 ** (len(blocks) - 1)
             else:
-                raise ValueError(
-                    f"{source!r}: cannot infer the SDXL resolution (unet/vae configs); pass resolution="
-                )
+                raise ValueError(f"{source!r}: cannot infer the SDXL resolution (unet/vae configs); pass resolution=")
         return cls(
             kind,
             tokenizers,
@@ -691,16 +668,12 @@ class TextConditioner:
 
     def _run_clip(self, i: int, prompts: list[str], max_length: int):
         tokenizer, encoder = self.tokenizers[i], self.text_encoders[i]
-        inputs = tokenizer(
-            prompts, padding="max_length", max_length=max_length, truncation=True, return_tensors="pt"
-        )
+        inputs = tokenizer(prompts, padding="max_length", max_length=max_length, truncation=True, return_tensors="pt")
         device = _module_device(encoder)
         mask = None
         if getattr(encoder.config, "use_attention_mask", False):
             mask = inputs.attention_mask.to(device)
-        return encoder(
-            inputs.input_ids.to(device), attention_mask=mask, output_hidden_states=self.kind != "sd"
-        )
+        return encoder(inputs.input_ids.to(device), attention_mask=mask, output_hidden_states=self.kind != "sd")
 
     def _encode_rows(self, prompts: list[str]) -> dict[str, torch.Tensor]:
         """Run the encoders on distinct prompts; returns batch tensors (one row per prompt)."""
@@ -754,9 +727,7 @@ class TextConditioner:
                 t5_emb = t5(ids.to(_module_device(t5)))[0].to(dtype=_module_dtype(t5))
             t5_emb = t5_emb.to(clip.device)
             if clip.shape[-1] > t5_emb.shape[-1]:
-                raise ValueError(
-                    f"concatenated CLIP width {clip.shape[-1]} exceeds the T5 width {t5_emb.shape[-1]}"
-                )
+                raise ValueError(f"concatenated CLIP width {clip.shape[-1]} exceeds the T5 width {t5_emb.shape[-1]}")
             clip = torch.nn.functional.pad(clip, (0, t5_emb.shape[-1] - clip.shape[-1]))
             return {"ehs": torch.cat([clip, t5_emb], dim=-2), "pooled": torch.cat(pooled, dim=-1)}
 

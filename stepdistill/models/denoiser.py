@@ -9,7 +9,7 @@ parameterisation it outputs (converted by the schedule). CFG runs cond and uncon
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -60,13 +60,17 @@ def network_call(net) -> Callable:
     if name in _SD3_CLASSES:
         return lambda m, x, time, kw: _output(m(hidden_states=x, timestep=time, **kw))
     if name.endswith(("Model", "Transformer2DModel")) and hasattr(net, "config") and hasattr(net, "save_pretrained"):
-        raise ValueError(f"unsupported diffusers network class {name!r}; supported: {', '.join(SUPPORTED_NETWORKS)}"
-                         " or a plain callable model(x_t, timestep, cond)")
+        raise ValueError(
+            f"unsupported diffusers network class {name!r}; supported: {', '.join(SUPPORTED_NETWORKS)}"
+            " or a plain callable model(x_t, timestep, cond)"
+        )
 
     def call_plain(m, x, time, kw):
         extra = set(kw) - {"cond"}
         if extra:
-            raise ValueError(f"plain callables take model(x_t, timestep, cond); unexpected condition keys {sorted(extra)}")
+            raise ValueError(
+                f"plain callables take model(x_t, timestep, cond); unexpected condition keys {sorted(extra)}"
+            )
         return _output(m(x, time, kw.get("cond")))
 
     return call_plain
@@ -127,8 +131,9 @@ class Denoiser(nn.Module):
         out_c, out_u = both.chunk(2)
         return cfg_combine(out_c, out_u, guidance_scale, self.cfg_convention)
 
-    def predict(self, x_t, t, cond: Cond | None = None, *, target: str = "x0", guidance_scale=None,
-                float64: bool = False) -> torch.Tensor:
+    def predict(
+        self, x_t, t, cond: Cond | None = None, *, target: str = "x0", guidance_scale=None, float64: bool = False
+    ) -> torch.Tensor:
         """Prediction of type ``target`` (x0, eps, v, flow, score, edm). ``float64=True`` converts in float64
         (e.g. x0 from eps at high noise) and returns float64."""
         out = self.raw(x_t, t, cond, guidance_scale)
@@ -138,8 +143,19 @@ class Denoiser(nn.Module):
         return self.schedule.convert(out, x_t, t, self.prediction_type, target).to(x_t.dtype)
 
     # ------------------------------------------------------------------------------------------------
-    def dsm_loss(self, x0: torch.Tensor, cond: Cond | None = None, *, t=None, noise=None, t_dist: str = "uniform",
-                 t_min: float = 0.0, t_max: float = 1.0, weighting: str = "native", **t_kwargs):
+    def dsm_loss(
+        self,
+        x0: torch.Tensor,
+        cond: Cond | None = None,
+        *,
+        t=None,
+        noise=None,
+        t_dist: str = "uniform",
+        t_min: float = 0.0,
+        t_max: float = 1.0,
+        weighting: str = "native",
+        **t_kwargs,
+    ):
         """Denoising score matching (Ho et al. 2020; Vincent 2011): noise x0 to x_t at t ~ t_dist and regress
         the network's own parameterisation onto its target (``weighting="native"``), or compare x0 / eps
         (``weighting="x0"`` / ``"eps"``). Returns the scalar loss."""

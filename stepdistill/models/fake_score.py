@@ -21,8 +21,16 @@ class FakeScore(Denoiser):
     adapter_name: str | None = None
 
     @classmethod
-    def from_teacher(cls, teacher: Teacher, mode: str = "full", *, lora_rank: int = 64, lora_alpha=None,
-                     adapter_name: str = "fake_score", target_modules=None) -> "FakeScore":
+    def from_teacher(
+        cls,
+        teacher: Teacher,
+        mode: str = "full",
+        *,
+        lora_rank: int = 64,
+        lora_alpha=None,
+        adapter_name: str = "fake_score",
+        target_modules=None,
+    ) -> "FakeScore":
         if mode == "full":
             net = copy.deepcopy(_unwrap(teacher.net))
             net.requires_grad_(True).train()

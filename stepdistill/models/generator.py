@@ -29,8 +29,16 @@ class Generator(Denoiser):
 
     adapter_name: str | None = None
 
-    def __init__(self, net, schedule: NoiseSchedule, prediction_type: str, *, timesteps=(1.0,),
-                 sampler: str = "consistency", **kw):
+    def __init__(
+        self,
+        net,
+        schedule: NoiseSchedule,
+        prediction_type: str,
+        *,
+        timesteps=(1.0,),
+        sampler: str = "consistency",
+        **kw,
+    ):
         super().__init__(net, schedule, prediction_type, **kw)
         if sampler not in SAMPLERS:
             raise ValueError(f"unknown generator sampler {sampler!r}; expected one of {SAMPLERS}")
@@ -41,22 +49,43 @@ class Generator(Denoiser):
         self.sampler = sampler
 
     @classmethod
-    def from_teacher(cls, teacher: Teacher, mode: str = "full", *, timesteps=(1.0,), sampler="consistency",
-                     lora_rank: int = 64, lora_alpha=None, adapter_name: str = "generator",
-                     target_modules=None) -> "Generator":
+    def from_teacher(
+        cls,
+        teacher: Teacher,
+        mode: str = "full",
+        *,
+        timesteps=(1.0,),
+        sampler="consistency",
+        lora_rank: int = 64,
+        lora_alpha=None,
+        adapter_name: str = "generator",
+        target_modules=None,
+    ) -> "Generator":
         """Initialise the student from the teacher's weights: a full trainable copy, or a LoRA adapter on
         the teacher's network (the teacher then runs with adapters off)."""
         if mode == "full":
             net = copy.deepcopy(_unwrap(teacher.net)).requires_grad_(True).train()
-            return cls(net, teacher.schedule, teacher.prediction_type, timesteps=timesteps, sampler=sampler,
-                       cfg_convention=teacher.cfg_convention)
+            return cls(
+                net,
+                teacher.schedule,
+                teacher.prediction_type,
+                timesteps=timesteps,
+                sampler=sampler,
+                cfg_convention=teacher.cfg_convention,
+            )
         if mode != "lora":
             raise ValueError(f"generator mode must be 'full' or 'lora', got {mode!r}")
         net = _unwrap(teacher.net)
         add_lora(net, lora_rank, lora_alpha, adapter_name=adapter_name, target_modules=target_modules)
         teacher.shares_base = True
-        gen = cls(net, teacher.schedule, teacher.prediction_type, timesteps=timesteps, sampler=sampler,
-                  cfg_convention=teacher.cfg_convention)
+        gen = cls(
+            net,
+            teacher.schedule,
+            teacher.prediction_type,
+            timesteps=timesteps,
+            sampler=sampler,
+            cfg_convention=teacher.cfg_convention,
+        )
         gen.adapter_name = adapter_name
         return gen
 
@@ -76,8 +105,14 @@ class Generator(Denoiser):
         return noise * initial_noise_scale(self.schedule, self.timesteps[0])
 
     @torch.no_grad()
-    def sample(self, noise: torch.Tensor, cond: Cond | None = None, num_steps: int | None = None,
-               generator: torch.Generator | None = None, guidance_scale=None) -> torch.Tensor:
+    def sample(
+        self,
+        noise: torch.Tensor,
+        cond: Cond | None = None,
+        num_steps: int | None = None,
+        generator: torch.Generator | None = None,
+        guidance_scale=None,
+    ) -> torch.Tensor:
         """Run the first ``num_steps`` (default all) trained steps from ``noise`` ~ N(0, I)."""
         n = len(self.timesteps) if num_steps is None else num_steps
         if not 1 <= n <= len(self.timesteps):

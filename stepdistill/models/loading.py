@@ -44,8 +44,9 @@ def _read_json(path, name, subfolder=None, **hub_kw):
         return json.load(fh)
 
 
-def load_network(path: str, subfolder: str | None = None, *, torch_dtype=None, revision=None, variant=None,
-                 local_files_only=None):
+def load_network(
+    path: str, subfolder: str | None = None, *, torch_dtype=None, revision=None, variant=None, local_files_only=None
+):
     """Returns (network, schedule, prediction_type). ``subfolder`` defaults to ``unet`` or ``transformer``
     (whichever the pipeline folder has); a bare model folder (config.json at the top) needs a sibling or
     nested ``scheduler/``."""
@@ -60,16 +61,26 @@ def load_network(path: str, subfolder: str | None = None, *, torch_dtype=None, r
     if cfg is None:
         raise FileNotFoundError(f"no network config.json in {path!r} (looked in unet/, transformer/ and the top)")
     cls_name = cfg.get("_class_name")
-    if cls_name not in SUPPORTED_NETWORKS:
-        raise ValueError(f"unsupported network class {cls_name!r} in {path!r}; supported: {', '.join(SUPPORTED_NETWORKS)}")
-    cls = getattr(diffusers, cls_name)
+    own = _own_network_classes()
+    if cls_name not in SUPPORTED_NETWORKS and cls_name not in own:
+        supported = ", ".join(SUPPORTED_NETWORKS + tuple(own))
+        raise ValueError(f"unsupported network class {cls_name!r} in {path!r}; supported: {supported}")
+    cls = own.get(cls_name) or getattr(diffusers, cls_name)
     kw = dict(subfolder=subfolder, torch_dtype=torch_dtype, variant=variant, use_safetensors=None, **hub_kw)
     if local_files_only is not None:
         kw["local_files_only"] = local_files_only
     net = cls.from_pretrained(path, **{k: v for k, v in kw.items() if v is not None})
     sched_cfg = _read_json(path, "scheduler_config.json", "scheduler", **hub_kw)
     if sched_cfg is None:
-        raise FileNotFoundError(f"no scheduler/scheduler_config.json in {path!r}: the schedule of the network is unknown")
+        raise FileNotFoundError(
+            f"no scheduler/scheduler_config.json in {path!r}: the schedule of the network is unknown"
+        )
     schedule: NoiseSchedule = from_diffusers(sched_cfg)
     pred = sched_cfg.get("prediction_type") or ("flow" if schedule.kind == "flow" else "epsilon")
     return net, schedule, pred
+
+
+def _own_network_classes() -> dict:
+    from .toy import ToyMLP
+
+    return {"ToyMLP": ToyMLP}

@@ -24,8 +24,15 @@ class Teacher(Denoiser):
         x0 = teacher.predict(x_t, t, cond, target="x0", guidance_scale=2.0)
     """
 
-    def __init__(self, net, schedule: NoiseSchedule, prediction_type: str, *, shares_base: bool = False,
-                 cfg_convention: str = CFG_UNCOND):
+    def __init__(
+        self,
+        net,
+        schedule: NoiseSchedule,
+        prediction_type: str,
+        *,
+        shares_base: bool = False,
+        cfg_convention: str = CFG_UNCOND,
+    ):
         super().__init__(net, schedule, prediction_type, cfg_convention=cfg_convention)
         self.shares_base = shares_base
         if not shares_base and isinstance(net, torch.nn.Module):

@@ -106,9 +106,12 @@ def list_checkpoints(output_dir: str) -> list[str]:
     root = os.path.join(output_dir, "checkpoints")
     if not os.path.isdir(root):
         return []
-    done = [d for d in os.listdir(root) if d.startswith(CHECKPOINT_PREFIX)
-            and os.path.isfile(os.path.join(root, d, "trainer_state.json"))]
-    return [os.path.join(root, d) for d in sorted(done, key=lambda d: int(d[len(CHECKPOINT_PREFIX):]))]
+    done = [
+        d
+        for d in os.listdir(root)
+        if d.startswith(CHECKPOINT_PREFIX) and os.path.isfile(os.path.join(root, d, "trainer_state.json"))
+    ]
+    return [os.path.join(root, d) for d in sorted(done, key=lambda d: int(d[len(CHECKPOINT_PREFIX) :]))]
 
 
 class InfiniteSampler(torch.utils.data.Sampler):
@@ -155,7 +158,10 @@ class DistillTrainer:
     def networks(self) -> dict[str, NetSpec]:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def phase(self, step: int) -> tuple[str, ...]:
+    def phase(self, step: int):
+        """Networks updated at ``step``: a tuple of names (one group), or a list of tuples (groups run one
+        after the other in the same step, each with its own ``compute_loss`` and backward, e.g. DMD2's
+        generator update followed by the fake-score update on the same, detached, samples)."""
         return tuple(self.specs)
 
     def compute_loss(self, batch, phase: tuple[str, ...]) -> dict:  # pragma: no cover - abstract
@@ -194,6 +200,11 @@ class DistillTrainer:
             raise ConfigError(f"ema_decay must be in [0, 1), got {c.ema_decay}")
         if c.resume not in ("", "latest") and not os.path.isdir(c.resume):
             raise ConfigError(f"resume: checkpoint folder {c.resume!r} does not exist")
+        if self.trains_several_networks and os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() in ("1", "true"):
+            raise ConfigError(
+                f"DeepSpeed cannot train the several networks of {type(self).__name__} with one Accelerator "
+                "(one model per engine); use DDP (accelerate launch --multi_gpu) or FSDP (recipes/accelerate/)"
+            )
 
     def setup(self):
         from accelerate import Accelerator
@@ -227,7 +238,9 @@ class DistillTrainer:
             )
         self.opts, self.lr_scheds, self.params = {}, {}, {}
         for name, spec in self.specs.items():
-            params = spec.params if spec.params is not None else [p for p in spec.module.parameters() if p.requires_grad]
+            params = (
+                spec.params if spec.params is not None else [p for p in spec.module.parameters() if p.requires_grad]
+            )
             if not params:
                 raise ValueError(f"network {name!r} has no trainable parameter")
             opt = torch.optim.AdamW(
@@ -248,22 +261,30 @@ class DistillTrainer:
                 self.ema[name] = {k: v.detach().clone().float() for k, v in self._inner(name).state_dict().items()}
         ds = self.train_dataset()
         self.sampler = InfiniteSampler(len(ds), c.seed, acc.process_index, acc.num_processes)
-        self.loader = torch.utils.data.DataLoader(ds, batch_size=per_device, sampler=self.sampler,
-                                                  collate_fn=self.collate, num_workers=0, drop_last=True,
-                                                  # its own generator: creating an iterator must not draw from
-                                                  # the global RNG, or a resumed run would diverge
-                                                  generator=torch.Generator().manual_seed(c.seed))
+        self.loader = torch.utils.data.DataLoader(
+            ds,
+            batch_size=per_device,
+            sampler=self.sampler,
+            collate_fn=self.collate,
+            num_workers=0,
+            drop_last=True,
+            # its own generator: creating an iterator must not draw from
+            # the global RNG, or a resumed run would diverge
+            generator=torch.Generator().manual_seed(c.seed),
+        )
         if acc.is_main_process:
             os.makedirs(c.output_dir, exist_ok=True)
             with open(os.path.join(c.output_dir, "config.json"), "w") as f:
                 json.dump(asdict(c), f, indent=2)
         if c.report_to:
-            acc.init_trackers("stepdistill", config={k: v for k, v in asdict(c).items()
-                                                     if isinstance(v, (int, float, str, bool))})
+            acc.init_trackers(
+                "stepdistill", config={k: v for k, v in asdict(c).items() if isinstance(v, (int, float, str, bool))}
+            )
         if c.resume:
             self.load_checkpoint(c.resume)
 
     find_unused_parameters = False
+    trains_several_networks = False  # methods with a fake score / head set this (DeepSpeed check)
 
     def on_prepared(self):
         """Called after every network is prepared (e.g. to wrap prepared modules into Denoisers)."""
@@ -285,6 +306,15 @@ class DistillTrainer:
                 p.requires_grad_(on)
             self.specs[name].module.train(on or self.specs[name].module.training)
 
+    def _groups(self, step):
+        groups = self.phase(step)
+        groups = [tuple(groups)] if groups and isinstance(next(iter(groups)), str) else [tuple(g) for g in groups]
+        for g in groups:
+            unknown = set(g) - set(self.specs)
+            if unknown or not g:
+                raise ValueError(f"phase({step}) returned unknown or empty network group {g}")
+        return groups
+
     def train(self):
         self.setup()
         c, acc = self.config, self.accelerator
@@ -298,54 +328,59 @@ class DistillTrainer:
         t_start = time.time()
         while self.global_step < c.max_steps:
             step = self.global_step
-            active = tuple(self.phase(step))
-            unknown = set(active) - set(self.specs)
-            if unknown:
-                raise ValueError(f"phase({step}) returned unknown networks {sorted(unknown)}")
-            self._set_phase(active)
+            groups = self._groups(step)
+            active = tuple(dict.fromkeys(n for g in groups for n in g))
             logs: dict[str, float] = {}
             skipped = False
             for _ in range(c.grad_accum):
                 batch = next(data)
                 with acc.accumulate(*modules):
-                    out = self.compute_loss(batch, active)
-                    loss = out["loss"]
-                    finite = torch.isfinite(loss.detach()).float()
-                    finite = acc.reduce(finite.reshape(1), "min") if acc.num_processes > 1 else finite
-                    if finite.item() < 1:
-                        skipped = True
-                        for n in active:
-                            self.opts[n].zero_grad(set_to_none=True)
+                    for group in groups:
+                        self._set_phase(group)
+                        out = self.compute_loss(batch, group)
+                        loss = out["loss"]
+                        finite = torch.isfinite(loss.detach()).float().reshape(1)
+                        if acc.num_processes > 1:
+                            finite = acc.reduce(finite, "min")
+                        if finite.item() < 1:
+                            skipped = True
+                            break
+                        acc.backward(loss)
+                        for k, v in out.items():
+                            key = k if len(self.specs) == 1 else f"{k}/{'+'.join(group)}"
+                            logs[key] = logs.get(key, 0.0) + float(v.detach().float().mean()) / c.grad_accum
+                    if skipped:
                         break
-                    acc.backward(loss)
                     if acc.sync_gradients:
                         for n in active:
                             if c.max_grad_norm > 0:
                                 acc.clip_grad_norm_(self.params[n], c.max_grad_norm)
                             self.opts[n].step()
                             self.lr_scheds[n].step()
+                    for n in self.specs:  # every network: no gradient leaks into a later group or step
+                        if acc.sync_gradients:
                             self.opts[n].zero_grad(set_to_none=True)
-                for k, v in out.items():
-                    logs[k] = logs.get(k, 0.0) + float(v.detach().float().mean()) / c.grad_accum
             if skipped:
+                for n in self.specs:
+                    self.opts[n].zero_grad(set_to_none=True)
                 self.nonfinite_in_row += 1
                 self.nonfinite_total += 1
                 if self.nonfinite_in_row >= c.max_nonfinite:
                     raise NonFiniteLossError(
                         f"{self.nonfinite_in_row} non-finite losses in a row at step {step}; lower learning_rate, "
-                        "check the data range, or resume from the last checkpoint")
+                        "check the data range, or resume from the last checkpoint"
+                    )
                 continue
             self.nonfinite_in_row = 0
             self._update_ema(active)
             self.on_step_end(step)
             self.global_step += 1
-            logs["phase"] = "+".join(active)
-            self.history.append({"step": step, **{k: v for k, v in logs.items() if k != "phase"}})
+            self.history.append({"step": step, **logs})
             if bar is not None:
                 bar.update(1)
-                bar.set_postfix({k: f"{v:.4g}" for k, v in logs.items() if k != "phase"}, refresh=False)
+                bar.set_postfix({k.split("/")[0]: f"{v:.4g}" for k, v in logs.items()}, refresh=False)
             if c.report_to and (self.global_step % max(c.log_every, 1) == 0):
-                acc.log({k: v for k, v in logs.items() if k != "phase"}, step=self.global_step)
+                acc.log(logs, step=self.global_step)
             if c.sample_every and self.global_step % c.sample_every == 0:
                 self._save_samples()
             if c.checkpoint_every and (self.global_step % c.checkpoint_every == 0 or self.global_step == c.max_steps):
@@ -401,8 +436,10 @@ class DistillTrainer:
                 _atomic_save_file(sd, os.path.join(tmp, f"{name}.safetensors"))
                 if name in self.ema:
                     _atomic_save_file(self.ema[name], os.path.join(tmp, f"{name}_ema.safetensors"))
-                torch.save({"optimizer": self.opts[name].state_dict(), "lr_scheduler": self.lr_scheds[name].state_dict()},
-                           os.path.join(tmp, f"{name}_optim.pt"))
+                torch.save(
+                    {"optimizer": self.opts[name].state_dict(), "lr_scheduler": self.lr_scheds[name].state_dict()},
+                    os.path.join(tmp, f"{name}_optim.pt"),
+                )
         rng = {
             "python": random.getstate(),
             "numpy": np.random.get_state(),
@@ -413,8 +450,12 @@ class DistillTrainer:
         torch.save(_rng_to_tensors(rng), os.path.join(tmp, f"rng_{acc.process_index}.pt"))
         acc.wait_for_everyone()
         if acc.is_main_process:
-            state = {"global_step": self.global_step, "nonfinite_total": self.nonfinite_total,
-                     "networks": list(self.specs), "history_tail": self.history[-50:]}
+            state = {
+                "global_step": self.global_step,
+                "nonfinite_total": self.nonfinite_total,
+                "networks": list(self.specs),
+                "history_tail": self.history[-50:],
+            }
             with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
                 json.dump(state, f)
             shutil.rmtree(final, ignore_errors=True)
@@ -430,7 +471,9 @@ class DistillTrainer:
         if where == "latest":
             done = list_checkpoints(c.output_dir)
             if not done:
-                raise FileNotFoundError(f"--resume latest: no checkpoint under {os.path.join(c.output_dir, 'checkpoints')}")
+                raise FileNotFoundError(
+                    f"--resume latest: no checkpoint under {os.path.join(c.output_dir, 'checkpoints')}"
+                )
             path = done[-1]
         else:
             path = where
@@ -455,8 +498,10 @@ class DistillTrainer:
             rng_file = os.path.join(path, f"rng_{self.accelerator.process_index}.pt")
             rng = _rng_from_tensors(torch.load(rng_file, weights_only=True))
         except Exception as e:  # noqa: BLE001 - any unreadable file (safetensors, torch, json) means corrupt
-            raise RuntimeError(f"checkpoint {path!r} is unreadable or corrupt ({e}); earlier checkpoints in "
-                               f"{os.path.dirname(path)!r} are untouched: resume from one of them") from e
+            raise RuntimeError(
+                f"checkpoint {path!r} is unreadable or corrupt ({e}); earlier checkpoints in "
+                f"{os.path.dirname(path)!r} are untouched: resume from one of them"
+            ) from e
         random.setstate(rng["python"])
         np.random.set_state(rng["numpy"])
         torch.set_rng_state(rng["torch"])
@@ -474,8 +519,13 @@ def _rng_to_tensors(rng):
     np_state = rng["numpy"]
     return {
         "python": (py[0], torch.tensor(py[1], dtype=torch.int64), py[2]),
-        "numpy": (np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), int(np_state[2]), int(np_state[3]),
-                  float(np_state[4])),
+        "numpy": (
+            np_state[0],
+            torch.from_numpy(np_state[1].astype(np.int64)),
+            int(np_state[2]),
+            int(np_state[3]),
+            float(np_state[4]),
+        ),
         "torch": rng["torch"],
         "cuda": rng["cuda"],
         "sampler_consumed": rng["sampler_consumed"],

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..config import ConfigError
-from ..data import DigitsDataset, ImageFolderDataset, NUM_CLASSES
+from ..data import NUM_CLASSES, DigitsDataset, ImageFolderDataset
 from ..models import Teacher
 from ..models.conditioning import ClassConditioner
 from ..models.denoiser import Denoiser
@@ -31,7 +31,8 @@ class DSMConfig(TrainConfig):
     """Teacher training. Network, schedule and data settings on top of :class:`TrainConfig`.
 
     > Data
-    dataset (`str`, `"digits"`): "digits" (bundled, class-conditional) or a folder of images.
+    dataset (`str`, `"digits"`): "digits" (bundled, class-conditional), "toy2d:<name>" (e.g. toy2d:gmm8; a
+        small MLP denoiser, unconditional) or a folder of images.
     resolution (`int`, `16`): image side; must be divisible by 2^(len(block_out_channels) - 1).
     label_dropout (`float`, `0.1`): probability of replacing the label by the null class (CFG).
     > Network (diffusers UNet2DModel)
@@ -57,6 +58,7 @@ class DSMConfig(TrainConfig):
     prediction_type: str = "v_prediction"
     export_dir: str = ""
     sample_steps: int = 25
+    toy_samples: int = 20000
 
     def check(self):
         levels = len(self.block_out_channels)
@@ -66,23 +68,37 @@ class DSMConfig(TrainConfig):
         if self.resolution < 1 or self.resolution % factor:
             raise ConfigError(
                 f"resolution={self.resolution} cannot go through a UNet with {levels} levels: it must be a "
-                f"multiple of {factor} (2^(levels-1))")
+                f"multiple of {factor} (2^(levels-1))"
+            )
         if any(c % self.norm_num_groups for c in self.block_out_channels):
-            raise ConfigError(f"block_out_channels {self.block_out_channels} must be multiples of "
-                              f"norm_num_groups={self.norm_num_groups}")
+            raise ConfigError(
+                f"block_out_channels {self.block_out_channels} must be multiples of "
+                f"norm_num_groups={self.norm_num_groups}"
+            )
         if not 0 <= self.label_dropout < 1:
             raise ConfigError(f"label_dropout must be in [0, 1), got {self.label_dropout}")
-        if self.dataset != "digits" and not os.path.isdir(self.dataset):
-            raise ConfigError(f"dataset: {self.dataset!r} is neither 'digits' nor an existing image folder")
+        if self.dataset.startswith("toy2d:"):
+            from ..data import TOY2D_NAMES
+
+            if self.dataset[6:] not in TOY2D_NAMES:
+                raise ConfigError(f"dataset: unknown toy distribution {self.dataset[6:]!r}; one of {TOY2D_NAMES}")
+        elif self.dataset != "digits" and not os.path.isdir(self.dataset):
+            raise ConfigError(f"dataset: {self.dataset!r} is neither 'digits', 'toy2d:<name>' nor an existing folder")
         try:
             VPSchedule.from_config(self.scheduler_config()).check_prediction_type(self.prediction_type)
         except ValueError as e:
             raise ConfigError(str(e)) from e
 
     def scheduler_config(self) -> dict:
-        return dict(num_train_timesteps=self.num_train_timesteps, beta_schedule=self.beta_schedule,
-                    prediction_type=self.prediction_type, clip_sample=False, set_alpha_to_one=True,
-                    timestep_spacing="trailing", steps_offset=0)
+        return dict(
+            num_train_timesteps=self.num_train_timesteps,
+            beta_schedule=self.beta_schedule,
+            prediction_type=self.prediction_type,
+            clip_sample=False,
+            set_alpha_to_one=True,
+            timestep_spacing="trailing",
+            steps_offset=0,
+        )
 
 
 def build_unet(cfg: DSMConfig, in_channels: int, num_class_embeds: int | None):
@@ -91,10 +107,16 @@ def build_unet(cfg: DSMConfig, in_channels: int, num_class_embeds: int | None):
     down = ["AttnDownBlock2D" if a else "DownBlock2D" for a in cfg.attention_levels]
     up = ["AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(cfg.attention_levels)]
     return UNet2DModel(
-        sample_size=cfg.resolution, in_channels=in_channels, out_channels=in_channels,
-        block_out_channels=tuple(cfg.block_out_channels), layers_per_block=cfg.layers_per_block,
-        down_block_types=tuple(down), up_block_types=tuple(up), norm_num_groups=cfg.norm_num_groups,
-        attention_head_dim=8, num_class_embeds=num_class_embeds,
+        sample_size=cfg.resolution,
+        in_channels=in_channels,
+        out_channels=in_channels,
+        block_out_channels=tuple(cfg.block_out_channels),
+        layers_per_block=cfg.layers_per_block,
+        down_block_types=tuple(down),
+        up_block_types=tuple(up),
+        norm_num_groups=cfg.norm_num_groups,
+        attention_head_dim=8,
+        num_class_embeds=num_class_embeds,
     )
 
 
@@ -105,6 +127,15 @@ class DSMTrainer(DistillTrainer):
 
     def build(self):
         c = self.config
+        self.schedule = VPSchedule.from_config(c.scheduler_config())
+        if c.dataset.startswith("toy2d:"):
+            from ..data import Toy2DDataset
+            from ..models.toy import ToyMLP
+
+            self.dataset = Toy2DDataset(c.dataset[6:], c.toy_samples, seed=c.seed)
+            self.conditioner = None
+            self.unet = ToyMLP(hidden=c.block_out_channels[-1], layers=len(c.block_out_channels))
+            return
         if c.dataset == "digits":
             self.dataset = DigitsDataset("train", c.resolution)
             self.conditioner = ClassConditioner(NUM_CLASSES)  # null class = 10
@@ -113,7 +144,6 @@ class DSMTrainer(DistillTrainer):
             self.dataset = ImageFolderDataset(c.dataset, c.resolution)
             self.conditioner = None
             in_ch, n_embeds = 3, None
-        self.schedule = VPSchedule.from_config(c.scheduler_config())
         self.unet = build_unet(c, in_ch, n_embeds)
 
     def networks(self):
@@ -132,23 +162,31 @@ class DSMTrainer(DistillTrainer):
         return cond.drop(drop) if drop > 0 else cond
 
     def compute_loss(self, batch, phase):
-        x0 = batch["image"].to(self.accelerator.device)
+        x0 = (batch["image"] if "image" in batch else batch["x"]).to(self.accelerator.device)
         loss = self.model.dsm_loss(x0, self._cond(batch, self.config.label_dropout))
         return {"loss": loss}
 
     @torch.no_grad()
     def sample_images(self, step):
+        if self.conditioner is None and self.config.dataset.startswith("toy2d:"):
+            return None
         net = self.accelerator.unwrap_model(self.specs["model"].module)
         was = net.training
         net.eval()
         try:
             labels = torch.arange(20, device=self.accelerator.device) % NUM_CLASSES
             cond = self.conditioner(labels) if self.conditioner is not None else None
-            noise = torch.randn(len(labels), *self.dataset[0]["image"].shape,
-                                generator=torch.Generator().manual_seed(0)).to(self.accelerator.device)
+            noise = torch.randn(
+                len(labels), *self.dataset[0]["image"].shape, generator=torch.Generator().manual_seed(0)
+            ).to(self.accelerator.device)
             model = Denoiser(net, self.schedule, self.config.prediction_type)
-            return sample(lambda x, t: model.raw(x, t, cond), self.schedule, noise, self.config.sample_steps,
-                          pred_type=self.config.prediction_type)
+            return sample(
+                lambda x, t: model.raw(x, t, cond),
+                self.schedule,
+                noise,
+                self.config.sample_steps,
+                pred_type=self.config.prediction_type,
+            )
         finally:
             net.train(was)
 
@@ -163,8 +201,9 @@ class DSMTrainer(DistillTrainer):
             import copy
 
             net = copy.deepcopy(net)
-            net.load_state_dict({k: v.to(net.dtype if v.is_floating_point() else v.dtype)
-                                 for k, v in self.ema["model"].items()})
+            net.load_state_dict(
+                {k: v.to(net.dtype if v.is_floating_point() else v.dtype) for k, v in self.ema["model"].items()}
+            )
         if self.accelerator.is_main_process:
             net.save_pretrained(os.path.join(path, "unet"), safe_serialization=True)
             DDIMScheduler(**c.scheduler_config()).save_pretrained(os.path.join(path, "scheduler"))

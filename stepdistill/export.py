@@ -1,0 +1,218 @@
+"""Write a distilled generator as a diffusers pipeline folder (and a LoRA file for LoRA students).
+
+The folder loads with ``DiffusionPipeline.from_pretrained(folder)`` (after ``import stepdistill``) and a
+plain call samples with the trained timesteps; its README.md gives the call that needs stock diffusers
+classes only. The scheduler is diffusers' ``LCMScheduler`` configured so that the trained timesteps are its
+own grid: predict x0, then re-noise with fresh noise to the next trained timestep (DMD2 / LCM sampling).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+
+import torch
+
+from .models.denoiser import _unwrap
+
+CARD = """---
+library_name: diffusers
+tags: [stepdistill, distillation, {method}]
+---
+# {title}
+
+Distilled with [stepdistill](https://github.com/) ({method}) from `{teacher}`: **{n} network evaluation(s)**
+per sample at timesteps {timesteps}.
+
+## With stepdistill installed
+
+```python
+import stepdistill  # registers {pipeline_class} with diffusers
+from diffusers import DiffusionPipeline
+
+pipe = DiffusionPipeline.from_pretrained("{folder}")
+{plain_call}
+```
+
+## With stock diffusers classes only
+
+```python
+{stock_call}
+```
+"""
+
+_STOCK_PIXEL = """import torch
+from diffusers import LCMScheduler, UNet2DModel
+
+unet = UNet2DModel.from_pretrained("{folder}", subfolder="unet").eval()
+scheduler = LCMScheduler.from_pretrained("{folder}", subfolder="scheduler")
+scheduler.set_timesteps(timesteps={timesteps})
+labels = torch.tensor([0, 1, 2, 3, 4, 5, 6, 7, 8, 9])
+x = torch.randn(len(labels), unet.config.in_channels, unet.config.sample_size, unet.config.sample_size,
+                generator=torch.Generator().manual_seed(0))
+with torch.no_grad():
+    for t in scheduler.timesteps:
+        x = scheduler.step(unet(x, t, class_labels=labels).sample, t, x).prev_sample
+images = (x / 2 + 0.5).clamp(0, 1)  # (N, C, H, W) in [0, 1]"""
+
+_STOCK_TEXT = """from diffusers import {stock_class}
+
+pipe = {stock_class}.from_pretrained("{folder}")
+image = pipe("a photo of a cat", num_inference_steps={n}, timesteps={timesteps}, guidance_scale=0.0).images[0]"""
+
+_STOCK_LORA = """from diffusers import LCMScheduler, {stock_class}
+
+pipe = {stock_class}.from_pretrained("<the teacher: {teacher}>")
+pipe.load_lora_weights("{folder}/lora")
+pipe.scheduler = LCMScheduler.from_pretrained("{folder}", subfolder="scheduler")
+image = pipe("a photo of a cat", num_inference_steps={n}, timesteps={timesteps}, guidance_scale=0.0).images[0]"""
+
+
+def lcm_scheduler_for(teacher_schedule_config: dict, timesteps: list[int]):
+    """An LCMScheduler on the teacher's betas whose own grid is the trained timesteps."""
+    from diffusers import LCMScheduler
+
+    keys = (
+        "num_train_timesteps",
+        "beta_start",
+        "beta_end",
+        "beta_schedule",
+        "trained_betas",
+        "prediction_type",
+        "rescale_betas_zero_snr",
+    )
+    cfg = {k: teacher_schedule_config[k] for k in keys if teacher_schedule_config.get(k) is not None}
+    T = cfg.get("num_train_timesteps", 1000)
+    steps = len(timesteps)
+    # LCMScheduler's own grid is k * i - 1 with k = T // original_inference_steps: equal to the trained
+    # timesteps when they are evenly spaced down from T - 1 (DMD2's [999], [999, 749, 499, 249])
+    return LCMScheduler(
+        **cfg, original_inference_steps=steps if T % steps == 0 else 50, clip_sample=False, set_alpha_to_one=True
+    )
+
+
+def _generator_unet(trainer):
+    """A plain diffusers network with the generator's weights (EMA if kept; LoRA merged into a copy)."""
+    from .models.adapters import adapter_names, merge_lora
+
+    net = _unwrap(trainer.accelerator.unwrap_model(trainer.specs["generator"].module))
+    adapter = getattr(trainer.generator, "adapter_name", None)
+    if adapter is not None:
+        net = copy.deepcopy(net)
+        for other in sorted(adapter_names(net) - {adapter}):
+            from peft.tuners.tuners_utils import BaseTunerLayer
+
+            for m in net.modules():
+                if isinstance(m, BaseTunerLayer):
+                    m.delete_adapter(other)
+        net = merge_lora(net, adapter)
+    ema = trainer.ema_state_dict("generator")
+    if ema is not None and adapter is None:
+        net = copy.deepcopy(net)
+        net.load_state_dict({k: v.to(dtype=net.dtype) if v.is_floating_point() else v for k, v in ema.items()})
+    return net.eval()
+
+
+def export_generator(trainer, path: str) -> str:
+    """Export a trainer's generator (a distribution-matching or consistency student) to ``path``."""
+    acc = trainer.accelerator
+    net = _generator_unet(trainer)
+    if not acc.is_main_process:
+        return path
+    teacher_path = trainer._teacher_path()
+    with open(os.path.join(teacher_path, "scheduler", "scheduler_config.json")) as f:
+        sched_cfg = json.load(f)
+    timesteps = [int(t) for t in trainer.config.denoising_timesteps]
+    scheduler = lcm_scheduler_for(sched_cfg, timesteps)
+    tmp = path.rstrip("/") + ".tmp_export"
+    shutil.rmtree(tmp, ignore_errors=True)
+    name = type(net).__name__
+    if name == "UNet2DModel":
+        from .pipelines import StepDistillClassPipeline
+
+        pipe = StepDistillClassPipeline(unet=net, scheduler=scheduler, trained_timesteps=timesteps)
+        plain = (
+            "images = pipe(class_labels=[0, 1, 2, 3]).images"
+            if net.config.num_class_embeds
+            else "images = pipe(num_images=4).images"
+        )
+        stock = _STOCK_PIXEL.format(folder=path, timesteps=timesteps)
+    elif name == "UNet2DConditionModel":
+        pipe, plain, stock = _text_pipeline(teacher_path, net, scheduler, timesteps, path)
+    else:
+        raise ValueError(f"export of a {name} generator is not supported yet (UNet2DModel, UNet2DConditionModel)")
+    pipe.save_pretrained(tmp, safe_serialization=True)
+    lora_call = ""
+    if getattr(trainer.generator, "adapter_name", None) is not None:
+        lora_call = _save_lora(trainer, pipe, tmp, teacher_path, path, timesteps)
+    card = CARD.format(
+        method=getattr(trainer, "method_name", type(trainer).__name__),
+        title=f"{len(timesteps)}-step distilled generator",
+        teacher=trainer.config.teacher,
+        n=len(timesteps),
+        timesteps=timesteps,
+        pipeline_class=type(pipe).__name__,
+        folder=path,
+        plain_call=plain,
+        stock_call=stock + ("\n\n# or the LoRA on the original teacher:\n" + lora_call if lora_call else ""),
+    )
+    with open(os.path.join(tmp, "README.md"), "w") as f:
+        f.write(card)
+    shutil.rmtree(path, ignore_errors=True)
+    os.replace(tmp, path)
+    return path
+
+
+def _text_pipeline(teacher_path, net, scheduler, timesteps, path):
+    from diffusers import DiffusionPipeline
+
+    from .pipelines import StepDistillSDPipeline, StepDistillSDXLPipeline
+
+    with open(os.path.join(teacher_path, "model_index.json")) as f:
+        index = json.load(f)
+    sdxl = "text_encoder_2" in index
+    cls, stock_class = (
+        (StepDistillSDXLPipeline, "StableDiffusionXLPipeline")
+        if sdxl
+        else (StepDistillSDPipeline, "StableDiffusionPipeline")
+    )
+    extra = {} if sdxl else {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
+    base = DiffusionPipeline.from_pretrained(teacher_path, unet=net, scheduler=scheduler, **extra)
+    comps = {k: v for k, v in base.components.items() if k in cls.__init__.__code__.co_varnames}
+    comps.update(unet=net, scheduler=scheduler)
+    pipe = cls(**comps, trained_timesteps=timesteps)
+    plain = 'image = pipe("a photo of a cat").images[0]'
+    stock = _STOCK_TEXT.format(stock_class=stock_class, folder=path, n=len(timesteps), timesteps=timesteps)
+    pipe._stock_class = stock_class
+    return pipe, plain, stock
+
+
+def _save_lora(trainer, pipe, tmp, teacher_path, path, timesteps) -> str:
+    from peft.utils import get_peft_model_state_dict
+
+    net = _unwrap(trainer.accelerator.unwrap_model(trainer.specs["generator"].module))
+    sd = get_peft_model_state_dict(net, adapter_name=trainer.generator.adapter_name)
+    sd = {k: v.detach().to(torch.float32).cpu().contiguous() for k, v in sd.items()}
+    stock_class = getattr(pipe, "_stock_class", None)
+    if stock_class is None:
+        raise ValueError("LoRA export is for text-to-image (SD / SDXL) generators")
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    saver = StableDiffusionXLPipeline if stock_class == "StableDiffusionXLPipeline" else StableDiffusionPipeline
+    rank = trainer.config.lora_rank
+    alpha = trainer.config.lora_alpha
+    saver.save_lora_weights(
+        os.path.join(tmp, "lora"),
+        unet_lora_layers=sd,
+        safe_serialization=True,
+        unet_lora_adapter_metadata={
+            "r": rank,
+            "lora_alpha": alpha,
+            "target_modules": sorted(net.peft_config[trainer.generator.adapter_name].target_modules),
+        },
+    )
+    return _STOCK_LORA.format(
+        stock_class=stock_class, teacher=trainer.config.teacher, folder=path, n=len(timesteps), timesteps=timesteps
+    )

@@ -1,0 +1,599 @@
+"""DMD2: improved distribution matching distillation (Yin et al., NeurIPS 2024; tianweiy/DMD2).
+
+One iteration (two-time-scale rule): every step the fake score (and the GAN head) is fitted by denoising
+score matching to the generator's current samples; every ``dfake_gen_update_ratio`` steps the generator is
+updated first with the distribution-matching gradient
+
+    g = (x0_fake - x0_real) / mean_{C,H,W} |x - x0_real|,    L_DM = 0.5 * mse(x, sg(x - g))
+
+(x0_real from the teacher with CFG, x0_fake from the fake score without CFG, both at t in [0.02, 0.98] of
+the schedule), plus an optional non-saturating GAN term from a head on the fake score's bottleneck and an
+optional regression term on teacher noise / image pairs (DMD v1). N-step generators use backward simulation.
+
+Example::
+
+    stepdistill train --config recipes/dmd2/digits.yaml
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ..config import ConfigError
+from ..losses import (
+    denoising_loss,
+    distribution_matching_loss,
+    dmd_gradient,
+    gan_discriminator_loss,
+    gan_generator_loss,
+)
+from ..models import FakeScore, Generator, Teacher
+from ..models.conditioning import ClassConditioner, Cond
+from ..models.denoiser import _unwrap
+from .base import DistillTrainer, NetSpec, TrainConfig
+
+
+@dataclass
+class DMD2Config(TrainConfig):
+    """DMD2 settings (defaults from tianweiy/DMD2 ``main/train_sd.py`` and ``experiments/*`` unless noted).
+
+    > Models
+    teacher (`str`, `"digits"`): diffusers folder or hub id of the teacher; "digits" = the bundled teacher.
+    generator_mode / fake_score_mode (`str`, `"full"`): "full" copy of the teacher or "lora" adapter on it.
+    lora_rank (`int`, `64`), lora_alpha (`float`, `8.0`: DMD2's SDXL LoRA uses rank 64, alpha 8).
+    > Data and conditioning
+    dataset (`str`, `"digits"`): source of labels / prompts and of real images for the GAN: "digits",
+        "toy2d:<name>", an image folder with captions, or a prompt file (.txt / .jsonl; no real images).
+    resolution (`int`, `0`): image / latent-space side for text-to-image models (0: from the network config).
+    > Distribution matching
+    real_guidance_scale (`float`, `1.0`): teacher CFG (uncond + w (cond - uncond)); DMD2 uses 1.75 (SD1.5),
+        8 (SDXL); its ImageNet model uses none.
+    min_step_percent / max_step_percent (`float`, `0.02` / `0.98`): DM timestep range.
+    dfake_gen_update_ratio (`int`, `5`): fake-score updates per generator update (10 for SD1.5).
+    dm_loss_weight (`float`, `1.0`).
+    > Generator steps
+    denoising_timesteps (`list[int]`, `[999]`): the generator's input timesteps (integer timesteps of the
+        teacher schedule; [999, 749, 499, 249] for 4-step SDXL, [399] for 1-step SDXL).
+    backward_simulation (`bool`, `true`): train step k on the generator's own k-step result (k shared by all
+        processes) instead of on noised real images.
+    > GAN (a head on the fake score's bottleneck)
+    gan_generator_weight (`float`, `0.0`: off; DMD2: 3e-3 ImageNet, 1e-3 SD1.5 stage 2, 5e-3 SDXL),
+    gan_discriminator_weight (`float`, `0.01`), gan_max_timestep (`int`, `1000`): diffusion-GAN noise range.
+    > Regression warm start (DMD v1)
+    regression_weight (`float`, `0.0`: off), regression_pairs (`int`, `1024`), regression_steps (`int`, `25`):
+        teacher DDIM steps used to make (noise, image) pairs; regression_batch (`int`, `64`).
+    > Optimisation (DMD2: AdamW wd 0.01, clip 10, 500 warm-up steps)
+    generator_lr / fake_lr (`float`, `0`: use learning_rate).
+    """
+
+    teacher: str = "digits"
+    generator_mode: str = "full"
+    fake_score_mode: str = "full"
+    lora_rank: int = 64
+    lora_alpha: float = 8.0
+    dataset: str = "digits"
+    resolution: int = 0
+    real_guidance_scale: float = 1.0
+    min_step_percent: float = 0.02
+    max_step_percent: float = 0.98
+    dfake_gen_update_ratio: int = 5
+    dm_loss_weight: float = 1.0
+    denoising_timesteps: list[int] = field(default_factory=lambda: [999])
+    backward_simulation: bool = True
+    gan_generator_weight: float = 0.0
+    gan_discriminator_weight: float = 0.01
+    gan_max_timestep: int = 1000
+    regression_weight: float = 0.0
+    regression_pairs: int = 1024
+    regression_steps: int = 25
+    regression_batch: int = 64
+    generator_lr: float = 0.0
+    fake_lr: float = 0.0
+    weight_decay: float = 0.01
+    max_grad_norm: float = 10.0
+    export_dir: str = ""
+
+    def check(self):
+        for key in ("generator_mode", "fake_score_mode"):
+            if getattr(self, key) not in ("full", "lora"):
+                raise ConfigError(f"{key} must be 'full' or 'lora', got {getattr(self, key)!r}")
+        if not 0 <= self.min_step_percent < self.max_step_percent <= 1:
+            raise ConfigError(
+                f"need 0 <= min_step_percent < max_step_percent <= 1, got "
+                f"{self.min_step_percent}, {self.max_step_percent}"
+            )
+        if self.dfake_gen_update_ratio < 1:
+            raise ConfigError(f"dfake_gen_update_ratio must be >= 1, got {self.dfake_gen_update_ratio}")
+        ts = self.denoising_timesteps
+        if not ts or any(b >= a for a, b in zip(ts, ts[1:])) or min(ts) < 0:
+            raise ConfigError(f"denoising_timesteps must be decreasing non-negative integers, got {ts}")
+        if self.teacher != "digits" and not os.path.exists(self.teacher) and not _hub_like(self.teacher):
+            raise ConfigError(f"teacher: path {self.teacher!r} does not exist")
+        if self.gan_generator_weight > 0 and self.dataset.endswith((".txt", ".jsonl")):
+            raise ConfigError(
+                "gan_generator_weight > 0 needs real images, but dataset "
+                f"{self.dataset!r} is a prompt file; use an image folder, or set it to 0"
+            )
+        if not self.backward_simulation and len(ts) > 1 and self.dataset.endswith((".txt", ".jsonl")):
+            raise ConfigError(
+                f"backward_simulation=false trains later steps on noised real images; dataset {self.dataset!r} has none"
+            )
+
+
+def _hub_like(s: str) -> bool:
+    parts = s.split("/")
+    return len(parts) == 2 and all(parts) and not s.startswith((".", "/", "~"))
+
+
+# --------------------------------------------------------------------------------------------------------
+# the GAN head on the fake score's bottleneck
+# --------------------------------------------------------------------------------------------------------
+
+
+def bottleneck_module(net: nn.Module) -> nn.Module:
+    """The module whose output is the bottleneck: a UNet's mid-block, a transformer's middle block."""
+    net = _unwrap(net)
+    if getattr(net, "mid_block", None) is not None:
+        return net.mid_block
+    blocks = getattr(net, "transformer_blocks", None)
+    if blocks is not None and len(blocks):
+        return blocks[len(blocks) // 2]
+    if hasattr(net, "blocks") and len(net.blocks):
+        return net.blocks[len(net.blocks) // 2]
+    raise ValueError(f"{type(net).__name__} has no mid_block or transformer_blocks for the GAN head")
+
+
+def _as_map(h):
+    """Bottleneck output -> (B, C, H, W): tuples (SD3 blocks) take the image stream, tokens are unflattened,
+    vectors become 1x1 maps."""
+    if isinstance(h, (tuple, list)):
+        h = h[-1]
+    if h.ndim == 3:  # (B, N, D) patch tokens
+        side = math.isqrt(h.shape[1])
+        if side * side != h.shape[1]:
+            raise ValueError(f"cannot fold {h.shape[1]} tokens into a square map for the GAN head")
+        return h.transpose(1, 2).reshape(h.shape[0], h.shape[2], side, side)
+    if h.ndim == 2:
+        return h[:, :, None, None]
+    return h
+
+
+class FeatureTap:
+    """Captures the bottleneck output of every forward of ``net`` while active."""
+
+    def __init__(self, net):
+        self.module = bottleneck_module(net)
+        self.value = None
+        self.handle = None
+
+    def __enter__(self):
+        self.handle = self.module.register_forward_hook(lambda m, i, o: setattr(self, "value", o))
+        return self
+
+    def __exit__(self, *exc):
+        self.handle.remove()
+
+
+class DiscriminatorHead(nn.Module):
+    """Conv(4x4, s2) + GroupNorm + SiLU until the map is at most 2x2, then global average and a 1x1 conv to
+    one logit (DMD2's head on the SD1.5 / EDM bottleneck has the same parts)."""
+
+    def __init__(self, channels: int, spatial: int, width: int | None = None):
+        super().__init__()
+        width = width or channels
+        layers, c, s = [], channels, spatial
+        while s > 2:
+            layers += [nn.Conv2d(c, width, 4, stride=2, padding=1), nn.GroupNorm(math.gcd(32, width), width), nn.SiLU()]
+            c, s = width, s // 2
+        layers += [nn.Conv2d(c, width, 1), nn.GroupNorm(math.gcd(32, width), width), nn.SiLU()]
+        self.body = nn.Sequential(*layers)
+        self.logit = nn.Conv2d(width, 1, 1)
+
+    def forward(self, h):
+        return self.logit(self.body(h).mean(dim=(2, 3), keepdim=True)).flatten()
+
+
+# --------------------------------------------------------------------------------------------------------
+
+
+class DMD2Trainer(DistillTrainer):
+    """DMD2 on the shared loop: hooks only."""
+
+    config_class = DMD2Config
+    find_unused_parameters = True  # the GAN head and the fake score's up path are idle in some groups
+    trains_several_networks = True
+
+    # ---------------------------------------------------------------- setup
+    def _teacher_path(self):
+        if self.config.teacher == "digits":
+            from ..assets import digits_teacher_path
+
+            return digits_teacher_path()
+        return self.config.teacher
+
+    def build(self):
+        c = self.config
+        device = self.accelerator.device
+        path = self._teacher_path()
+        self.teacher = Teacher.from_pretrained(path)
+        self.teacher.net.to(device)
+        self.schedule = self.teacher.schedule
+        net = self.teacher.net
+        T = getattr(self.schedule, "num_train_timesteps", None)
+        for ts in c.denoising_timesteps:
+            if T is None or ts > T - 1:
+                raise ConfigError(f"denoising_timesteps: {ts} is outside the teacher's schedule (0..{(T or 0) - 1})")
+        self.gen_times = self.schedule.timestep_to_t(torch.tensor(c.denoising_timesteps, dtype=torch.float64))
+        self.conditioner, self.vae = _conditioning_for(path, net, c)
+        if self.vae is not None:
+            self.vae.to(device)
+        if getattr(self.conditioner, "to", None) is not None and not isinstance(self.conditioner, ClassConditioner):
+            self.conditioner.to(device)
+        self.sample_shape = _sample_shape(net, c.resolution)
+        self.dataset = _dataset_for(c, self.sample_shape, self.vae)
+        if c.real_guidance_scale != 1.0 and not _has_null(self.conditioner):
+            raise ConfigError(
+                f"real_guidance_scale={c.real_guidance_scale} needs a teacher with an unconditional "
+                "branch (class-conditional with a null class, or text-conditional)"
+            )
+        self.generator = Generator.from_teacher(
+            self.teacher, c.generator_mode, timesteps=self.gen_times, lora_rank=c.lora_rank, lora_alpha=c.lora_alpha
+        )
+        self.fake = FakeScore.from_teacher(
+            self.teacher, c.fake_score_mode, lora_rank=c.lora_rank, lora_alpha=c.lora_alpha
+        )
+        self.use_gan = c.gan_generator_weight > 0
+        if self.use_gan and not self.dataset.has_images:
+            raise ConfigError("gan_generator_weight > 0 needs real images; the dataset has none")
+        if self.use_gan:
+            self.head = self._build_head(device)
+        self.pairs = self._make_regression_pairs() if c.regression_weight > 0 else None
+        self._cache = None
+
+    def _build_head(self, device):
+        with torch.no_grad(), FeatureTap(self.fake.net) as tap:
+            x = torch.zeros(1, *self.sample_shape, device=device)
+            self.fake.raw(x, torch.full((1,), 0.5, dtype=torch.float64), self._cond_batch(self.dataset.example(1)))
+            h = _as_map(tap.value)
+        return DiscriminatorHead(h.shape[1], h.shape[-1]).to(device)
+
+    def networks(self):
+        c = self.config
+        nets = {
+            "generator": NetSpec(
+                self.generator.net,
+                lr=c.generator_lr or None,
+                params=[p for p in self.generator.net.parameters() if p.requires_grad]
+                if c.generator_mode == "full"
+                else _adapter_params(self.generator),
+            ),
+            "fake_score": NetSpec(
+                self.fake.net,
+                lr=c.fake_lr or None,
+                params=[p for p in self.fake.net.parameters() if p.requires_grad]
+                if c.fake_score_mode == "full"
+                else _adapter_params(self.fake),
+            ),
+        }
+        if self.use_gan:
+            nets["head"] = NetSpec(self.head, lr=c.fake_lr or None)
+        return nets
+
+    def on_prepared(self):
+        # wrappers go around the prepared modules (DDP): the generator / fake score call through them
+        self.generator.net = self.specs["generator"].module
+        self.fake.net = self.specs["fake_score"].module
+        if self.use_gan:
+            self.head = self.specs["head"].module
+
+    def train_dataset(self):
+        return self.dataset
+
+    def collate(self, items):
+        return self.dataset.collate(items)
+
+    def ema_networks(self):
+        return ("generator",)
+
+    # ---------------------------------------------------------------- the schedule of updates
+    def phase(self, step):
+        fake_group = ("fake_score", "head") if self.use_gan else ("fake_score",)
+        if step % self.config.dfake_gen_update_ratio == 0:
+            return [("generator",), fake_group]
+        return [fake_group]
+
+    # ---------------------------------------------------------------- pieces
+    def _cond_batch(self, batch) -> Cond | None:
+        if self.conditioner is None:
+            return None
+        key = "label" if "label" in batch else "caption"
+        values = batch[key]
+        if key == "label":
+            values = values.to(self.accelerator.device)
+        return self.conditioner(values)
+
+    def shared_step_index(self, step: int) -> int:
+        """Backward simulation's step index k, identical on every process (seeded by the step, so it is also
+        identical after a resume)."""
+        g = torch.Generator().manual_seed(self.config.seed * 1_000_003 + step)
+        return int(torch.randint(len(self.gen_times), (1,), generator=g))
+
+    def _generator_input(self, batch, cond, k: int):
+        """x_t at the generator's k-th time: pure noise (k = 0), the generator's own k-step result re-noised
+        (backward simulation, no grad), or a noised real image."""
+        device = self.accelerator.device
+        n = len(batch["_n"])
+        noise = torch.randn(n, *self.sample_shape, device=device)
+        x = self.generator.initial_noise(noise)
+        if k == 0:
+            return x
+        t_k = self.gen_times[k].expand(n)
+        if self.config.backward_simulation:
+            with torch.no_grad():
+                for i in range(k):
+                    x0 = self.generator(x, cond, self.gen_times[i].expand(n))
+                    x = self.schedule.add_noise(x0, torch.randn_like(x0), self.gen_times[i + 1].expand(n))
+            return x
+        real = batch["image"].to(device)
+        return self.schedule.add_noise(real, torch.randn_like(real), t_k)
+
+    def generate(self, batch, cond, step: int, grad: bool):
+        k = self.shared_step_index(step) if len(self.gen_times) > 1 else 0
+        x_t = self._generator_input(batch, cond, k)
+        t = self.gen_times[k].expand(x_t.shape[0])
+        with torch.set_grad_enabled(grad):
+            return self.generator(x_t, cond, t)
+
+    def gan_logits(self, x, cond):
+        """Head logits on the fake score's bottleneck for x noised at t ~ U[0, gan_max_timestep)."""
+        T = self.schedule.num_train_timesteps
+        hi = min(self.config.gan_max_timestep, T) - 1
+        t = self.schedule.sample_t(x.shape[0], "uniform", t_min=0.0, t_max=hi / (T - 1)).to(x.device)
+        x_t = self.schedule.add_noise(x, torch.randn_like(x), t)
+        with FeatureTap(self.fake.net) as tap:
+            self.fake.raw(x_t, t, cond)
+            h = _as_map(tap.value)
+        return self.head(h.float())
+
+    def dm_loss(self, x, cond):
+        c = self.config
+        t = self.schedule.sample_t(x.shape[0], "uniform", t_min=c.min_step_percent, t_max=c.max_step_percent)
+        t = t.to(x.device)
+        x_t = self.schedule.add_noise(x.detach(), torch.randn_like(x), t)
+        with torch.no_grad():
+            x0_real = self.teacher.predict(
+                x_t, t, cond, target="x0", guidance_scale=c.real_guidance_scale, float64=True
+            )
+            x0_fake = self.fake.predict(x_t, t, cond, target="x0", float64=True)
+        g = dmd_gradient(x, x0_real, x0_fake)
+        return distribution_matching_loss(x, g)
+
+    # ---------------------------------------------------------------- hooks
+    def compute_loss(self, batch, phase):
+        c = self.config
+        cond = self._cond_batch(batch)
+        if "generator" in phase:
+            x = self.generate(batch, cond, self.global_step, grad=True)
+            self._cache = (x.detach(), cond)
+            loss_dm = self.dm_loss(x, cond)
+            loss = c.dm_loss_weight * loss_dm
+            out = {"loss_dm": loss_dm.detach()}
+            if self.use_gan:
+                loss_g = gan_generator_loss(self.gan_logits(x, cond))
+                loss = loss + c.gan_generator_weight * loss_g
+                out["loss_gan_g"] = loss_g.detach()
+            if self.pairs is not None:
+                loss_r = self.regression_loss()
+                loss = loss + c.regression_weight * loss_r
+                out["loss_reg"] = loss_r.detach()
+            return {"loss": loss, **out}
+        if self._cache is not None:
+            x, cond = self._cache
+            self._cache = None
+        else:
+            x = self.generate(batch, cond, self.global_step, grad=False)
+        loss_fake = self.fake.dsm_loss(x.detach(), cond)
+        loss = loss_fake
+        out = {"loss_fake": loss_fake.detach()}
+        if self.use_gan:
+            real = batch["image"].to(x.device)
+            loss_d = gan_discriminator_loss(self.gan_logits(real, cond), self.gan_logits(x.detach(), cond))
+            loss = loss + c.gan_discriminator_weight * loss_d
+            out["loss_gan_d"] = loss_d.detach()
+        return {"loss": loss, **out}
+
+    # ---------------------------------------------------------------- regression pairs (DMD v1)
+    @torch.no_grad()
+    def _make_regression_pairs(self):
+        from ..sampling import sample
+
+        c = self.config
+        device = self.accelerator.device
+        g = torch.Generator().manual_seed(c.seed + 7)
+        batch = self.dataset.example(c.regression_pairs, generator=g)
+        cond = self._cond_batch(batch)
+        noise = torch.randn(c.regression_pairs, *self.sample_shape, generator=g).to(device)
+        images = []
+        for s in range(0, c.regression_pairs, 256):
+            sl = slice(s, s + 256)
+            cs = cond.index(sl) if cond is not None else None
+            images.append(
+                sample(
+                    lambda x, t, cs=cs: self.teacher.raw(x, t, cs, c.real_guidance_scale),
+                    self.schedule,
+                    noise[sl],
+                    c.regression_steps,
+                    pred_type=self.teacher.prediction_type,
+                )
+            )
+        return noise, torch.cat(images), batch
+
+    def regression_loss(self):
+        noise, images, batch = self.pairs
+        idx = torch.randint(len(noise), (min(self.config.regression_batch, len(noise)),))
+        cond = self._cond_batch(
+            {k: (v[idx] if torch.is_tensor(v) else [v[i] for i in idx]) for k, v in batch.items() if k != "_n"}
+        )
+        x = self.generator(self.generator.initial_noise(noise[idx]), cond, self.gen_times[0].expand(len(idx)))
+        return denoising_loss(x, images[idx])
+
+    # ---------------------------------------------------------------- samples and export
+    @torch.no_grad()
+    def sample_images(self, step):
+        n = 20
+        batch = self.dataset.example(n, generator=torch.Generator().manual_seed(0))
+        cond = self._cond_batch(batch)
+        noise = torch.randn(n, *self.sample_shape, generator=torch.Generator().manual_seed(0))
+        x = self.generator.sample(noise.to(self.accelerator.device), cond, generator=torch.Generator().manual_seed(1))
+        if self.vae is not None:
+            x = _decode(self.vae, x)
+        return x if x.ndim == 4 else None
+
+    def export(self, path: str | None = None) -> str:
+        from ..export import export_generator
+
+        c = self.config
+        path = path or c.export_dir or os.path.join(c.output_dir, "pipeline")
+        export_generator(self, path)
+        self.accelerator.wait_for_everyone()
+        return path
+
+
+# --------------------------------------------------------------------------------------------------------
+# helpers shared by the distribution-matching family
+# --------------------------------------------------------------------------------------------------------
+
+
+def _adapter_params(wrapper):
+    from ..models.adapters import lora_parameters
+
+    return lora_parameters(_unwrap(wrapper.net), wrapper.adapter_name)
+
+
+def _has_null(conditioner) -> bool:
+    if conditioner is None:
+        return False
+    if isinstance(conditioner, ClassConditioner):
+        return conditioner.supports_cfg
+    return True
+
+
+def _read_model_index(path):
+    f = os.path.join(path, "model_index.json")
+    if os.path.isfile(f):
+        with open(f) as fh:
+            return json.load(fh)
+    return {}
+
+
+def _conditioning_for(path, net, c):
+    """The conditioner (class labels or text) and the VAE (latent models) of a teacher."""
+    name = type(_unwrap(net)).__name__
+    index = _read_model_index(path) if os.path.isdir(path) else None
+    vae = None
+    if name in ("UNet2DConditionModel", "SD3Transformer2DModel"):
+        from ..models.conditioning import TextConditioner
+
+        conditioner = TextConditioner.from_pretrained(path, resolution=c.resolution or None)
+    elif name == "UNet2DModel":
+        conditioner = ClassConditioner.for_unet2d(net) if getattr(net.config, "num_class_embeds", None) else None
+    elif name in ("DiTTransformer2DModel", "Transformer2DModel"):
+        conditioner = ClassConditioner.for_dit(net)
+    else:
+        conditioner = None
+    if index is None or "vae" in (index or {}):
+        try:
+            from diffusers import AutoencoderKL
+
+            vae = AutoencoderKL.from_pretrained(path, subfolder="vae")
+            vae.requires_grad_(False).eval()
+        except (OSError, ValueError):
+            vae = None
+    return conditioner, vae
+
+
+def _sample_shape(net, resolution: int):
+    cfg = _unwrap(net).config
+    if type(_unwrap(net)).__name__ == "ToyMLP":
+        return (cfg.dim,)
+    side = cfg.sample_size if isinstance(cfg.sample_size, int) else cfg.sample_size[0]
+    return (cfg.in_channels, resolution or side, resolution or side)
+
+
+def _decode(vae, latents):
+    scale = vae.config.scaling_factor
+    shift = getattr(vae.config, "shift_factor", None) or 0.0
+    return vae.decode(latents / scale + shift).sample.clamp(-1, 1)
+
+
+class DistillDataset(torch.utils.data.Dataset):
+    """Conditioning (labels or captions) and, when available, real images / latents for the GAN."""
+
+    def __init__(self, labels=None, captions=None, images=None):
+        self.labels, self.captions, self.images = labels, captions, images
+        self.n = len(labels if labels is not None else captions if captions is not None else images)
+        self.has_images = images is not None
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        item = {"_n": i}
+        if self.labels is not None:
+            item["label"] = self.labels[i]
+        if self.captions is not None:
+            item["caption"] = self.captions[i]
+        if self.images is not None:
+            item["image"] = self.images[i]
+        return item
+
+    def collate(self, items):
+        out = {"_n": [it["_n"] for it in items]}
+        if self.labels is not None:
+            out["label"] = torch.stack([it["label"] for it in items])
+        if self.captions is not None:
+            out["caption"] = [it["caption"] for it in items]
+        if self.images is not None:
+            out["image"] = torch.stack([it["image"] for it in items])
+        return out
+
+    def example(self, n: int, generator=None):
+        idx = (
+            torch.randint(self.n, (n,), generator=generator)
+            if n > self.n
+            else torch.randperm(self.n, generator=generator)[:n]
+        )
+        return self.collate([self[int(i)] for i in idx])
+
+
+def _dataset_for(c, sample_shape, vae) -> DistillDataset:
+    from ..data import DigitsDataset, ImageFolderDataset, load_prompts, sample_toy2d
+
+    ds = c.dataset
+    if ds == "digits":
+        d = DigitsDataset("train", sample_shape[-1])
+        imgs = torch.stack([d[i]["image"] for i in range(len(d))])
+        labels = torch.stack([d[i]["label"] for i in range(len(d))])
+        return DistillDataset(labels=labels, images=imgs)
+    if ds.startswith("toy2d:"):
+        x, _ = sample_toy2d(ds[6:], 20000, torch.Generator().manual_seed(c.seed))
+        return DistillDataset(images=x)
+    if ds.endswith((".txt", ".jsonl")):
+        return DistillDataset(captions=load_prompts(ds))
+    if os.path.isdir(ds):
+        folder = ImageFolderDataset(ds, c.resolution * (8 if vae is not None else 1) if c.resolution else 64)
+        images = torch.stack([folder[i]["image"] for i in range(len(folder))])
+        captions = [folder[i]["caption"] for i in range(len(folder))]
+        if vae is not None:
+            with torch.no_grad():
+                lat = vae.encode(images.to(vae.device)).latent_dist.mean
+                shift = getattr(vae.config, "shift_factor", None) or 0.0
+                images = ((lat - shift) * vae.config.scaling_factor).cpu()
+        return DistillDataset(captions=captions, images=images)
+    raise ConfigError(f"dataset: {ds!r} is not 'digits', 'toy2d:<name>', a prompt file or an image folder")
