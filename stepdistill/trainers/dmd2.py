@@ -206,6 +206,7 @@ class DMD2Trainer(DistillTrainer):
     """DMD2 on the shared loop: hooks only."""
 
     config_class = DMD2Config
+    method_name = "DMD2"
     find_unused_parameters = True  # the GAN head and the fake score's up path are idle in some groups
     trains_several_networks = True
 
