@@ -20,10 +20,9 @@ test: install
 lint: install
 	$(PY) -m ruff check stepdistill tests benchmarks
 
-# Until the distillation trainers land, the demo samples the bundled digits teacher and measures it.
+# DMD2 on the bundled digits teacher: one-step generator, diffusers export, samples.png and metrics.json
 demo: install
-	$(VENV)/bin/stepdistill sample --steps 50 --guidance-scale 1.0 --num 40 --out outputs/demo/teacher_50steps.png
-	$(VENV)/bin/stepdistill fd-digits --steps 1 4 10 25 50 --num-samples 1000 --out outputs/demo/metrics.json
+	$(VENV)/bin/stepdistill demo --out outputs/demo
 
 bench: install
 	$(PY) benchmarks/bench_sampling.py --out outputs/bench/sampling.md

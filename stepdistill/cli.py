@@ -9,7 +9,8 @@ import sys
 DESCRIPTION = """stepdistill: distil many-step diffusion models into one- and few-step generators.
 
 commands:
-  train      train from a recipe (teacher by denoising score matching; distillation methods as they land)
+  train      train from a recipe (method: dsm = a teacher by denoising score matching; dmd2)
+  demo       distil the bundled digits teacher into a one-step generator, export, reload, measure
   sample     sample a diffusers model folder with the reference DDIM sampler and write an image grid
   fd-digits  FD-digits of a digits model at several DDIM step counts (the bundled stand-in for FID)
 
@@ -106,6 +107,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--steps", type=int, default=50, help="DDIM steps (trailing spacing)")
     sp.add_argument("--num", type=int, default=40, help="number of images")
     sp.add_argument("--out", default="samples.png", help="output PNG")
+    dm = sub.add_parser("demo", help="DMD2 on the bundled digits teacher: train, export, reload, metrics")
+    dm.add_argument("--out", default="outputs/demo", help="output folder (samples.png, metrics.json, pipeline/)")
+    dm.add_argument("--max-steps", type=int, default=None, help="override the recipe's max_steps")
+    dm.add_argument("--num-samples", type=int, default=1000, help="samples per FD-digits estimate")
     fd = sub.add_parser("fd-digits", help="FD-digits of a digits model vs DDIM steps")
     _sample_args(fd)
     fd.add_argument("--steps", type=int, nargs="+", default=[1, 4, 10, 25, 50], help="DDIM step counts")
@@ -131,6 +136,11 @@ def main(argv=None) -> int:
         return run_train(args)
     if args.command == "sample":
         return cmd_sample(args)
+    if args.command == "demo":
+        from .demo import run_demo
+
+        run_demo(args.out, max_steps=args.max_steps, num_samples=args.num_samples)
+        return 0
     return cmd_fd_digits(args)
 
 

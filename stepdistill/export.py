@@ -41,6 +41,16 @@ pipe = DiffusionPipeline.from_pretrained("{folder}")
 ```python
 {stock_call}
 ```
+{lora_section}"""
+
+LORA_SECTION = """
+## The LoRA on the original teacher
+
+`lora/` holds the generator's LoRA in diffusers' format; `unet/` above is the same LoRA fused into the teacher.
+
+```python
+{lora_call}
+```
 """
 
 _STOCK_PIXEL = """import torch
@@ -64,7 +74,7 @@ image = pipe("a photo of a cat", num_inference_steps={n}, timesteps={timesteps},
 
 _STOCK_LORA = """from diffusers import LCMScheduler, {stock_class}
 
-pipe = {stock_class}.from_pretrained("<the teacher: {teacher}>")
+pipe = {stock_class}.from_pretrained("{teacher}")
 pipe.load_lora_weights("{folder}/lora")
 pipe.scheduler = LCMScheduler.from_pretrained("{folder}", subfolder="scheduler")
 image = pipe("a photo of a cat", num_inference_steps={n}, timesteps={timesteps}, guidance_scale=0.0).images[0]"""
@@ -88,8 +98,13 @@ def lcm_scheduler_for(teacher_schedule_config: dict, timesteps: list[int]):
     steps = len(timesteps)
     # LCMScheduler's own grid is k * i - 1 with k = T // original_inference_steps: equal to the trained
     # timesteps when they are evenly spaced down from T - 1 (DMD2's [999], [999, 749, 499, 249])
+    # steps_offset is unused by LCMScheduler; 1 keeps StableDiffusionPipeline from warning that it is "outdated"
     return LCMScheduler(
-        **cfg, original_inference_steps=steps if T % steps == 0 else 50, clip_sample=False, set_alpha_to_one=True
+        **cfg,
+        original_inference_steps=steps if T % steps == 0 else 50,
+        clip_sample=False,
+        set_alpha_to_one=True,
+        steps_offset=1,
     )
 
 
@@ -100,13 +115,15 @@ def _generator_unet(trainer):
     net = _unwrap(trainer.accelerator.unwrap_model(trainer.specs["generator"].module))
     adapter = getattr(trainer.generator, "adapter_name", None)
     if adapter is not None:
-        net = copy.deepcopy(net)
-        for other in sorted(adapter_names(net) - {adapter}):
-            from peft.tuners.tuners_utils import BaseTunerLayer
+        from peft.tuners.tuners_utils import BaseTunerLayer
 
+        net = copy.deepcopy(net)
+        for other in sorted(adapter_names(net) - {adapter}):  # e.g. a LoRA fake score on the same base
             for m in net.modules():
                 if isinstance(m, BaseTunerLayer):
+                    m.set_adapter(adapter)
                     m.delete_adapter(other)
+            getattr(net, "peft_config", {}).pop(other, None)
         net = merge_lora(net, adapter)
     ema = trainer.ema_state_dict("generator")
     if ema is not None and adapter is None:
@@ -146,7 +163,16 @@ def export_generator(trainer, path: str) -> str:
     pipe.save_pretrained(tmp, safe_serialization=True)
     lora_call = ""
     if getattr(trainer.generator, "adapter_name", None) is not None:
-        lora_call = _save_lora(trainer, pipe, tmp, teacher_path, path, timesteps)
+        if getattr(pipe, "_stock_class", None) is None:
+            import warnings
+
+            warnings.warn(
+                f"generator_mode='lora': a {name} generator is exported with the LoRA fused into unet/ only; "
+                "a separate LoRA file (lora/) is written for text-to-image (SD / SDXL) generators",
+                stacklevel=2,
+            )
+        else:
+            lora_call = _save_lora(trainer, pipe, tmp, path, timesteps)
     card = CARD.format(
         method=getattr(trainer, "method_name", type(trainer).__name__),
         title=f"{len(timesteps)}-step distilled generator",
@@ -156,7 +182,8 @@ def export_generator(trainer, path: str) -> str:
         pipeline_class=type(pipe).__name__,
         folder=path,
         plain_call=plain,
-        stock_call=stock + ("\n\n# or the LoRA on the original teacher:\n" + lora_call if lora_call else ""),
+        stock_call=stock,
+        lora_section=LORA_SECTION.format(lora_call=lora_call) if lora_call else "",
     )
     with open(os.path.join(tmp, "README.md"), "w") as f:
         f.write(card)
@@ -189,17 +216,16 @@ def _text_pipeline(teacher_path, net, scheduler, timesteps, path):
     return pipe, plain, stock
 
 
-def _save_lora(trainer, pipe, tmp, teacher_path, path, timesteps) -> str:
+def _save_lora(trainer, pipe, tmp, path, timesteps) -> str:
+    """Write the generator's adapter as ``lora/`` (diffusers' LoRA format: ``unet.``-prefixed peft keys plus
+    the adapter's rank / alpha / targets as metadata), loadable by ``load_lora_weights`` on the teacher."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
     from peft.utils import get_peft_model_state_dict
 
     net = _unwrap(trainer.accelerator.unwrap_model(trainer.specs["generator"].module))
     sd = get_peft_model_state_dict(net, adapter_name=trainer.generator.adapter_name)
     sd = {k: v.detach().to(torch.float32).cpu().contiguous() for k, v in sd.items()}
-    stock_class = getattr(pipe, "_stock_class", None)
-    if stock_class is None:
-        raise ValueError("LoRA export is for text-to-image (SD / SDXL) generators")
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
-
+    stock_class = pipe._stock_class
     saver = StableDiffusionXLPipeline if stock_class == "StableDiffusionXLPipeline" else StableDiffusionPipeline
     rank = trainer.config.lora_rank
     alpha = trainer.config.lora_alpha

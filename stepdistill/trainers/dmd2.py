@@ -243,12 +243,25 @@ class DMD2Trainer(DistillTrainer):
                 f"real_guidance_scale={c.real_guidance_scale} needs a teacher with an unconditional "
                 "branch (class-conditional with a null class, or text-conditional)"
             )
-        self.generator = Generator.from_teacher(
-            self.teacher, c.generator_mode, timesteps=self.gen_times, lora_rank=c.lora_rank, lora_alpha=c.lora_alpha
-        )
-        self.fake = FakeScore.from_teacher(
-            self.teacher, c.fake_score_mode, lora_rank=c.lora_rank, lora_alpha=c.lora_alpha
-        )
+
+        # full copies are taken before any LoRA adapter is added to the teacher's network, so that a full
+        # fake score does not carry (and train) a copy of a LoRA generator's adapter
+        def make_generator():
+            return Generator.from_teacher(
+                self.teacher, c.generator_mode, timesteps=self.gen_times, lora_rank=c.lora_rank, lora_alpha=c.lora_alpha
+            )
+
+        def make_fake():
+            return FakeScore.from_teacher(
+                self.teacher, c.fake_score_mode, lora_rank=c.lora_rank, lora_alpha=c.lora_alpha
+            )
+
+        if c.fake_score_mode == "full":
+            self.fake = make_fake()
+            self.generator = make_generator()
+        else:
+            self.generator = make_generator()
+            self.fake = make_fake()
         self.use_gan = c.gan_generator_weight > 0
         if self.use_gan and not self.dataset.has_images:
             raise ConfigError("gan_generator_weight > 0 needs real images; the dataset has none")
@@ -498,16 +511,6 @@ def _conditioning_for(path, net, c):
     name = type(_unwrap(net)).__name__
     index = _read_model_index(path) if os.path.isdir(path) else None
     vae = None
-    if name in ("UNet2DConditionModel", "SD3Transformer2DModel"):
-        from ..models.conditioning import TextConditioner
-
-        conditioner = TextConditioner.from_pretrained(path, resolution=c.resolution or None)
-    elif name == "UNet2DModel":
-        conditioner = ClassConditioner.for_unet2d(net) if getattr(net.config, "num_class_embeds", None) else None
-    elif name in ("DiTTransformer2DModel", "Transformer2DModel"):
-        conditioner = ClassConditioner.for_dit(net)
-    else:
-        conditioner = None
     if index is None or "vae" in (index or {}):
         try:
             from diffusers import AutoencoderKL
@@ -516,7 +519,26 @@ def _conditioning_for(path, net, c):
             vae.requires_grad_(False).eval()
         except (OSError, ValueError):
             vae = None
+    if name in ("UNet2DConditionModel", "SD3Transformer2DModel"):
+        from ..models.conditioning import TextConditioner
+
+        # c.resolution is the latent side; SDXL's time_ids take the image size in pixels
+        pixels = c.resolution * vae_scale_factor(vae) if c.resolution else None
+        conditioner = TextConditioner.from_pretrained(path, resolution=pixels)
+    elif name == "UNet2DModel":
+        conditioner = ClassConditioner.for_unet2d(net) if getattr(net.config, "num_class_embeds", None) else None
+    elif name in ("DiTTransformer2DModel", "Transformer2DModel"):
+        conditioner = ClassConditioner.for_dit(net)
+    else:
+        conditioner = None
     return conditioner, vae
+
+
+def vae_scale_factor(vae) -> int:
+    """Pixels per latent side: 2 ** (number of VAE blocks - 1) (8 for SD / SDXL / SD3), 1 without a VAE."""
+    if vae is None:
+        return 1
+    return 2 ** (len(vae.config.block_out_channels) - 1)
 
 
 def _sample_shape(net, resolution: int):
@@ -588,7 +610,8 @@ def _dataset_for(c, sample_shape, vae) -> DistillDataset:
     if ds.endswith((".txt", ".jsonl")):
         return DistillDataset(captions=load_prompts(ds))
     if os.path.isdir(ds):
-        folder = ImageFolderDataset(ds, c.resolution * (8 if vae is not None else 1) if c.resolution else 64)
+        # images at the pixel size whose latents (or pixels) have the generator's sample shape
+        folder = ImageFolderDataset(ds, sample_shape[-1] * vae_scale_factor(vae))
         images = torch.stack([folder[i]["image"] for i in range(len(folder))])
         captions = [folder[i]["caption"] for i in range(len(folder))]
         if vae is not None:
