@@ -44,3 +44,43 @@ def gan_discriminator_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor)
         torch.nn.functional.softplus(logits_fake.float()).mean()
         + torch.nn.functional.softplus(-logits_real.float()).mean()
     )
+
+
+def _per_sample(fn_values: torch.Tensor) -> torch.Tensor:
+    return fn_values.reshape(fn_values.shape[0], -1).sum(dim=1)
+
+
+def score_normaliser(x: torch.Tensor, x0_real: torch.Tensor, min_value: float = 1e-5) -> torch.Tensor:
+    """sg(mean_{C,H,W} |x - x0_real|) clipped below (SiD / SIM / DMD2 normaliser), shape (B, 1, ...)."""
+    dims = tuple(range(1, x.ndim))
+    return (x - x0_real).detach().abs().mean(dim=dims, keepdim=True).clamp_min(min_value)
+
+
+def sid_loss(x: torch.Tensor, x0_real: torch.Tensor, x0_fake: torch.Tensor, alpha: float = 1.2) -> torch.Tensor:
+    """Score identity distillation generator loss (Zhou et al. 2024, SiD eq. 22 as in mingyuanzhou/SiD):
+    mean over samples of sum((D_r - D_f) * ((D_r - x) - alpha (D_r - D_f))) / sg(mean|x - D_r|).
+    Gradients flow through x, D_r and D_f (the frozen networks are differentiated w.r.t. their input)."""
+    wf = score_normaliser(x, x0_real)
+    diff = x0_real - x0_fake
+    return (_per_sample(diff * ((x0_real - x) - alpha * diff) / wf)).mean()
+
+
+def sim_loss(x: torch.Tensor, x0_real: torch.Tensor, x0_fake: torch.Tensor, c: float = 1.0) -> torch.Tensor:
+    """Score implicit matching generator loss (Luo et al. 2024, eq. 3.5) with the pseudo-Huber distance
+    d(y) = sqrt(||y||^2 + c^2) - c, written in x0 units: y = D_f - D_r, d'(y) = y / sqrt(||y||^2 + c^2),
+    L = mean over samples of -d'(y) . (D_f - x) / sg(mean|x - D_r|). With d = ||.||^2 it is SiD at alpha = 1;
+    as c grows, d'(y) -> y / c: the L2 direction. Gradients flow through x, D_r and D_f."""
+    if c <= 0:
+        raise ValueError(f"pseudo-Huber c must be > 0, got {c}")
+    wf = score_normaliser(x, x0_real)
+    y = x0_fake - x0_real
+    norm = (_per_sample(y * y) + c * c).sqrt().reshape(-1, *([1] * (x.ndim - 1)))
+    return (_per_sample(-(y / norm) * (x0_fake - x) / wf)).mean()
+
+
+def vsd_gradient(eps_real: torch.Tensor, eps_fake: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """Variational score distillation gradient as SwiftBrush uses it (Nguyen & Tran 2024; Wang et al. 2023):
+    g = w(t) (eps_teacher - eps_fake) with w(t) = 1 - alpha_bar_t = sigma(t)^2, non-finite values zeroed;
+    apply with :func:`distribution_matching_loss`. ``sigma`` is per sample (B,)."""
+    w = (sigma.double() ** 2).reshape(-1, *([1] * (eps_real.ndim - 1)))
+    return torch.nan_to_num(w * (eps_real.double() - eps_fake.double()))

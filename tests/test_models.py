@@ -264,3 +264,14 @@ def test_from_pretrained_local_folder_and_bad_paths(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="config.json"):
         Teacher.from_pretrained(str(tmp_path / "empty"))
+
+
+def test_teacher_prediction_with_input_gradient_leaves_weights_frozen():
+    unet = tiny_unet2d()
+    teacher = Teacher(unet, VPSchedule.from_config({}), "v_prediction")
+    x = torch.randn(2, 3, 8, 8, requires_grad=True)
+    cond = ClassConditioner(10)(torch.tensor([1, 2]))
+    out = teacher.predict_with_input_grad(x, torch.tensor([0.3, 0.6]), cond, guidance_scale=2.0)
+    (g,) = torch.autograd.grad(out.sum(), x)
+    assert g.abs().sum() > 0 and all(p.grad is None and not p.requires_grad for p in unet.parameters())
+    torch.testing.assert_close(out.detach(), teacher.predict(x, torch.tensor([0.3, 0.6]), cond, guidance_scale=2.0))

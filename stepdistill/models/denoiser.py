@@ -154,11 +154,13 @@ class Denoiser(nn.Module):
         t_min: float = 0.0,
         t_max: float = 1.0,
         weighting: str = "native",
+        weight_fn=None,
         **t_kwargs,
     ):
         """Denoising score matching (Ho et al. 2020; Vincent 2011): noise x0 to x_t at t ~ t_dist and regress
         the network's own parameterisation onto its target (``weighting="native"``), or compare x0 / eps
-        (``weighting="x0"`` / ``"eps"``). Returns the scalar loss."""
+        (``weighting="x0"`` / ``"eps"``), optionally with a per-sample weight ``weight_fn(t)``. Returns the
+        scalar loss."""
         from ..losses import denoising_loss
 
         if t is None:
@@ -172,7 +174,8 @@ class Denoiser(nn.Module):
         if space != self.prediction_type:
             out = self.schedule.convert(out, x_t, t, self.prediction_type, space)
         target = self.schedule.from_x0_eps(x0, noise, x_t, t, space)
-        return denoising_loss(out, target)
+        weight = weight_fn(t).to(out.device) if weight_fn is not None else None
+        return denoising_loss(out, target, weight)
 
 
 def broadcast_time(t, like):

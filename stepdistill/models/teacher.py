@@ -68,3 +68,11 @@ class Teacher(Denoiser):
     def predict(self, *args, **kwargs):
         with torch.no_grad():
             return super().predict(*args, **kwargs)
+
+    def predict_with_input_grad(self, x_t, t, cond=None, *, target: str = "x0", guidance_scale=None):
+        """``predict`` differentiable w.r.t. x_t (the weights stay frozen): for SiD / SIM, whose generator
+        gradient flows through the teacher's forward pass. Costs the activation memory of that pass."""
+        with torch.enable_grad():
+            out = Denoiser.raw(self, x_t, t, cond, guidance_scale)
+            t = self._time(t, x_t)
+            return self.schedule.convert(out, x_t, t, self.prediction_type, target)
