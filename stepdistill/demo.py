@@ -25,8 +25,9 @@ def _timed(fn):
 
 def run_demo(out_dir: str = "outputs/demo", max_steps: int | None = None, num_samples: int = 1000,
              recipe: str | None = None) -> dict:
-    import stepdistill  # noqa: F401  (registers the pipeline classes with diffusers)
     from diffusers import DiffusionPipeline
+
+    import stepdistill  # noqa: F401  (registers the pipeline classes with diffusers)
 
     from .eval import FDDigits
     from .eval.teacher_report import sample_digits

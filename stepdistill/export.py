@@ -9,7 +9,6 @@ own grid: predict x0, then re-noise with fresh noise to the next trained timeste
 from __future__ import annotations
 
 import copy
-import json
 import os
 import shutil
 
@@ -139,8 +138,7 @@ def export_generator(trainer, path: str) -> str:
     if not acc.is_main_process:
         return path
     teacher_path = trainer._teacher_path()
-    with open(os.path.join(teacher_path, "scheduler", "scheduler_config.json")) as f:
-        sched_cfg = json.load(f)
+    sched_cfg = _teacher_json(teacher_path, "scheduler_config.json", "scheduler")
     timesteps = [int(t) for t in trainer.config.denoising_timesteps]
     scheduler = lcm_scheduler_for(sched_cfg, timesteps)
     tmp = path.rstrip("/") + ".tmp_export"
@@ -192,13 +190,23 @@ def export_generator(trainer, path: str) -> str:
     return path
 
 
+def _teacher_json(teacher_path, name, subfolder=None) -> dict:
+    """A JSON file of the teacher: a local folder or a hub id (read through the hub cache)."""
+    from .models.loading import _read_json
+
+    data = _read_json(teacher_path, name, subfolder)
+    if data is None:
+        where = os.path.join(teacher_path, subfolder or "", name)
+        raise FileNotFoundError(f"cannot export: the teacher has no {where!r}")
+    return data
+
+
 def _text_pipeline(teacher_path, net, scheduler, timesteps, path):
     from diffusers import DiffusionPipeline
 
     from .pipelines import StepDistillSDPipeline, StepDistillSDXLPipeline
 
-    with open(os.path.join(teacher_path, "model_index.json")) as f:
-        index = json.load(f)
+    index = _teacher_json(teacher_path, "model_index.json")
     sdxl = "text_encoder_2" in index
     cls, stock_class = (
         (StepDistillSDXLPipeline, "StableDiffusionXLPipeline")

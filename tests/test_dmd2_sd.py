@@ -165,7 +165,9 @@ def test_dmd2_text_to_image_train_export_reload(
     _, stock_cls, our_cls = KINDS[kind]
     teacher = teachers[kind]
     lora = generator_mode == "lora"
-    cfg = _config(teacher, image_folder, tmp_path / "run", generator_mode=generator_mode, fake_score_mode=fake_score_mode)
+    cfg = _config(
+        teacher, image_folder, tmp_path / "run", generator_mode=generator_mode, fake_score_mode=fake_score_mode
+    )
     trainer = DMD2Trainer(cfg)
     spy = Spy(trainer)
     trainer.train()
@@ -179,7 +181,12 @@ def test_dmd2_text_to_image_train_export_reload(
     # ---- two iterations, the generator and the GAN in both; backward simulation hit k = 1
     assert [h["step"] for h in trainer.history] == [0, 1]
     for h in trainer.history:
-        for key in ("loss_dm/generator", "loss_gan_g/generator", "loss_fake/fake_score+head", "loss_gan_d/fake_score+head"):
+        for key in (
+            "loss_dm/generator",
+            "loss_gan_g/generator",
+            "loss_fake/fake_score+head",
+            "loss_gan_d/fake_score+head",
+        ):
             assert np.isfinite(h[key]), (key, h)
     assert spy.ks == [trainer.shared_step_index(0), trainer.shared_step_index(1)] == [0, 1]
 
@@ -205,8 +212,11 @@ def test_dmd2_text_to_image_train_export_reload(
     if lora:  # the generator's base is the teacher's network: unchanged; its adapter is what trained
         assert trainer.generator.net is trainer.teacher.net
         assert all(torch.equal(gen_now[k], on_disk[k]) for k in on_disk)
-        assert all("lora_" in n and ".generator." in n for n, p in trainer.generator.net.named_parameters()
-                   if any(p is q for q in trainer.params["generator"]))
+        assert all(
+            "lora_" in n and ".generator." in n
+            for n, p in trainer.generator.net.named_parameters()
+            if any(p is q for q in trainer.params["generator"])
+        )
     else:
         assert any(not torch.equal(gen_now[k], on_disk[k]) for k in on_disk)
     if fake_score_mode == "full":  # a plain copy of the teacher: no adapter copied from a LoRA generator
@@ -220,7 +230,7 @@ def test_dmd2_text_to_image_train_export_reload(
     pipe.set_progress_bar_config(disable=True)
     calls = []
     pipe.unet.register_forward_pre_hook(
-        lambda m, args, kwargs: calls.append(int((args[1] if len(args) > 1 else kwargs["timestep"]))) or None,
+        lambda m, args, kwargs: calls.append(int(args[1] if len(args) > 1 else kwargs["timestep"])) or None,
         with_kwargs=True,
     )
     batches = []
@@ -275,6 +285,49 @@ def test_dmd2_text_to_image_train_export_reload(
         generator=torch.Generator().manual_seed(0),
     ).images[0]
     assert np.abs(plain - ours).max() > 1e-3
+
+
+HUB_SCRIPT = """
+import stepdistill, sys
+from diffusers import DiffusionPipeline
+from stepdistill.config import build_config
+from stepdistill.trainers.dmd2 import DMD2Config, DMD2Trainer
+
+out, prompts = sys.argv[1:3]
+cfg = dict(output_dir=out, teacher="tiny-org/tiny-sd", dataset=prompts, max_steps=1, dfake_gen_update_ratio=1,
+           global_batch=2, checkpoint_every=0, progress=False)
+trainer = DMD2Trainer(build_config(DMD2Config, cfg))
+trainer.train()
+pipe = DiffusionPipeline.from_pretrained(trainer.export())
+print("EXPORTED", type(pipe).__name__, pipe("a cat", output_type="np").images.shape)
+"""
+
+
+def test_hub_id_teacher_trains_and_exports(teachers, tmp_path):
+    """The real-model recipes name hub ids: everything (teacher, text encoders, VAE, the export's scheduler config
+    and pipeline components) must read them through the hub cache, not as local paths. Offline, from a cache
+    laid out as huggingface_hub writes it."""
+    import shutil
+    import subprocess
+    import sys
+
+    repo = tmp_path / "hub" / "models--tiny-org--tiny-sd"
+    rev = "0" * 40
+    shutil.copytree(teachers["sd"], repo / "snapshots" / rev)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(rev)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a cat\na dog\n")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HUB_CACHE=str(tmp_path / "hub"), HF_HOME=str(tmp_path / "hf"))
+    r = subprocess.run(
+        [sys.executable, "-c", HUB_SCRIPT, str(tmp_path / "run"), str(prompts)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert r.returncode == 0, r.stderr[-4000:]
+    assert "EXPORTED StepDistillSDPipeline (1, 16, 16, 3)" in r.stdout
 
 
 # --------------------------------------------------------------------------------------------------------

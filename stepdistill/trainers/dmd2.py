@@ -50,7 +50,9 @@ class DMD2Config(TrainConfig):
     > Data and conditioning
     dataset (`str`, `"digits"`): source of labels / prompts and of real images for the GAN: "digits",
         "toy2d:<name>", an image folder with captions, or a prompt file (.txt / .jsonl; no real images).
-    resolution (`int`, `0`): image / latent-space side for text-to-image models (0: from the network config).
+    resolution (`int`, `0`): the generator's sample side: latents for latent models (64 = 512 px for SD1.5,
+        128 = 1024 px for SDXL; real images are resized to it x the VAE factor), pixels otherwise (0: the
+        network config's sample_size).
     > Distribution matching
     real_guidance_scale (`float`, `1.0`): teacher CFG (uncond + w (cond - uncond)); DMD2 uses 1.75 (SD1.5),
         8 (SDXL); its ImageNet model uses none.
@@ -238,6 +240,7 @@ class DMD2Trainer(DistillTrainer):
             self.conditioner.to(device)
         self.sample_shape = _sample_shape(net, c.resolution)
         self.dataset = _dataset_for(c, self.sample_shape, self.vae)
+        _check_dataset_fits(self.conditioner, self.dataset, c.dataset)
         if c.real_guidance_scale != 1.0 and not _has_null(self.conditioner):
             raise ConfigError(
                 f"real_guidance_scale={c.real_guidance_scale} needs a teacher with an unconditional "
@@ -496,6 +499,20 @@ def _has_null(conditioner) -> bool:
     if isinstance(conditioner, ClassConditioner):
         return conditioner.supports_cfg
     return True
+
+
+def _check_dataset_fits(conditioner, dataset, name):
+    """The dataset must give what the teacher is conditioned on (captions for text, labels for classes)."""
+    if conditioner is None:
+        return
+    if isinstance(conditioner, ClassConditioner):
+        if dataset.labels is None:
+            raise ConfigError(f"dataset: {name!r} has no class labels, but the teacher is class-conditional")
+    elif dataset.captions is None:
+        raise ConfigError(
+            f"dataset: {name!r} has no captions, but the teacher is text-conditional; use an image folder with "
+            "captions (.txt next to each image, or metadata.jsonl) or a prompt file (.txt / .jsonl)"
+        )
 
 
 def _read_model_index(path):
