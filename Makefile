@@ -26,6 +26,7 @@ demo: install
 
 bench: install
 	$(PY) benchmarks/bench_sampling.py --out outputs/bench/sampling.md
+	$(PY) benchmarks/bench_trainers.py --out outputs/bench/trainers.md
 
 clean:
 	rm -rf outputs

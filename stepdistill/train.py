@@ -12,8 +12,10 @@ def trainer_classes() -> dict:
     """Method name (the recipe's ``method:`` key) -> trainer class."""
     from .trainers.dmd2 import DMD2Trainer
     from .trainers.dsm import DSMTrainer
+    from .trainers.sim import SIMTrainer
+    from .trainers.vsd import VSDTrainer
 
-    return {"dsm": DSMTrainer, "dmd2": DMD2Trainer}
+    return {"dsm": DSMTrainer, "dmd2": DMD2Trainer, "sim": SIMTrainer, "vsd": VSDTrainer}
 
 
 def make_trainer(config_path: str, overrides=()):

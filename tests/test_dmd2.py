@@ -15,7 +15,6 @@ from stepdistill.losses import (
     gan_generator_loss,
 )
 from stepdistill.trainers.dmd2 import DMD2Config, DMD2Trainer
-from stepdistill.trainers.dsm import DSMConfig, DSMTrainer
 
 
 def test_dmd_gradient_hand_worked():
@@ -51,30 +50,6 @@ def test_gan_losses_hand_worked():
     # a confident, correct discriminator has a small loss; the generator's loss is then large
     big = torch.full((4,), 20.0)
     assert gan_discriminator_loss(big, -big) < 1e-6 and gan_generator_loss(-big) > 19
-
-
-@pytest.fixture(scope="module")
-def toy_teacher(tmp_path_factory):
-    out = tmp_path_factory.mktemp("toy_teacher")
-    cfg = build_config(
-        DSMConfig,
-        dict(
-            output_dir=str(out),
-            dataset="toy2d:gmm8",
-            block_out_channels=[128] * 3,
-            attention_levels=[False] * 3,
-            max_steps=1500,
-            global_batch=256,
-            learning_rate=2e-3,
-            warmup_steps=50,
-            ema_decay=0.99,
-            checkpoint_every=0,
-            progress=False,
-        ),
-    )
-    trainer = DSMTrainer(cfg)
-    trainer.train()
-    return trainer.export()
 
 
 def toy_dmd2(teacher, out, **kw):

@@ -282,6 +282,7 @@ class DistillTrainer:
             )
         if c.resume:
             self.load_checkpoint(c.resume)
+        self._set_up = True
 
     find_unused_parameters = False
     trains_several_networks = False  # methods with a fake score / head set this (DeepSpeed check)
@@ -316,7 +317,8 @@ class DistillTrainer:
         return groups
 
     def train(self):
-        self.setup()
+        if not getattr(self, "_set_up", False):  # a caller may have run setup() to inspect the networks
+            self.setup()
         c, acc = self.config, self.accelerator
         data = iter(self.loader)
         bar = None

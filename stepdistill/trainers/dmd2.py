@@ -79,6 +79,7 @@ class DMD2Config(TrainConfig):
     fake_score_mode: str = "full"
     lora_rank: int = 64
     lora_alpha: float = 8.0
+    lora_target_modules: list[str] = field(default_factory=list)
     dataset: str = "digits"
     resolution: int = 0
     real_guidance_scale: float = 1.0
@@ -256,7 +257,11 @@ class DMD2Trainer(DistillTrainer):
 
         def make_fake():
             return FakeScore.from_teacher(
-                self.teacher, c.fake_score_mode, lora_rank=c.lora_rank, lora_alpha=c.lora_alpha
+                self.teacher,
+                c.fake_score_mode,
+                lora_rank=c.lora_rank,
+                lora_alpha=c.lora_alpha,
+                target_modules=c.lora_target_modules or None,
             )
 
         if c.fake_score_mode == "full":
@@ -392,15 +397,24 @@ class DMD2Trainer(DistillTrainer):
         return distribution_matching_loss(x, g)
 
     # ---------------------------------------------------------------- hooks
+    def generator_loss(self, x, cond):
+        """DMD2's distribution-matching loss: the per-method part of the family (SIM / VSD override it)."""
+        loss = self.dm_loss(x, cond)
+        return self.config.dm_loss_weight * loss, {"loss_dm": loss.detach()}
+
+    def fake_loss(self, x, cond):
+        """Denoising score matching of the fake score on sg(x), full timestep range, no CFG."""
+        return self.fake.dsm_loss(x.detach(), cond)
+
     def compute_loss(self, batch, phase):
+        """The family's shared step: generator group = method loss (+ GAN, + regression); fake group =
+        fake-score DSM (+ discriminator) on the same generated batch, detached."""
         c = self.config
         cond = self._cond_batch(batch)
         if "generator" in phase:
             x = self.generate(batch, cond, self.global_step, grad=True)
             self._cache = (x.detach(), cond)
-            loss_dm = self.dm_loss(x, cond)
-            loss = c.dm_loss_weight * loss_dm
-            out = {"loss_dm": loss_dm.detach()}
+            loss, out = self.generator_loss(x, cond)
             if self.use_gan:
                 loss_g = gan_generator_loss(self.gan_logits(x, cond))
                 loss = loss + c.gan_generator_weight * loss_g
@@ -415,7 +429,7 @@ class DMD2Trainer(DistillTrainer):
             self._cache = None
         else:
             x = self.generate(batch, cond, self.global_step, grad=False)
-        loss_fake = self.fake.dsm_loss(x.detach(), cond)
+        loss_fake = self.fake_loss(x.detach(), cond)
         loss = loss_fake
         out = {"loss_fake": loss_fake.detach()}
         if self.use_gan:

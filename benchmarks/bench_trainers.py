@@ -1,0 +1,128 @@
+"""Seconds per iteration and peak memory of each distribution-matching trainer on the same model and batch.
+
+Each configuration runs in its own process (the bundled digits teacher, batch 64, one generator update per
+step so that every iteration has both groups), so peak memory is the process's own: CUDA peak allocated
+memory on a GPU, peak resident set size (RSS) on CPU (it includes the Python / torch runtime, identical
+for every row; compare the rows, not the absolute numbers). Ratios are measured side by side in one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+
+ROWS = [
+    ("dmd2", "full", "full"),
+    ("dmd2", "lora", "lora"),
+    ("sim", "full", "full"),
+    ("sim", "lora", "lora"),
+    ("vsd", "full", "lora"),
+]
+
+
+def child(method: str, gen: str, fake: str, steps: int, batch: int) -> dict:
+    import resource
+    import time
+
+    import torch
+
+    from stepdistill.train import make_trainer
+
+    recipe = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "recipes", method, "digits.yaml")
+    overrides = [
+        f"generator_mode={gen}",
+        f"fake_score_mode={fake}",
+        f"max_steps={steps}",
+        f"global_batch={batch}",
+        "dfake_gen_update_ratio=1",
+        "checkpoint_every=0",
+        "sample_every=0",
+        "progress=false",
+        "output_dir=outputs/bench/tmp",
+        "lora_rank=16",
+    ]
+    trainer = make_trainer(recipe, overrides)
+    trainer.setup()
+    cuda = torch.cuda.is_available()
+    times = []
+    orig = trainer.on_step_end
+
+    def stamp(step):
+        if cuda:
+            torch.cuda.synchronize()
+        times.append(time.perf_counter())
+        orig(step)
+
+    trainer.on_step_end = stamp
+    trainer.train()
+    per_iter = (times[-1] - times[1]) / (len(times) - 2)  # skip the first (warm-up) iterations
+    peak = (
+        torch.cuda.max_memory_allocated() / 2**20 if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    )
+    n_params = sum(p.numel() for n in trainer.params.values() for p in n)
+    return {"seconds_per_iteration": per_iter, "peak_mb": peak, "trainable_params": n_params}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--out", default="outputs/bench/trainers.md")
+    p.add_argument("--steps", type=int, default=8)
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--child", nargs=3, default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.child:
+        print(json.dumps(child(*args.child, args.steps, args.batch)))
+        return
+    results = []
+    for method, gen, fake in ROWS:
+        out = subprocess.run(
+            [
+                sys.executable,
+                __file__,
+                "--child",
+                method,
+                gen,
+                fake,
+                "--steps",
+                str(args.steps),
+                "--batch",
+                str(args.batch),
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        results.append(((method, gen, fake), json.loads(out.stdout.strip().splitlines()[-1])))
+        print(method, gen, fake, results[-1][1], flush=True)
+    base = dict(results)[("dmd2", "full", "full")]
+    import torch
+
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({platform.machine()})"
+    lines = [
+        f"# Distribution-matching trainers: digits teacher, batch {args.batch}, {device}",
+        "",
+        "Every iteration = one generator update + one fake-score update. Memory: "
+        + ("CUDA peak allocated" if torch.cuda.is_available() else "peak RSS of the process (runtime included)"),
+        "",
+        "| method | generator | fake score | trainable params | s / iteration | vs DMD2 full | peak MB "
+        "| vs DMD2 full |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for (m, g, f), r in results:
+        lines.append(
+            f"| {m} | {g} | {f} | {r['trainable_params'] / 1e6:.2f} M | {r['seconds_per_iteration']:.3f} | "
+            f"{r['seconds_per_iteration'] / base['seconds_per_iteration']:.2f}x | {r['peak_mb']:.0f} | "
+            f"{r['peak_mb'] / base['peak_mb']:.2f}x |"
+        )
+    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+    with open(args.out, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
