@@ -2,6 +2,7 @@
 components in full and LoRA modes with export and reload, and bad input."""
 
 import dataclasses
+import os
 
 import pytest
 import torch
@@ -150,3 +151,29 @@ def test_bad_input(toy_teacher, tmp_path):
         build_config(SIMConfig, {"distance": "l1"})
     with pytest.raises(ConfigError, match="real_guidance_scale=4.5 needs a teacher with an unconditional branch"):
         toy(VSDTrainer, VSDConfig, toy_teacher, tmp_path, real_guidance_scale=4.5).setup()
+
+
+@pytest.mark.parametrize("method,name", [("sim", "digits"), ("sim", "toy2d"), ("sim", "sd15"), ("vsd", "digits"),
+                                         ("vsd", "toy2d"), ("vsd", "sd21_swiftbrush")])
+def test_recipes_parse(method, name, tmp_path, monkeypatch):
+    from stepdistill.train import make_trainer
+
+    root = os.path.join(os.path.dirname(__file__), "..", "recipes")
+    recipe = os.path.abspath(os.path.join(root, method, f"{name}.yaml"))
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "outputs" / "teacher_toy2d" / "model").mkdir(parents=True)
+    trainer = make_trainer(recipe)
+    assert type(trainer) is (SIMTrainer if method == "sim" else VSDTrainer)
+
+
+def test_missing_dataset_fails_before_any_model_loads(tmp_path, monkeypatch):
+    from stepdistill.train import make_trainer
+
+    recipe = os.path.join(os.path.dirname(__file__), "..", "recipes", "sim", "sd15.yaml")
+    monkeypatch.chdir(tmp_path)
+    trainer = make_trainer(recipe, [f"output_dir={tmp_path}"])
+    loaded = []
+    monkeypatch.setattr(SIMTrainer, "build", lambda self: loaded.append(1))
+    with pytest.raises(ConfigError, match="dataset: path 'data/coco_prompts.txt' does not exist"):
+        trainer.setup()
+    assert not loaded

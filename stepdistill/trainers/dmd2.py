@@ -221,6 +221,12 @@ class DMD2Trainer(DistillTrainer):
             return digits_teacher_path()
         return self.config.teacher
 
+    def validate(self):
+        super().validate()
+        ds = self.config.dataset
+        if ds != "digits" and not ds.startswith("toy2d:") and not os.path.exists(ds):
+            raise ConfigError(f"dataset: path {ds!r} does not exist (an image folder with captions or a prompt file)")
+
     def build(self):
         c = self.config
         device = self.accelerator.device
