@@ -23,10 +23,10 @@ def linear_denoisers(seed=0, n=6):
     return parts
 
 
-def test_sid_loss_matches_sids_own_formula():
+@pytest.mark.parametrize("alpha", [1.0, 1.2])  # 1.0: SIM's L2 case; 1.2: SiD's default
+def test_sid_loss_matches_sids_own_formula(alpha):
     torch.manual_seed(0)
     x, yr, yf = torch.randn(4, 2, 3, 3), torch.randn(4, 2, 3, 3), torch.randn(4, 2, 3, 3)
-    alpha = 1.2
     # SiD (sid_loss.py): loss = (y_r - y_f) * ((y_r - x) - alpha (y_r - y_f)) / wf, wf = mean|x - y_r| per
     # sample, summed over elements; loss_scaling 100 / batch -> here: divided by the batch only
     wf = (x - yr).abs().mean(dim=(1, 2, 3), keepdim=True)
