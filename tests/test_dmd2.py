@@ -2,6 +2,7 @@
 resume with two networks and two update groups, and bad input."""
 
 import math
+import os
 
 import pytest
 import torch
@@ -133,3 +134,26 @@ def test_dmd2_bad_input(toy_teacher, tmp_path, monkeypatch):
     monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
     with pytest.raises(ConfigError, match="DeepSpeed.*FSDP"):
         toy_dmd2(toy_teacher, tmp_path).setup()
+
+
+def test_dmd2_bf16_tensorboard_samples_and_regression_warm_start(toy_teacher, tmp_path):
+    """The loop's optional parts on the toy: bf16 autocast, a tensorboard tracker, the DMD v1 regression
+    term on teacher noise / image pairs."""
+    trainer = toy_dmd2(toy_teacher, tmp_path, max_steps=5, dfake_gen_update_ratio=1, mixed_precision="bf16",
+                       report_to="tensorboard", log_every=1, regression_weight=0.25, regression_pairs=64,
+                       regression_steps=4, regression_batch=16)
+    trainer.train()
+    assert all(math.isfinite(h["loss_reg/generator"]) for h in trainer.history)
+    assert trainer.pairs[1].shape == (64, 2)
+    events = [f for _, _, files in os.walk(tmp_path) for f in files if f.startswith("events.out")]
+    assert events, "no tensorboard event file written"
+
+
+def test_periodic_sample_grid(tmp_path):
+    from stepdistill.train import make_trainer
+
+    recipe = os.path.join(os.path.dirname(__file__), "..", "recipes", "dmd2", "digits.yaml")
+    trainer = make_trainer(recipe, [f"output_dir={tmp_path}", "max_steps=2", "global_batch=4", "sample_every=2",
+                                    "checkpoint_every=0", "progress=false"])
+    trainer.train()
+    assert (tmp_path / "samples" / "step_0000002.png").stat().st_size > 0

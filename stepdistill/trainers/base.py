@@ -213,6 +213,11 @@ class DistillTrainer:
         c = self.config
         self.validate()
         if self._accelerator is None:
+            # one process may build several trainers (notebooks, tests): accelerate keeps mixed precision and
+            # similar settings in a process-wide state; reset those (not the process group) for this trainer
+            from accelerate.state import AcceleratorState
+
+            AcceleratorState._reset_state(reset_partial_state=False)
             self._accelerator = Accelerator(
                 gradient_accumulation_steps=c.grad_accum,
                 mixed_precision=c.mixed_precision,
