@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.stepdistill-installed
 
-.PHONY: install test lint demo bench clean
+.PHONY: install test lint demo bench bench-quality clean
 
 install: $(STAMP)
 
@@ -27,6 +27,10 @@ demo: install
 bench: install
 	$(PY) benchmarks/bench_sampling.py --out outputs/bench/sampling.md
 	$(PY) benchmarks/bench_trainers.py --out outputs/bench/trainers.md
+
+# FD-digits vs network evaluations: teacher DDIM steps and every trainer's digits student (about 20 min on CPU)
+bench-quality: install
+	$(PY) benchmarks/bench_quality.py --out outputs/bench/quality
 
 clean:
 	rm -rf outputs

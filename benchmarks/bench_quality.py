@@ -1,0 +1,122 @@
+"""Method comparison on digits: FD-digits vs network evaluations per sample.
+
+The teacher with DDIM at 1 / 2 / 4 / 8 / 25 / 50 steps, and each distillation trainer's one-step student
+trained by its digits recipe with the same budget (the recipes' 500 iterations of batch 64). Writes a markdown
+table and a PNG plot. Every FD-digits figure uses 1000 samples, labels 0-9 in turn, seed 0, against the
+held-out digits. Trainers that have not landed yet are simply absent.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+import torch
+
+from stepdistill.assets import digits_teacher_path
+from stepdistill.eval import FDDigits
+from stepdistill.eval.teacher_report import sample_digits
+from stepdistill.models import Teacher
+from stepdistill.train import make_trainer
+
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+STUDENTS = [
+    ("DMD2", "recipes/dmd2/digits.yaml"),
+    ("SIM", "recipes/sim/digits.yaml"),
+    ("VSD", "recipes/vsd/digits.yaml"),
+]
+
+
+@torch.no_grad()
+def student_samples(trainer, n=1000, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.arange(n) % 10
+    noise = torch.randn(n, *trainer.sample_shape, generator=g)
+    out = [
+        trainer.generator.sample(noise[s : s + 250], trainer.conditioner(labels[s : s + 250])) for s in range(0, n, 250)
+    ]
+    return torch.cat(out)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--out", default="outputs/bench/quality")
+    p.add_argument("--max-steps", type=int, default=None, help="override every recipe's max_steps (quick runs)")
+    p.add_argument("--num-samples", type=int, default=1000)
+    args = p.parse_args(argv)
+    os.makedirs(args.out, exist_ok=True)
+    fd = FDDigits()
+    rows = []
+    teacher = Teacher.from_pretrained(digits_teacher_path())
+    for steps in (1, 2, 4, 8, 25, 50):
+        t0 = time.perf_counter()
+        x = sample_digits(teacher, args.num_samples, steps, seed=0)
+        rows.append(
+            {
+                "model": "teacher (DDIM)",
+                "nfe": steps,
+                "fd_digits": fd.score(x),
+                "seconds": round(time.perf_counter() - t0, 1),
+            }
+        )
+        print(rows[-1], flush=True)
+    for name, recipe in STUDENTS:
+        overrides = [
+            f"output_dir={os.path.join(args.out, name.lower())}",
+            "checkpoint_every=0",
+            "sample_every=0",
+            "progress=false",
+        ]
+        if args.max_steps:
+            overrides.append(f"max_steps={args.max_steps}")
+        trainer = make_trainer(os.path.join(ROOT, recipe), overrides)
+        t0 = time.perf_counter()
+        trainer.train()
+        train_s = time.perf_counter() - t0
+        rows.append(
+            {
+                "model": f"{name} student",
+                "nfe": len(trainer.config.denoising_timesteps),
+                "fd_digits": fd.score(student_samples(trainer, args.num_samples)),
+                "recipe": recipe,
+                "train_iterations": trainer.global_step,
+                "train_seconds": round(train_s, 1),
+            }
+        )
+        print(rows[-1], flush=True)
+    with open(os.path.join(args.out, "quality.json"), "w") as f:
+        json.dump(rows, f, indent=2)
+    t50 = next(r["fd_digits"] for r in rows if r["model"].startswith("teacher") and r["nfe"] == 50)
+    lines = ["| model | network evaluations | FD-digits | vs teacher@50 | training |", "|---|---|---|---|---|"]
+    for r in rows:
+        train = f"{r['train_iterations']} it, {r['train_seconds']:.0f} s" if "train_seconds" in r else ""
+        lines.append(f"| {r['model']} | {r['nfe']} | {r['fd_digits']:.2f} | {r['fd_digits'] / t50:.2f}x | {train} |")
+    with open(os.path.join(args.out, "quality.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.5), dpi=120)
+    teach = [r for r in rows if r["model"].startswith("teacher")]
+    ax.plot([r["nfe"] for r in teach], [r["fd_digits"] for r in teach], "o-", color="gray", label="teacher (DDIM)")
+    for r in rows:
+        if not r["model"].startswith("teacher"):
+            ax.plot(r["nfe"], r["fd_digits"], "*", markersize=12, label=r["model"])
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("network evaluations per sample")
+    ax.set_ylabel("FD-digits (lower is better)")
+    ax.legend(fontsize=8)
+    ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(os.path.join(args.out, "quality.png"))
+    print(f"wrote {os.path.join(args.out, 'quality.md')} and quality.png")
+
+
+if __name__ == "__main__":
+    main()
