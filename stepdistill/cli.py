@@ -12,6 +12,8 @@ commands:
   train      train from a recipe (method: dsm = a teacher by denoising score matching; dmd2)
   demo       distil the bundled digits teacher into a one-step generator, export, reload, measure
   sample     sample a diffusers model folder with the reference DDIM sampler and write an image grid
+  eval       sample an exported pipeline (or read a folder of images) and score it: FD-digits, FID, KID,
+             precision / recall, CLIP score; writes metrics.json and a sample grid
   fd-digits  FD-digits of a digits model at several DDIM step counts (the bundled stand-in for FID)
 
 Multi-GPU: accelerate launch -m stepdistill.train --config <recipe.yaml> [key=value ...]"""
@@ -111,6 +113,28 @@ def build_parser() -> argparse.ArgumentParser:
     dm.add_argument("--out", default="outputs/demo", help="output folder (samples.png, metrics.json, pipeline/)")
     dm.add_argument("--max-steps", type=int, default=None, help="override the recipe's max_steps")
     dm.add_argument("--num-samples", type=int, default=1000, help="samples per FD-digits estimate")
+    ev = sub.add_parser(
+        "eval",
+        help="score an exported pipeline or an image folder (FID/KID/PR/CLIP/FD-digits)",
+        description="Sample --pipeline (an exported folder or hub id; or read a folder of PNGs) and "
+        "score it against --reference ('digits', an image folder, or a cached .npz). Multi-GPU: "
+        "accelerate launch -m stepdistill.cli eval ...",
+    )
+    ev.add_argument("--pipeline", required=True, help="exported pipeline folder / hub id, or a folder of images")
+    ev.add_argument("--reference", default="digits", help="'digits', a folder of reference images, or an .npz")
+    ev.add_argument("--prompts", default=None, help="prompt file (.txt / .jsonl) for text-to-image pipelines")
+    ev.add_argument("--num-samples", type=int, default=1000)
+    ev.add_argument("--batch-size", type=int, default=250)
+    ev.add_argument("--metrics", default=None, help="comma list of fd_digits,fid,kid,pr,clip (default: by reference)")
+    ev.add_argument("--inception-weights", default=None, help="local weights-inception-2015-12-05-6726825d.pth")
+    ev.add_argument("--allow-download", action="store_true", help="let the FID library download its weights")
+    ev.add_argument("--clip-model", default=None, help="open_clip model name, e.g. ViT-g-14")
+    ev.add_argument("--clip-pretrained", default=None, help="local open_clip checkpoint file")
+    ev.add_argument("--center-crop-size", type=int, default=None, help="centre crop + resize (COCO protocols)")
+    ev.add_argument("--kid-subset-size", type=int, default=None)
+    ev.add_argument("--cache-dir", default=None, help="where reference statistics (.npz) are cached")
+    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--out", default="outputs/eval", help="output folder (metrics.json, samples.png)")
     fd = sub.add_parser("fd-digits", help="FD-digits of a digits model vs DDIM steps")
     _sample_args(fd)
     fd.add_argument("--steps", type=int, nargs="+", default=[1, 4, 10, 25, 50], help="DDIM step counts")
@@ -136,6 +160,28 @@ def main(argv=None) -> int:
         return run_train(args)
     if args.command == "sample":
         return cmd_sample(args)
+    if args.command == "eval":
+        from .eval.run import run_eval
+
+        metrics = run_eval(
+            args.pipeline,
+            args.reference,
+            args.out,
+            prompts=args.prompts,
+            num_samples=args.num_samples,
+            batch_size=args.batch_size,
+            metrics=args.metrics,
+            inception_weights=args.inception_weights,
+            allow_download=args.allow_download,
+            clip_model=args.clip_model,
+            clip_pretrained=args.clip_pretrained,
+            seed=args.seed,
+            center_crop_size=args.center_crop_size,
+            kid_subset_size=args.kid_subset_size,
+            cache_dir=args.cache_dir,
+        )
+        print(json.dumps({k: v for k, v in metrics.items() if not isinstance(v, (list, dict))}, indent=2))
+        return 0
     if args.command == "demo":
         from .demo import run_demo
 

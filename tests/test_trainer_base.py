@@ -168,7 +168,17 @@ def test_grad_accumulation_matches_one_big_batch(tmp_path):
         assert t.sampler.consumed == 16 and t.per_device_batch == 8 // accum
 
 
-@pytest.mark.parametrize("args", [["--help"], ["train", "--help"], ["sample", "--help"], ["fd-digits", "--help"]])
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--help"],
+        ["train", "--help"],
+        ["sample", "--help"],
+        ["fd-digits", "--help"],
+        ["eval", "--help"],
+        ["demo", "--help"],
+    ],
+)
 def test_cli_help(args):
     out = subprocess.run([sys.executable, "-m", "stepdistill.cli", *args], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
