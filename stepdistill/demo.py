@@ -23,8 +23,9 @@ def _timed(fn):
     return out, time.perf_counter() - t0
 
 
-def run_demo(out_dir: str = "outputs/demo", max_steps: int | None = None, num_samples: int = 1000,
-             recipe: str | None = None) -> dict:
+def run_demo(
+    out_dir: str = "outputs/demo", max_steps: int | None = None, num_samples: int = 1000, recipe: str | None = None
+) -> dict:
     from diffusers import DiffusionPipeline
 
     import stepdistill  # noqa: F401  (registers the pipeline classes with diffusers)
@@ -80,8 +81,11 @@ def run_demo(out_dir: str = "outputs/demo", max_steps: int | None = None, num_sa
     grid = torch.cat([t50[:20], s1[:20]])  # rows: teacher 0-9, 0-9; student 0-9, 0-9
     save_image_grid(grid, os.path.join(out_dir, "samples.png"), nrow=10, scale=4)
     write_json(metrics, os.path.join(out_dir, "metrics.json"))
-    print(f"[demo] FD-digits teacher@50 {fd_vals['teacher@50']:.2f}  teacher@1 {fd_vals['teacher@1']:.2f}  "
-          f"student@1 {fd_vals['student@1']:.2f}  (x{metrics['student1_over_teacher50']} of teacher@50); "
-          f"sampling {metrics['speedup_teacher50_over_student1']}x faster than teacher@50", flush=True)
+    print(
+        f"[demo] FD-digits teacher@50 {fd_vals['teacher@50']:.2f}  teacher@1 {fd_vals['teacher@1']:.2f}  "
+        f"student@1 {fd_vals['student@1']:.2f}  (x{metrics['student1_over_teacher50']} of teacher@50); "
+        f"sampling {metrics['speedup_teacher50_over_student1']}x faster than teacher@50",
+        flush=True,
+    )
     print(f"[demo] wrote {os.path.join(out_dir, 'samples.png')} and {os.path.join(out_dir, 'metrics.json')}")
     return metrics

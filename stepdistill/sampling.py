@@ -108,6 +108,11 @@ def sample(
         t_prev = ts[i + 1].expand(x.shape[0]) if i + 1 < len(ts) else None
         z = None
         if eta > 0 and t_prev is not None:
-            z = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+            z = torch.randn(
+                x.shape,
+                generator=generator,
+                dtype=x.dtype,
+                device=generator.device if generator is not None else x.device,
+            ).to(x.device)
         x = ddim_step(schedule, x0, eps, t, t_prev, eta=eta, noise=z)
     return x

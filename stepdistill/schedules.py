@@ -310,7 +310,7 @@ class VPSchedule(NoiseSchedule):
         lo = idx.floor().long()
         hi = (lo + 1).clamp(max=self.num_train_timesteps - 1)
         w = idx - lo.to(idx.dtype)
-        ab = self.alphas_cumprod
+        ab = self.alphas_cumprod.to(t.device)  # t may live on the GPU
         return ab[lo] * (1 - w) + ab[hi] * w
 
     def alpha(self, t):
@@ -328,7 +328,7 @@ class VPSchedule(NoiseSchedule):
     def t_from_noise_level(self, s):
         """Exact inverse of noise_level(t) = sqrt((1 - ab) / ab) under the linear alpha_bar interpolation."""
         s = torch.as_tensor(s, dtype=torch.float64)
-        ab = self.alphas_cumprod
+        ab = self.alphas_cumprod.to(s.device)
         target = (1 / (1 + s.reshape(-1) ** 2)).clamp(ab[-1], ab[0])
         # alpha_bar decreases with the timestep: search on its negation
         hi = torch.searchsorted(-ab, -target.contiguous()).clamp(1, len(ab) - 1)

@@ -233,6 +233,9 @@ def test_generator_and_fake_score_as_two_lora_adapters_on_one_base():
     teacher = Teacher(unet, schedule, "epsilon")
     gen = Generator.from_teacher(teacher, mode="lora", lora_rank=4)
     fake = FakeScore.from_teacher(teacher, mode="lora", lora_rank=4)
+    # adding the second adapter must not freeze the first (peft's set_adapter would)
+    assert all(p.requires_grad for n, p in unet.named_parameters() if "lora_" in n)
+    assert not any(p.requires_grad for n, p in unet.named_parameters() if "lora_" not in n)
     with torch.no_grad():
         for n, p in unet.named_parameters():
             if "lora_B" in n:

@@ -192,3 +192,26 @@ def test_cli_train_reports_bad_recipe(tmp_path):
         [sys.executable, "-m", "stepdistill.cli", "train", "--config", str(bad)], capture_output=True, text=True
     )
     assert out.returncode == 2 and "unknown key 'learning_rat'" in out.stderr
+
+
+def test_skipped_micro_batch_keeps_accumulation_aligned(tmp_path):
+    """A NaN in the first micro-batch of a step skips the whole step; the next steps still average exactly
+    grad_accum fresh micro-batches (checked through AdamW's step count and the sampler position)."""
+    t = NaNTrainer(build_config(DSMConfig, dict(output_dir=str(tmp_path), resolution=8, block_out_channels=[8, 16],
+                                                attention_levels=[False, False], norm_num_groups=4, global_batch=4,
+                                                grad_accum=2, max_steps=3, checkpoint_every=0, progress=False)))
+    t.bad_calls = {1}  # the first micro-batch of the first step
+    t.setup()
+    grads = []
+    opt = t.opts["model"]
+    real_step = opt.optimizer.step
+
+    def spy_step(*a, **k):
+        grads.append(torch.cat([p.grad.flatten().clone() for p in t.params["model"] if p.grad is not None]))
+        return real_step(*a, **k)
+
+    opt.optimizer.step = spy_step
+    t.train()
+    assert t.nonfinite_total == 1 and t.global_step == 3 and len(grads) == 3
+    # each optimiser step saw exactly two fresh micro-batches: 1 skipped + 3 x 2 consumed
+    assert t.sampler.consumed == (1 + 3 * 2) * 2

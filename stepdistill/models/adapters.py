@@ -85,10 +85,11 @@ def add_lora(
     )
     flags = {p: p.requires_grad for p in net.parameters()}
     inject_adapter_in_model(config, net, adapter_name=adapter_name)
-    for p in net.parameters():  # keep the base as it was; new adapter params are trainable
-        if p in flags:
-            p.requires_grad_(flags[p])
     set_active_adapter(net, adapter_name)
+    # peft's layer toggles freeze every other adapter: put back the flags of everything that was already there
+    # (the base and earlier adapters); the new adapter's weights are trainable
+    for p in net.parameters():
+        p.requires_grad_(flags[p] if p in flags else True)
     if not hasattr(net, "peft_config"):
         net.peft_config = {}
     net.peft_config[adapter_name] = config

@@ -126,7 +126,12 @@ class Generator(Denoiser):
                 return x0
             t_next = ts[i + 1].expand(x.shape[0])
             if self.sampler == "consistency":
-                z = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+                z = torch.randn(
+                    x.shape,
+                    generator=generator,
+                    dtype=x.dtype,
+                    device=generator.device if generator is not None else x.device,
+                ).to(x.device)
                 x = self.schedule.add_noise(x0, z, t_next)
             else:
                 eps = self.schedule.to_x0_eps(x0, x, t, "x0")[1]

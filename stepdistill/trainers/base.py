@@ -170,6 +170,9 @@ class DistillTrainer:
     def on_step_end(self, step: int) -> None:
         pass
 
+    def on_step_skipped(self, step: int) -> None:
+        """Called when a step is skipped for a non-finite loss or gradient (drop any per-step state)."""
+
     def ema_networks(self) -> tuple[str, ...]:
         return tuple(self.specs)[:1]
 
@@ -220,6 +223,8 @@ class DistillTrainer:
             AcceleratorState._reset_state(reset_partial_state=False)
             self._accelerator = Accelerator(
                 gradient_accumulation_steps=c.grad_accum,
+                # warmup_steps counts optimiser steps: do not step the LR schedule once per process
+                step_scheduler_with_optimizer=False,
                 mixed_precision=c.mixed_precision,
                 log_with=c.report_to or None,
                 project_dir=c.output_dir,
@@ -256,6 +261,8 @@ class DistillTrainer:
             )
             warm = max(c.warmup_steps, 0)
             sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s, w=warm: min(1.0, (s + 1) / w) if w else 1.0)
+            for p in params:  # DDP registers the parameters that require grad when it wraps the module
+                p.requires_grad_(True)
             module, opt, sched = acc.prepare(spec.module, opt, sched)
             spec.module = module
             self.opts[name], self.lr_scheds[name], self.params[name] = opt, sched, params
@@ -312,6 +319,13 @@ class DistillTrainer:
                 p.requires_grad_(on)
             self.specs[name].module.train(on or self.specs[name].module.training)
 
+    def _all_finite(self, x: torch.Tensor) -> bool:
+        """True when ``x`` is finite on every process (a sum of non-finite counts, reduced across processes)."""
+        bad = (~torch.isfinite(x.detach().float())).sum().reshape(1).to(self.accelerator.device)
+        if self.accelerator.num_processes > 1:
+            bad = self.accelerator.reduce(bad, "sum")
+        return bad.item() == 0
+
     def _groups(self, step):
         groups = self.phase(step)
         groups = [tuple(groups)] if groups and isinstance(next(iter(groups)), str) else [tuple(g) for g in groups]
@@ -346,10 +360,7 @@ class DistillTrainer:
                         self._set_phase(group)
                         out = self.compute_loss(batch, group)
                         loss = out["loss"]
-                        finite = torch.isfinite(loss.detach()).float().reshape(1)
-                        if acc.num_processes > 1:
-                            finite = acc.reduce(finite, "min")
-                        if finite.item() < 1:
+                        if not self._all_finite(loss.detach()):  # every process skips together
                             skipped = True
                             break
                         acc.backward(loss)
@@ -359,17 +370,27 @@ class DistillTrainer:
                     if skipped:
                         break
                     if acc.sync_gradients:
+                        norms = [
+                            acc.clip_grad_norm_(
+                                self.params[n], c.max_grad_norm if c.max_grad_norm > 0 else float("inf")
+                            )
+                            for n in active
+                        ]
+                        if not self._all_finite(torch.stack([torch.as_tensor(x).float().cpu() for x in norms])):
+                            skipped = True  # a non-finite gradient with a finite loss: do not step
+                            break
                         for n in active:
-                            if c.max_grad_norm > 0:
-                                acc.clip_grad_norm_(self.params[n], c.max_grad_norm)
                             self.opts[n].step()
                             self.lr_scheds[n].step()
                     for n in self.specs:  # every network: no gradient leaks into a later group or step
                         if acc.sync_gradients:
                             self.opts[n].zero_grad(set_to_none=True)
             if skipped:
-                for n in self.specs:
-                    self.opts[n].zero_grad(set_to_none=True)
+                for n in self.specs:  # the inner optimisers: the wrapped ones ignore zero_grad off-sync
+                    self.opts[n].optimizer.zero_grad(set_to_none=True)
+                acc.step = 0  # realign gradient accumulation with the next step's first micro-batch
+                acc.gradient_state._set_sync_gradients(False)
+                self.on_step_skipped(step)
                 self.nonfinite_in_row += 1
                 self.nonfinite_total += 1
                 if self.nonfinite_in_row >= c.max_nonfinite:
@@ -499,6 +520,8 @@ class DistillTrainer:
                 ema_file = os.path.join(path, f"{name}_ema.safetensors")
                 if name in self.ema and os.path.isfile(ema_file):
                     self.ema[name] = {k: v.float() for k, v in load_file(ema_file).items()}
+                elif name in self.ema:  # EMA switched on at resume: start it from the resumed weights
+                    self.ema[name] = {k: v.detach().clone().float() for k, v in self._inner(name).state_dict().items()}
                 opt_state = torch.load(os.path.join(path, f"{name}_optim.pt"), weights_only=True)
                 self.opts[name].load_state_dict(opt_state["optimizer"])
                 self.lr_scheds[name].load_state_dict(opt_state["lr_scheduler"])

@@ -111,6 +111,11 @@ class DMD2Config(TrainConfig):
                 f"need 0 <= min_step_percent < max_step_percent <= 1, got "
                 f"{self.min_step_percent}, {self.max_step_percent}"
             )
+        if self.ema_decay > 0 and self.generator_mode == "lora":
+            raise ConfigError(
+                "ema_decay > 0 with generator_mode=lora is not supported (the EMA would cover the "
+                "whole base network); use ema_decay: 0.0 or a full generator"
+            )
         if self.dfake_gen_update_ratio < 1:
             raise ConfigError(f"dfake_gen_update_ratio must be >= 1, got {self.dfake_gen_update_ratio}")
         ts = self.denoising_timesteps
@@ -223,6 +228,13 @@ class DMD2Trainer(DistillTrainer):
 
     def validate(self):
         super().validate()
+        c = self.config
+        if c.generator_mode == "lora" and c.fake_score_mode == "lora" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise ConfigError(
+                "generator_mode=lora with fake_score_mode=lora puts both adapters on one shared base "
+                "network, which DDP / FSDP cannot wrap twice; use fake_score_mode: full with several "
+                "processes"
+            )
         ds = self.config.dataset
         if ds != "digits" and not ds.startswith("toy2d:") and not os.path.exists(ds):
             raise ConfigError(f"dataset: path {ds!r} does not exist (an image folder with captions or a prompt file)")
@@ -290,6 +302,9 @@ class DMD2Trainer(DistillTrainer):
             self.fake.raw(x, torch.full((1,), 0.5, dtype=torch.float64), self._cond_batch(self.dataset.example(1)))
             h = _as_map(tap.value)
         return DiscriminatorHead(h.shape[1], h.shape[-1]).to(device)
+
+    def on_step_skipped(self, step):
+        self._cache = None
 
     def networks(self):
         c = self.config
