@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from ..guidance import CFG_COND, CFG_UNCOND, cfg_combine
-from ..schedules import NoiseSchedule, _bcast
+from ..schedules import NoiseSchedule
 from .conditioning import Cond
 
 _UNET_CLASSES = ("UNet2DModel", "UNet2DConditionModel")
@@ -177,6 +177,3 @@ class Denoiser(nn.Module):
         weight = weight_fn(t).to(out.device) if weight_fn is not None else None
         return denoising_loss(out, target, weight)
 
-
-def broadcast_time(t, like):
-    return _bcast(torch.as_tensor(t), like)

@@ -18,7 +18,6 @@ import torch
 
 from ..config import ConfigError
 from ..data import NUM_CLASSES, DigitsDataset, ImageFolderDataset
-from ..models import Teacher
 from ..models.conditioning import ClassConditioner
 from ..models.denoiser import Denoiser
 from ..sampling import sample
@@ -210,5 +209,3 @@ class DSMTrainer(DistillTrainer):
         self.accelerator.wait_for_everyone()
         return path
 
-    def teacher(self, path: str | None = None) -> Teacher:
-        return Teacher.from_pretrained(path or self.export())
