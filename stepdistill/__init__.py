@@ -18,3 +18,7 @@ def _register():
 
 
 _register()
+
+from .models.guided_unet import GuidedUNet2DModel  # noqa: E402  (exported pipelines name it as stepdistill's)
+
+__all__ = ["GuidedUNet2DModel", "__version__"]

@@ -2,8 +2,13 @@
 
 The folder loads with ``DiffusionPipeline.from_pretrained(folder)`` (after ``import stepdistill``) and a
 plain call samples with the trained timesteps; its README.md gives the call that needs stock diffusers
-classes only. The scheduler is diffusers' ``LCMScheduler`` configured so that the trained timesteps are its
-own grid: predict x0, then re-noise with fresh noise to the next trained timestep (DMD2 / LCM sampling).
+classes only. The scheduler reproduces the trained update rule (the trainer's ``export_scheduler``):
+
+* ``"lcm"``: ``LCMScheduler`` whose own grid is the trained timesteps: predict x0, then re-noise with fresh
+  noise to the next trained timestep (DMD2, LCM / consistency students);
+* ``"ddim"``: ``DDIMScheduler`` with trailing spacing, deterministic (progressive distillation, multiphase
+  consistency students: the trained grid is the trailing DDIM grid at the trained step count);
+* ``"tcd"``: ``TCDScheduler`` on the trained timesteps (eta is a call argument, 0 = deterministic).
 """
 
 from __future__ import annotations
@@ -53,30 +58,36 @@ LORA_SECTION = """
 """
 
 _STOCK_PIXEL = """import torch
-from diffusers import LCMScheduler, UNet2DModel
+from diffusers import {imports}
 
-unet = UNet2DModel.from_pretrained("{folder}", subfolder="unet").eval()
-scheduler = LCMScheduler.from_pretrained("{folder}", subfolder="scheduler")
-scheduler.set_timesteps(timesteps={timesteps})
+unet = {unet_class}.from_pretrained("{folder}", subfolder="unet").eval()
+scheduler = {scheduler_class}.from_pretrained("{folder}", subfolder="scheduler")
+scheduler.set_timesteps({set_timesteps})
 labels = torch.tensor([0, 1, 2, 3, 4, 5, 6, 7, 8, 9])
 x = torch.randn(len(labels), unet.config.in_channels, unet.config.sample_size, unet.config.sample_size,
-                generator=torch.Generator().manual_seed(0))
+                generator=torch.Generator().manual_seed(0)){w_setup}
 with torch.no_grad():
     for t in scheduler.timesteps:
-        x = scheduler.step(unet(x, t, class_labels=labels).sample, t, x).prev_sample
+        x = scheduler.step(unet(x, t, class_labels=labels{w_arg}).sample, t, x).prev_sample
 images = (x / 2 + 0.5).clamp(0, 1)  # (N, C, H, W) in [0, 1]"""
+
+_W_SETUP = """
+# a w-conditioned student: the guidance scale is an input (one network evaluation per step)
+w_emb = guidance_scale_embedding(torch.full((len(labels),), {w} - 1.0), unet.config.time_cond_proj_dim)"""
 
 _STOCK_TEXT = """from diffusers import {stock_class}
 
 pipe = {stock_class}.from_pretrained("{folder}")
-image = pipe("a photo of a cat", num_inference_steps={n}, timesteps={timesteps}, guidance_scale=0.0).images[0]"""
+image = pipe("a photo of a cat", {steps_args}, guidance_scale={w}).images[0]"""
 
-_STOCK_LORA = """from diffusers import LCMScheduler, {stock_class}
+_STOCK_LORA = """from diffusers import {scheduler_class}, {stock_class}
 
 pipe = {stock_class}.from_pretrained("{teacher}")
 pipe.load_lora_weights("{folder}/lora")
-pipe.scheduler = LCMScheduler.from_pretrained("{folder}", subfolder="scheduler")
-image = pipe("a photo of a cat", num_inference_steps={n}, timesteps={timesteps}, guidance_scale=0.0).images[0]"""
+pipe.scheduler = {scheduler_class}.from_pretrained("{folder}", subfolder="scheduler")
+image = pipe("a photo of a cat", {steps_args}, guidance_scale={w}).images[0]"""
+
+SCHEDULERS = ("lcm", "ddim", "tcd")
 
 
 def lcm_scheduler_for(teacher_schedule_config: dict, timesteps: list[int]):
@@ -105,6 +116,56 @@ def lcm_scheduler_for(teacher_schedule_config: dict, timesteps: list[int]):
         set_alpha_to_one=True,
         steps_offset=1,
     )
+
+
+def student_scheduler(kind: str, teacher_schedule_config: dict, timesteps: list[int]):
+    """The diffusers scheduler that reproduces a student's trained steps (see the module docstring)."""
+    if kind == "lcm":
+        return lcm_scheduler_for(teacher_schedule_config, timesteps)
+    keys = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas", "prediction_type")
+    cfg = {k: teacher_schedule_config[k] for k in keys if teacher_schedule_config.get(k) is not None}
+    zero_snr = bool(teacher_schedule_config.get("rescale_betas_zero_snr", False))
+    if kind == "ddim":
+        from diffusers import DDIMScheduler
+
+        sched = DDIMScheduler(
+            **cfg,
+            rescale_betas_zero_snr=zero_snr,
+            timestep_spacing="trailing",
+            clip_sample=False,
+            set_alpha_to_one=True,
+            steps_offset=0,
+        )
+        sched.set_timesteps(len(timesteps))
+        grid = [int(t) for t in sched.timesteps]
+        if grid != list(timesteps):
+            raise ValueError(
+                f"trained timesteps {timesteps} are not DDIMScheduler's trailing grid at {len(timesteps)} steps "
+                f"({grid}); export with the 'lcm' or 'tcd' scheduler instead"
+            )
+        return sched
+    if kind == "tcd":
+        from diffusers import TCDScheduler
+
+        T = cfg.get("num_train_timesteps", 1000)
+        steps = len(timesteps)
+        return TCDScheduler(
+            **cfg,
+            rescale_betas_zero_snr=zero_snr,
+            original_inference_steps=steps if T % steps == 0 else 50,
+            clip_sample=False,
+            set_alpha_to_one=True,
+        )
+    raise ValueError(f"unknown export scheduler {kind!r}; expected one of {SCHEDULERS}")
+
+
+def _set_timesteps_arg(kind: str, timesteps: list[int]) -> str:
+    return f"{len(timesteps)}" if kind == "ddim" else f"timesteps={timesteps}"
+
+
+def _steps_args(kind: str, timesteps: list[int]) -> str:
+    n = len(timesteps)
+    return f"num_inference_steps={n}" if kind == "ddim" else f"num_inference_steps={n}, timesteps={timesteps}"
 
 
 def _generator_unet(trainer):
@@ -139,23 +200,44 @@ def export_generator(trainer, path: str) -> str:
         return path
     teacher_path = trainer._teacher_path()
     sched_cfg = _teacher_json(teacher_path, "scheduler_config.json", "scheduler")
-    timesteps = [int(t) for t in trainer.config.denoising_timesteps]
-    scheduler = lcm_scheduler_for(sched_cfg, timesteps)
+    timesteps = [int(t) for t in trainer.export_timesteps()]
+    kind = getattr(trainer, "export_scheduler", "lcm")
+    scheduler = student_scheduler(kind, sched_cfg, timesteps)
+    w = getattr(trainer, "export_guidance_scale", None)
+    w_cond = bool(getattr(net.config, "time_cond_proj_dim", None))
+    if w_cond and w is None:
+        w = 1.0
     tmp = path.rstrip("/") + ".tmp_export"
     shutil.rmtree(tmp, ignore_errors=True)
     name = type(net).__name__
-    if name == "UNet2DModel":
+    if name in ("UNet2DModel", "GuidedUNet2DModel"):
         from .pipelines import StepDistillClassPipeline
 
-        pipe = StepDistillClassPipeline(unet=net, scheduler=scheduler, trained_timesteps=timesteps)
+        pipe = StepDistillClassPipeline(
+            unet=net, scheduler=scheduler, trained_timesteps=timesteps, default_guidance_scale=w
+        )
         plain = (
             "images = pipe(class_labels=[0, 1, 2, 3]).images"
             if net.config.num_class_embeds
             else "images = pipe(num_images=4).images"
         )
-        stock = _STOCK_PIXEL.format(folder=path, timesteps=timesteps)
+        stock = _STOCK_PIXEL.format(
+            folder=path,
+            scheduler_class=type(scheduler).__name__,
+            imports=type(scheduler).__name__ + ("" if w_cond else ", UNet2DModel"),
+            unet_class="UNet2DModel" if not w_cond else "GuidedUNet2DModel",
+            set_timesteps=_set_timesteps_arg(kind, timesteps),
+            w_setup=_W_SETUP.format(w=w) if w_cond else "",
+            w_arg=", timestep_cond=w_emb" if w_cond else "",
+        )
+        if w_cond:
+            stock = (
+                "# GuidedUNet2DModel is UNet2DModel plus the guidance input; it ships with stepdistill\n"
+                "from stepdistill import GuidedUNet2DModel\n"
+                "from stepdistill.guidance import guidance_scale_embedding\n" + stock
+            )
     elif name == "UNet2DConditionModel":
-        pipe, plain, stock = _text_pipeline(teacher_path, net, scheduler, timesteps, path)
+        pipe, plain, stock = _text_pipeline(teacher_path, net, scheduler, timesteps, path, kind, w)
     else:
         raise ValueError(f"export of a {name} generator is not supported yet (UNet2DModel, UNet2DConditionModel)")
     pipe.save_pretrained(tmp, safe_serialization=True)
@@ -170,7 +252,7 @@ def export_generator(trainer, path: str) -> str:
                 stacklevel=2,
             )
         else:
-            lora_call = _save_lora(trainer, pipe, tmp, path, timesteps)
+            lora_call = _save_lora(trainer, pipe, tmp, path, timesteps, kind, w)
     card = CARD.format(
         method=getattr(trainer, "method_name", type(trainer).__name__),
         title=f"{len(timesteps)}-step distilled generator",
@@ -201,7 +283,7 @@ def _teacher_json(teacher_path, name, subfolder=None) -> dict:
     return data
 
 
-def _text_pipeline(teacher_path, net, scheduler, timesteps, path):
+def _text_pipeline(teacher_path, net, scheduler, timesteps, path, kind="lcm", w=None):
     from diffusers import DiffusionPipeline
 
     from .pipelines import StepDistillSDPipeline, StepDistillSDXLPipeline
@@ -217,14 +299,16 @@ def _text_pipeline(teacher_path, net, scheduler, timesteps, path):
     base = DiffusionPipeline.from_pretrained(teacher_path, unet=net, scheduler=scheduler, **extra)
     comps = {k: v for k, v in base.components.items() if k in cls.__init__.__code__.co_varnames}
     comps.update(unet=net, scheduler=scheduler)
-    pipe = cls(**comps, trained_timesteps=timesteps)
+    pipe = cls(**comps, trained_timesteps=timesteps, default_guidance_scale=w)
     plain = 'image = pipe("a photo of a cat").images[0]'
-    stock = _STOCK_TEXT.format(stock_class=stock_class, folder=path, n=len(timesteps), timesteps=timesteps)
+    stock = _STOCK_TEXT.format(
+        stock_class=stock_class, folder=path, steps_args=_steps_args(kind, timesteps), w=0.0 if w is None else w
+    )
     pipe._stock_class = stock_class
     return pipe, plain, stock
 
 
-def _save_lora(trainer, pipe, tmp, path, timesteps) -> str:
+def _save_lora(trainer, pipe, tmp, path, timesteps, kind="lcm", w=None) -> str:
     """Write the generator's adapter as ``lora/`` (diffusers' LoRA format: ``unet.``-prefixed peft keys plus
     the adapter's rank / alpha / targets as metadata), loadable by ``load_lora_weights`` on the teacher."""
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
@@ -248,5 +332,10 @@ def _save_lora(trainer, pipe, tmp, path, timesteps) -> str:
         },
     )
     return _STOCK_LORA.format(
-        stock_class=stock_class, teacher=trainer.config.teacher, folder=path, n=len(timesteps), timesteps=timesteps
+        stock_class=stock_class,
+        scheduler_class=type(pipe.scheduler).__name__,
+        teacher=trainer.config.teacher,
+        folder=path,
+        steps_args=_steps_args(kind, timesteps),
+        w=0.0 if w is None else w,
     )

@@ -84,3 +84,14 @@ def vsd_gradient(eps_real: torch.Tensor, eps_fake: torch.Tensor, sigma: torch.Te
     apply with :func:`distribution_matching_loss`. ``sigma`` is per sample (B,)."""
     w = (sigma.double() ** 2).reshape(-1, *([1] * (eps_real.ndim - 1)))
     return torch.nan_to_num(w * (eps_real.double() - eps_fake.double()))
+
+
+def pseudo_huber_distance(a: torch.Tensor, b: torch.Tensor, c: float) -> torch.Tensor:
+    """Pseudo-Huber distance per sample (Song & Dhariwal 2023, iCT eq. 9): sqrt(||a - b||^2 + c^2) - c over all
+    non-batch dims, shape (B,); c = 0 gives the L2 norm ||a - b||. iCT uses c = 0.00054 sqrt(d)."""
+    if c < 0:
+        raise ValueError(f"pseudo-Huber c must be >= 0, got {c}")
+    if a.shape != b.shape:
+        raise ValueError(f"pseudo-Huber inputs differ in shape: {tuple(a.shape)} vs {tuple(b.shape)}")
+    sq = ((a.float() - b.float()) ** 2).reshape(a.shape[0], -1).sum(dim=1)
+    return (sq + c * c).sqrt() - c

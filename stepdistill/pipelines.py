@@ -9,6 +9,8 @@ gives the call that works with stock diffusers classes alone.
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
 from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
@@ -18,15 +20,23 @@ from diffusers.utils.torch_utils import randn_tensor
 class StepDistillClassPipeline(DiffusionPipeline):
     """Class-conditional (or unconditional) pixel-space generator: ``pipe(class_labels=[3, 1, 4])``.
 
-    Components: ``unet`` (UNet2DModel) and ``scheduler`` (LCMScheduler: x0 prediction, then fresh noise
-    to the next trained timestep)."""
+    Components: ``unet`` (UNet2DModel, or GuidedUNet2DModel for w-conditioned students) and ``scheduler``
+    (LCMScheduler: x0 prediction, then fresh noise to the next trained timestep; DDIMScheduler with trailing
+    spacing for deterministic students; TCDScheduler).
+
+    ``guidance_scale`` (uncond + w (cond - uncond)): a w-conditioned unet takes it as an input (one network
+    evaluation per step, default: the scale it was exported with); any other class-conditional unet runs
+    classifier-free guidance with the null class (two evaluations per step) when it is not 1."""
 
     model_cpu_offload_seq = "unet"
 
-    def __init__(self, unet, scheduler, trained_timesteps=None):
+    def __init__(self, unet, scheduler, trained_timesteps=None, default_guidance_scale=None):
         super().__init__()
         self.register_modules(unet=unet, scheduler=scheduler)
-        self.register_to_config(trained_timesteps=list(trained_timesteps or [scheduler.config.num_train_timesteps - 1]))
+        self.register_to_config(
+            trained_timesteps=list(trained_timesteps or [scheduler.config.num_train_timesteps - 1]),
+            default_guidance_scale=default_guidance_scale,
+        )
 
     @torch.no_grad()
     def __call__(
@@ -36,6 +46,7 @@ class StepDistillClassPipeline(DiffusionPipeline):
         generator=None,
         num_inference_steps: int | None = None,
         timesteps=None,
+        guidance_scale: float | None = None,
         output_type: str = "pil",
         return_dict: bool = True,
     ):
@@ -50,18 +61,34 @@ class StepDistillClassPipeline(DiffusionPipeline):
             if (labels < 0).any() or (labels >= n_classes - 1).any():
                 raise ValueError(f"class_labels must be in [0, {n_classes - 2}], got {labels.tolist()}")
             num_images = len(labels)
-        timesteps = list(timesteps or self.config.trained_timesteps)
-        if num_inference_steps is not None and num_inference_steps != len(timesteps):
-            timesteps = None
-        self.scheduler.set_timesteps(
-            num_inference_steps=None if timesteps else num_inference_steps, timesteps=timesteps, device=self.device
+        set_scheduler_timesteps(
+            self.scheduler, self.config.trained_timesteps, num_inference_steps, timesteps, self.device
         )
         size = self.unet.config.sample_size
         shape = (num_images, self.unet.config.in_channels, size, size)
         x = randn_tensor(shape, generator=generator, device=self.device, dtype=self.unet.dtype)
         kwargs = {"class_labels": labels.to(self.device)} if labels is not None else {}
+        w_dim = getattr(self.unet.config, "time_cond_proj_dim", None)
+        if guidance_scale is None:
+            guidance_scale = self.config.get("default_guidance_scale", None) if w_dim else 1.0
+            guidance_scale = 1.0 if guidance_scale is None else guidance_scale
+        cfg = not w_dim and guidance_scale != 1.0
+        if w_dim:
+            from .guidance import guidance_scale_embedding
+
+            w = torch.full((num_images,), float(guidance_scale) - 1.0)
+            kwargs["timestep_cond"] = guidance_scale_embedding(w, w_dim).to(self.device, self.unet.dtype)
+        elif cfg:
+            if labels is None:
+                raise ValueError(f"guidance_scale={guidance_scale} needs a class-conditional model")
+            null = torch.full_like(labels, n_classes - 1)
+            kwargs = {"class_labels": torch.cat([labels, null]).to(self.device)}
         for t in self.progress_bar(self.scheduler.timesteps):
-            out = self.unet(x, t, **kwargs).sample
+            if cfg:
+                out_c, out_u = self.unet(torch.cat([x, x]), t, **kwargs).sample.chunk(2)
+                out = out_u + guidance_scale * (out_c - out_u)
+            else:
+                out = self.unet(x, t, **kwargs).sample
             x = self.scheduler.step(out, t, x, generator=generator).prev_sample
         image = (x / 2 + 0.5).clamp(0, 1)
         if output_type == "pt":
@@ -75,15 +102,38 @@ class StepDistillClassPipeline(DiffusionPipeline):
         return ImagePipelineOutput(images=images)
 
 
+def set_scheduler_timesteps(scheduler, trained, num_inference_steps=None, timesteps=None, device=None):
+    """The trained timesteps by default; a scheduler without custom timesteps (DDIM) gets the step count."""
+    trained = list(trained)
+    timesteps = list(timesteps) if timesteps is not None else None
+    if timesteps is None and num_inference_steps in (None, len(trained)):
+        timesteps = trained
+    if "timesteps" in inspect.signature(scheduler.set_timesteps).parameters:
+        if timesteps is not None:
+            scheduler.set_timesteps(timesteps=timesteps, device=device)
+        else:
+            scheduler.set_timesteps(num_inference_steps=num_inference_steps, device=device)
+        return
+    n = len(timesteps) if timesteps is not None else num_inference_steps
+    scheduler.set_timesteps(n, device=device)
+    got = [int(t) for t in scheduler.timesteps]
+    if timesteps is not None and got != [int(t) for t in timesteps]:
+        raise ValueError(f"{type(scheduler).__name__} cannot take custom timesteps {timesteps}; its grid is {got}")
+
+
 class _TrainedStepsMixin:
-    """Defaults for text-to-image students: trained timesteps, guidance off."""
+    """Defaults for text-to-image students: trained timesteps, guidance off (w-conditioned students: the
+    scale they were exported with, fed as an input, no second pass)."""
 
     def _defaults(self, kwargs):
         trained = list(self.config.trained_timesteps)
+        custom = "timesteps" in inspect.signature(self.scheduler.set_timesteps).parameters
         if kwargs.get("timesteps") is None and kwargs.get("num_inference_steps") in (None, len(trained)):
-            kwargs["timesteps"] = trained
+            if custom:
+                kwargs["timesteps"] = trained
             kwargs["num_inference_steps"] = len(trained)
-        kwargs.setdefault("guidance_scale", 0.0)
+        w = self.config.get("default_guidance_scale", None)
+        kwargs.setdefault("guidance_scale", w if w is not None and self.unet.config.time_cond_proj_dim else 0.0)
         return kwargs
 
 
@@ -102,6 +152,7 @@ class StepDistillSDPipeline(_TrainedStepsMixin, StableDiffusionPipeline):
         image_encoder=None,
         requires_safety_checker: bool = False,
         trained_timesteps=None,
+        default_guidance_scale=None,
     ):
         super().__init__(
             vae,
@@ -114,7 +165,9 @@ class StepDistillSDPipeline(_TrainedStepsMixin, StableDiffusionPipeline):
             image_encoder,
             requires_safety_checker=requires_safety_checker,
         )
-        self.register_to_config(trained_timesteps=list(trained_timesteps or [999]))
+        self.register_to_config(
+            trained_timesteps=list(trained_timesteps or [999]), default_guidance_scale=default_guidance_scale
+        )
 
     def __call__(self, *args, **kwargs):
         return super().__call__(*args, **self._defaults(kwargs))
@@ -137,6 +190,7 @@ class StepDistillSDXLPipeline(_TrainedStepsMixin, StableDiffusionXLPipeline):
         force_zeros_for_empty_prompt: bool = True,
         add_watermarker=None,
         trained_timesteps=None,
+        default_guidance_scale=None,
     ):
         super().__init__(
             vae,
@@ -151,7 +205,9 @@ class StepDistillSDXLPipeline(_TrainedStepsMixin, StableDiffusionXLPipeline):
             force_zeros_for_empty_prompt,
             add_watermarker=False,
         )
-        self.register_to_config(trained_timesteps=list(trained_timesteps or [999]))
+        self.register_to_config(
+            trained_timesteps=list(trained_timesteps or [999]), default_guidance_scale=default_guidance_scale
+        )
 
     def __call__(self, *args, **kwargs):
         return super().__call__(*args, **self._defaults(kwargs))

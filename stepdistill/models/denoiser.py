@@ -14,11 +14,11 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from ..guidance import CFG_COND, CFG_UNCOND, cfg_combine
+from ..guidance import CFG_COND, CFG_UNCOND, cfg_combine, guidance_scale_embedding, to_convention
 from ..schedules import NoiseSchedule
 from .conditioning import Cond
 
-_UNET_CLASSES = ("UNet2DModel", "UNet2DConditionModel")
+_UNET_CLASSES = ("UNet2DModel", "UNet2DConditionModel", "GuidedUNet2DModel")
 _DIT_CLASSES = ("DiTTransformer2DModel", "Transformer2DModel")
 _SD3_CLASSES = ("SD3Transformer2DModel",)
 SUPPORTED_NETWORKS = _UNET_CLASSES + _DIT_CLASSES + _SD3_CLASSES
@@ -85,6 +85,10 @@ class Denoiser(nn.Module):
         schedule: the :class:`~stepdistill.schedules.NoiseSchedule` the network was trained with.
         prediction_type: what the network outputs (``eps``/``epsilon``, ``x0``/``sample``, ``v``, ``flow``, ``edm``).
         cfg_convention: ``"uncond+w"`` (default; diffusers) or ``"cond+w"`` (LCM / Imagen).
+
+    A w-conditioned network (its config has ``time_cond_proj_dim``: guided-distillation and LCM students)
+    takes the guidance scale as an input instead: ``guidance_scale`` then costs no second pass; it is fed as
+    the embedding of w - 1 (w in the uncond+w convention), as diffusers' SD / LCM pipelines do.
     """
 
     def __init__(self, net, schedule: NoiseSchedule, prediction_type: str, *, cfg_convention: str = CFG_UNCOND):
@@ -94,6 +98,24 @@ class Denoiser(nn.Module):
         self.prediction_type = schedule.check_prediction_type(prediction_type)
         self.cfg_convention = cfg_convention
         self._call = network_call(net)
+        config = getattr(_unwrap(net), "config", None)
+        self.w_embedding_dim = int(getattr(config, "time_cond_proj_dim", None) or 0) if config is not None else 0
+
+    @property
+    def w_conditioned(self) -> bool:
+        return self.w_embedding_dim > 0
+
+    def guidance_embedding(self, guidance_scale, batch: int, device) -> torch.Tensor:
+        """``timestep_cond`` for a w-conditioned network: embed(w - 1) per sample (w = 1 when None)."""
+        w = torch.as_tensor(1.0 if guidance_scale is None else guidance_scale, dtype=torch.float32)
+        if not torch.isfinite(w).all():
+            raise ValueError(f"guidance scale must be finite, got {guidance_scale}")
+        w_lcm = to_convention(w, self.cfg_convention, CFG_COND).reshape(-1).expand(batch) if w.ndim == 0 else None
+        if w_lcm is None:
+            if w.shape != (batch,):
+                raise ValueError(f"per-sample guidance scale has shape {tuple(w.shape)}, expected ({batch},)")
+            w_lcm = to_convention(w, self.cfg_convention, CFG_COND)
+        return guidance_scale_embedding(w_lcm, self.w_embedding_dim).to(device)
 
     # ------------------------------------------------------------------------------------------------
     def _time(self, t, x_t):
@@ -123,6 +145,10 @@ class Denoiser(nn.Module):
         """Raw output, with classifier-free guidance when ``guidance_scale`` asks for it (one forward of
         the doubled batch [cond; uncond])."""
         t = self._time(t, x_t)
+        if self.w_conditioned:
+            kwargs = dict(cond.kwargs) if cond is not None else {}
+            kwargs["timestep_cond"] = self.guidance_embedding(guidance_scale, x_t.shape[0], x_t.device)
+            return self._forward(x_t, t, kwargs)
         if self._is_plain(guidance_scale):
             return self._forward(x_t, t, cond.kwargs if cond is not None else {})
         if cond is None:
@@ -176,4 +202,3 @@ class Denoiser(nn.Module):
         target = self.schedule.from_x0_eps(x0, noise, x_t, t, space)
         weight = weight_fn(t).to(out.device) if weight_fn is not None else None
         return denoising_loss(out, target, weight)
-

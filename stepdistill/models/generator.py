@@ -16,6 +16,27 @@ from .teacher import Teacher
 SAMPLERS = ("consistency", "ddim")
 
 
+def with_guidance_embedding(net, dim: int):
+    """A copy of ``net`` that takes ``timestep_cond`` = embed(w) (zero-initialised projection)."""
+    name = type(net).__name__
+    if name == "UNet2DModel":
+        from .guided_unet import GuidedUNet2DModel
+
+        return GuidedUNet2DModel.from_unet(net, dim)
+    if name == "UNet2DConditionModel":
+        from diffusers import UNet2DConditionModel
+
+        if getattr(net.config, "time_cond_proj_dim", None):
+            raise ValueError(f"the teacher already has time_cond_proj_dim={net.config.time_cond_proj_dim}")
+        new = UNet2DConditionModel.from_config(net.config, time_cond_proj_dim=dim)
+        missing, unexpected = new.load_state_dict(net.state_dict(), strict=False)
+        if unexpected or set(missing) != {"time_embedding.cond_proj.weight"}:
+            raise RuntimeError(f"weights do not transfer: missing {missing}, unexpected {unexpected}")
+        torch.nn.init.zeros_(new.time_embedding.cond_proj.weight)
+        return new.to(device=net.device, dtype=net.dtype)
+    raise ValueError(f"a guidance-scale embedding is supported for UNet2DModel and UNet2DConditionModel, not {name}")
+
+
 class Generator(Denoiser):
     """``generator(x_t, cond, t)`` returns x0 (with gradients); ``sample(noise, cond)`` runs the trained
     few-step chain.
@@ -60,11 +81,23 @@ class Generator(Denoiser):
         lora_alpha=None,
         adapter_name: str = "generator",
         target_modules=None,
+        w_embedding_dim: int = 0,
     ) -> "Generator":
         """Initialise the student from the teacher's weights: a full trainable copy, or a LoRA adapter on
-        the teacher's network (the teacher then runs with adapters off)."""
+        the teacher's network (the teacher then runs with adapters off). ``w_embedding_dim > 0`` gives a full
+        student a guidance-scale input (``time_cond_proj_dim``; the new projection starts at zero, so the
+        student starts as the teacher)."""
+        if w_embedding_dim and mode != "full":
+            raise ValueError(
+                "a guidance-scale embedding (w_embedding_dim > 0) needs new weights (a time_cond_proj_dim "
+                "projection) that a LoRA on the frozen base cannot add; use generator_mode 'full', or no "
+                "w-embedding (LCM-LoRA distils a fixed guidance range into the LoRA instead)"
+            )
         if mode == "full":
-            net = copy.deepcopy(_unwrap(teacher.net)).requires_grad_(True).train()
+            net = copy.deepcopy(_unwrap(teacher.net))
+            if w_embedding_dim and teacher.w_embedding_dim != w_embedding_dim:
+                net = with_guidance_embedding(net, w_embedding_dim)
+            net = net.requires_grad_(True).train()
             return cls(
                 net,
                 teacher.schedule,

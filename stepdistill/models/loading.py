@@ -81,6 +81,7 @@ def load_network(
 
 
 def _own_network_classes() -> dict:
+    from .guided_unet import GuidedUNet2DModel
     from .toy import ToyMLP
 
-    return {"ToyMLP": ToyMLP}
+    return {"ToyMLP": ToyMLP, "GuidedUNet2DModel": GuidedUNet2DModel}

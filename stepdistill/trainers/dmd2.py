@@ -17,7 +17,6 @@ Example::
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from dataclasses import dataclass, field
@@ -33,26 +32,30 @@ from ..losses import (
     gan_discriminator_loss,
     gan_generator_loss,
 )
-from ..models import FakeScore, Generator, Teacher
-from ..models.conditioning import ClassConditioner, Cond
+from ..models import FakeScore
 from ..models.denoiser import _unwrap
-from .base import DistillTrainer, NetSpec, TrainConfig
+from .base import NetSpec
+from .student import (  # noqa: F401  (re-exported: the family's helpers used to live here)
+    DistillDataset,
+    StudentConfig,
+    StudentTrainer,
+    _adapter_params,
+    _conditioning_for,
+    _dataset_for,
+    _has_null,
+    vae_scale_factor,
+)
 
 
 @dataclass
-class DMD2Config(TrainConfig):
+class DMD2Config(StudentConfig):
     """DMD2 settings (defaults from tianweiy/DMD2 ``main/train_sd.py`` and ``experiments/*`` unless noted).
 
+    Teacher, data, generator mode and export keys: :class:`~stepdistill.trainers.student.StudentConfig`.
+
     > Models
-    teacher (`str`, `"digits"`): diffusers folder or hub id of the teacher; "digits" = the bundled teacher.
-    generator_mode / fake_score_mode (`str`, `"full"`): "full" copy of the teacher or "lora" adapter on it.
-    lora_rank (`int`, `64`), lora_alpha (`float`, `8.0`: DMD2's SDXL LoRA uses rank 64, alpha 8).
-    > Data and conditioning
-    dataset (`str`, `"digits"`): source of labels / prompts and of real images for the GAN: "digits",
-        "toy2d:<name>", an image folder with captions, or a prompt file (.txt / .jsonl; no real images).
-    resolution (`int`, `0`): the generator's sample side: latents for latent models (64 = 512 px for SD1.5,
-        128 = 1024 px for SDXL; real images are resized to it x the VAE factor), pixels otherwise (0: the
-        network config's sample_size).
+    fake_score_mode (`str`, `"full"`): "full" copy of the teacher or "lora" adapter on it.
+    lora_alpha (`float`, `8.0`: DMD2's SDXL LoRA uses rank 64, alpha 8).
     > Distribution matching
     real_guidance_scale (`float`, `1.0`): teacher CFG (uncond + w (cond - uncond)); DMD2 uses 1.75 (SD1.5),
         8 (SDXL); its ImageNet model uses none.
@@ -74,14 +77,8 @@ class DMD2Config(TrainConfig):
     generator_lr / fake_lr (`float`, `0`: use learning_rate).
     """
 
-    teacher: str = "digits"
-    generator_mode: str = "full"
     fake_score_mode: str = "full"
-    lora_rank: int = 64
     lora_alpha: float = 8.0
-    lora_target_modules: list[str] = field(default_factory=list)
-    dataset: str = "digits"
-    resolution: int = 0
     real_guidance_scale: float = 1.0
     min_step_percent: float = 0.02
     max_step_percent: float = 0.98
@@ -100,12 +97,11 @@ class DMD2Config(TrainConfig):
     fake_lr: float = 0.0
     weight_decay: float = 0.01
     max_grad_norm: float = 10.0
-    export_dir: str = ""
 
     def check(self):
-        for key in ("generator_mode", "fake_score_mode"):
-            if getattr(self, key) not in ("full", "lora"):
-                raise ConfigError(f"{key} must be 'full' or 'lora', got {getattr(self, key)!r}")
+        super().check()
+        if self.fake_score_mode not in ("full", "lora"):
+            raise ConfigError(f"fake_score_mode must be 'full' or 'lora', got {self.fake_score_mode!r}")
         if not 0 <= self.min_step_percent < self.max_step_percent <= 1:
             raise ConfigError(
                 f"need 0 <= min_step_percent < max_step_percent <= 1, got "
@@ -121,8 +117,6 @@ class DMD2Config(TrainConfig):
         ts = self.denoising_timesteps
         if not ts or any(b >= a for a, b in zip(ts, ts[1:])) or min(ts) < 0:
             raise ConfigError(f"denoising_timesteps must be decreasing non-negative integers, got {ts}")
-        if self.teacher != "digits" and not os.path.exists(self.teacher) and not _hub_like(self.teacher):
-            raise ConfigError(f"teacher: path {self.teacher!r} does not exist")
         if self.gan_generator_weight > 0 and self.dataset.endswith((".txt", ".jsonl")):
             raise ConfigError(
                 "gan_generator_weight > 0 needs real images, but dataset "
@@ -132,11 +126,6 @@ class DMD2Config(TrainConfig):
             raise ConfigError(
                 f"backward_simulation=false trains later steps on noised real images; dataset {self.dataset!r} has none"
             )
-
-
-def _hub_like(s: str) -> bool:
-    parts = s.split("/")
-    return len(parts) == 2 and all(parts) and not s.startswith((".", "/", "~"))
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -210,7 +199,7 @@ class DiscriminatorHead(nn.Module):
 # --------------------------------------------------------------------------------------------------------
 
 
-class DMD2Trainer(DistillTrainer):
+class DMD2Trainer(StudentTrainer):
     """DMD2 on the shared loop: hooks only."""
 
     config_class = DMD2Config
@@ -219,13 +208,6 @@ class DMD2Trainer(DistillTrainer):
     trains_several_networks = True
 
     # ---------------------------------------------------------------- setup
-    def _teacher_path(self):
-        if self.config.teacher == "digits":
-            from ..assets import digits_teacher_path
-
-            return digits_teacher_path()
-        return self.config.teacher
-
     def validate(self):
         super().validate()
         c = self.config
@@ -235,43 +217,19 @@ class DMD2Trainer(DistillTrainer):
                 "network, which DDP / FSDP cannot wrap twice; use fake_score_mode: full with several "
                 "processes"
             )
-        ds = self.config.dataset
-        if ds != "digits" and not ds.startswith("toy2d:") and not os.path.exists(ds):
-            raise ConfigError(f"dataset: path {ds!r} does not exist (an image folder with captions or a prompt file)")
 
     def build(self):
         c = self.config
         device = self.accelerator.device
-        path = self._teacher_path()
-        self.teacher = Teacher.from_pretrained(path)
-        self.teacher.net.to(device)
-        self.schedule = self.teacher.schedule
-        net = self.teacher.net
-        T = getattr(self.schedule, "num_train_timesteps", None)
-        for ts in c.denoising_timesteps:
-            if T is None or ts > T - 1:
-                raise ConfigError(f"denoising_timesteps: {ts} is outside the teacher's schedule (0..{(T or 0) - 1})")
-        self.gen_times = self.schedule.timestep_to_t(torch.tensor(c.denoising_timesteps, dtype=torch.float64))
-        self.conditioner, self.vae = _conditioning_for(path, net, c)
-        if self.vae is not None:
-            self.vae.to(device)
-        if getattr(self.conditioner, "to", None) is not None and not isinstance(self.conditioner, ClassConditioner):
-            self.conditioner.to(device)
-        self.sample_shape = _sample_shape(net, c.resolution)
-        self.dataset = _dataset_for(c, self.sample_shape, self.vae)
-        _check_dataset_fits(self.conditioner, self.dataset, c.dataset)
-        if c.real_guidance_scale != 1.0 and not _has_null(self.conditioner):
-            raise ConfigError(
-                f"real_guidance_scale={c.real_guidance_scale} needs a teacher with an unconditional "
-                "branch (class-conditional with a null class, or text-conditional)"
-            )
+        self.build_teacher()
+        self.gen_times = self.timesteps_to_t(c.denoising_timesteps, "denoising_timesteps")
+        if c.real_guidance_scale != 1.0:
+            self.require_guidance("real_guidance_scale", c.real_guidance_scale)
 
         # full copies are taken before any LoRA adapter is added to the teacher's network, so that a full
         # fake score does not carry (and train) a copy of a LoRA generator's adapter
         def make_generator():
-            return Generator.from_teacher(
-                self.teacher, c.generator_mode, timesteps=self.gen_times, lora_rank=c.lora_rank, lora_alpha=c.lora_alpha
-            )
+            return self.make_generator(self.gen_times)
 
         def make_fake():
             return FakeScore.from_teacher(
@@ -312,9 +270,7 @@ class DMD2Trainer(DistillTrainer):
             "generator": NetSpec(
                 self.generator.net,
                 lr=c.generator_lr or None,
-                params=[p for p in self.generator.net.parameters() if p.requires_grad]
-                if c.generator_mode == "full"
-                else _adapter_params(self.generator),
+                params=self.generator_params(),
             ),
             "fake_score": NetSpec(
                 self.fake.net,
@@ -335,12 +291,6 @@ class DMD2Trainer(DistillTrainer):
         if self.use_gan:
             self.head = self.specs["head"].module
 
-    def train_dataset(self):
-        return self.dataset
-
-    def collate(self, items):
-        return self.dataset.collate(items)
-
     def ema_networks(self):
         return ("generator",)
 
@@ -352,15 +302,6 @@ class DMD2Trainer(DistillTrainer):
         return [fake_group]
 
     # ---------------------------------------------------------------- pieces
-    def _cond_batch(self, batch) -> Cond | None:
-        if self.conditioner is None:
-            return None
-        key = "label" if "label" in batch else "caption"
-        values = batch[key]
-        if key == "label":
-            values = values.to(self.accelerator.device)
-        return self.conditioner(values)
-
     def shared_step_index(self, step: int) -> int:
         """Backward simulation's step index k, identical on every process (seeded by the step, so it is also
         identical after a resume)."""
@@ -494,182 +435,3 @@ class DMD2Trainer(DistillTrainer):
         )
         x = self.generator(self.generator.initial_noise(noise[idx]), cond, self.gen_times[0].expand(len(idx)))
         return denoising_loss(x, images[idx])
-
-    # ---------------------------------------------------------------- samples and export
-    @torch.no_grad()
-    def sample_images(self, step):
-        n = 20
-        batch = self.dataset.example(n, generator=torch.Generator().manual_seed(0))
-        cond = self._cond_batch(batch)
-        noise = torch.randn(n, *self.sample_shape, generator=torch.Generator().manual_seed(0))
-        x = self.generator.sample(noise.to(self.accelerator.device), cond, generator=torch.Generator().manual_seed(1))
-        if self.vae is not None:
-            x = _decode(self.vae, x)
-        return x if x.ndim == 4 else None
-
-    def export(self, path: str | None = None) -> str:
-        from ..export import export_generator
-
-        c = self.config
-        path = path or c.export_dir or os.path.join(c.output_dir, "pipeline")
-        export_generator(self, path)
-        self.accelerator.wait_for_everyone()
-        return path
-
-
-# --------------------------------------------------------------------------------------------------------
-# helpers shared by the distribution-matching family
-# --------------------------------------------------------------------------------------------------------
-
-
-def _adapter_params(wrapper):
-    from ..models.adapters import lora_parameters
-
-    return lora_parameters(_unwrap(wrapper.net), wrapper.adapter_name)
-
-
-def _has_null(conditioner) -> bool:
-    if conditioner is None:
-        return False
-    if isinstance(conditioner, ClassConditioner):
-        return conditioner.supports_cfg
-    return True
-
-
-def _check_dataset_fits(conditioner, dataset, name):
-    """The dataset must give what the teacher is conditioned on (captions for text, labels for classes)."""
-    if conditioner is None:
-        return
-    if isinstance(conditioner, ClassConditioner):
-        if dataset.labels is None:
-            raise ConfigError(f"dataset: {name!r} has no class labels, but the teacher is class-conditional")
-    elif dataset.captions is None:
-        raise ConfigError(
-            f"dataset: {name!r} has no captions, but the teacher is text-conditional; use an image folder with "
-            "captions (.txt next to each image, or metadata.jsonl) or a prompt file (.txt / .jsonl)"
-        )
-
-
-def _read_model_index(path):
-    f = os.path.join(path, "model_index.json")
-    if os.path.isfile(f):
-        with open(f) as fh:
-            return json.load(fh)
-    return {}
-
-
-def _conditioning_for(path, net, c):
-    """The conditioner (class labels or text) and the VAE (latent models) of a teacher."""
-    name = type(_unwrap(net)).__name__
-    index = _read_model_index(path) if os.path.isdir(path) else None
-    vae = None
-    if index is None or "vae" in (index or {}):
-        try:
-            from diffusers import AutoencoderKL
-
-            vae = AutoencoderKL.from_pretrained(path, subfolder="vae")
-            vae.requires_grad_(False).eval()
-        except (OSError, ValueError):
-            vae = None
-    if name in ("UNet2DConditionModel", "SD3Transformer2DModel"):
-        from ..models.conditioning import TextConditioner
-
-        # c.resolution is the latent side; SDXL's time_ids take the image size in pixels
-        pixels = c.resolution * vae_scale_factor(vae) if c.resolution else None
-        conditioner = TextConditioner.from_pretrained(path, resolution=pixels)
-    elif name == "UNet2DModel":
-        conditioner = ClassConditioner.for_unet2d(net) if getattr(net.config, "num_class_embeds", None) else None
-    elif name in ("DiTTransformer2DModel", "Transformer2DModel"):
-        conditioner = ClassConditioner.for_dit(net)
-    else:
-        conditioner = None
-    return conditioner, vae
-
-
-def vae_scale_factor(vae) -> int:
-    """Pixels per latent side: 2 ** (number of VAE blocks - 1) (8 for SD / SDXL / SD3), 1 without a VAE."""
-    if vae is None:
-        return 1
-    return 2 ** (len(vae.config.block_out_channels) - 1)
-
-
-def _sample_shape(net, resolution: int):
-    cfg = _unwrap(net).config
-    if type(_unwrap(net)).__name__ == "ToyMLP":
-        return (cfg.dim,)
-    side = cfg.sample_size if isinstance(cfg.sample_size, int) else cfg.sample_size[0]
-    return (cfg.in_channels, resolution or side, resolution or side)
-
-
-def _decode(vae, latents):
-    scale = vae.config.scaling_factor
-    shift = getattr(vae.config, "shift_factor", None) or 0.0
-    return vae.decode(latents / scale + shift).sample.clamp(-1, 1)
-
-
-class DistillDataset(torch.utils.data.Dataset):
-    """Conditioning (labels or captions) and, when available, real images / latents for the GAN."""
-
-    def __init__(self, labels=None, captions=None, images=None):
-        self.labels, self.captions, self.images = labels, captions, images
-        self.n = len(labels if labels is not None else captions if captions is not None else images)
-        self.has_images = images is not None
-
-    def __len__(self):
-        return self.n
-
-    def __getitem__(self, i):
-        item = {"_n": i}
-        if self.labels is not None:
-            item["label"] = self.labels[i]
-        if self.captions is not None:
-            item["caption"] = self.captions[i]
-        if self.images is not None:
-            item["image"] = self.images[i]
-        return item
-
-    def collate(self, items):
-        out = {"_n": [it["_n"] for it in items]}
-        if self.labels is not None:
-            out["label"] = torch.stack([it["label"] for it in items])
-        if self.captions is not None:
-            out["caption"] = [it["caption"] for it in items]
-        if self.images is not None:
-            out["image"] = torch.stack([it["image"] for it in items])
-        return out
-
-    def example(self, n: int, generator=None):
-        idx = (
-            torch.randint(self.n, (n,), generator=generator)
-            if n > self.n
-            else torch.randperm(self.n, generator=generator)[:n]
-        )
-        return self.collate([self[int(i)] for i in idx])
-
-
-def _dataset_for(c, sample_shape, vae) -> DistillDataset:
-    from ..data import DigitsDataset, ImageFolderDataset, load_prompts, sample_toy2d
-
-    ds = c.dataset
-    if ds == "digits":
-        d = DigitsDataset("train", sample_shape[-1])
-        imgs = torch.stack([d[i]["image"] for i in range(len(d))])
-        labels = torch.stack([d[i]["label"] for i in range(len(d))])
-        return DistillDataset(labels=labels, images=imgs)
-    if ds.startswith("toy2d:"):
-        x, _ = sample_toy2d(ds[6:], 20000, torch.Generator().manual_seed(c.seed))
-        return DistillDataset(images=x)
-    if ds.endswith((".txt", ".jsonl")):
-        return DistillDataset(captions=load_prompts(ds))
-    if os.path.isdir(ds):
-        # images at the pixel size whose latents (or pixels) have the generator's sample shape
-        folder = ImageFolderDataset(ds, sample_shape[-1] * vae_scale_factor(vae))
-        images = torch.stack([folder[i]["image"] for i in range(len(folder))])
-        captions = [folder[i]["caption"] for i in range(len(folder))]
-        if vae is not None:
-            with torch.no_grad():
-                lat = vae.encode(images.to(vae.device)).latent_dist.mean
-                shift = getattr(vae.config, "shift_factor", None) or 0.0
-                images = ((lat - shift) * vae.config.scaling_factor).cpu()
-        return DistillDataset(captions=captions, images=images)
-    raise ConfigError(f"dataset: {ds!r} is not 'digits', 'toy2d:<name>', a prompt file or an image folder")
