@@ -7,7 +7,10 @@ A method writes only hooks:
 * ``phase(step) -> tuple[str]``    which networks are updated at this step (two-time-scale rules);
 * ``compute_loss(batch, phase)``   returns ``{"loss": tensor, other scalars to log}``;
 * ``on_step_end(step)``            optional (target-network EMA, progressive halving, ...);
-* ``sample_images(step)``          optional: a (N, C, H, W) tensor in [-1, 1] for the periodic grid.
+* ``sample_images(step)``          optional: a (N, C, H, W) tensor in [-1, 1] for the periodic grid;
+* ``extra_state()`` / ``load_extra_state(tensors, meta)``  optional: state outside the trainable networks
+  that a checkpoint must carry for an exact resume (a consistency target network, a progressive round's
+  frozen teacher and step count): tensors go to ``extra.safetensors``, JSON-able meta to the state file.
 
 The base class owns: accelerate preparation (one ``prepare`` call per network with its own optimiser and
 LR schedule, so FSDP2's one-model rule holds), the per-phase ``requires_grad`` flips, one
@@ -172,6 +175,13 @@ class DistillTrainer:
 
     def on_step_skipped(self, step: int) -> None:
         """Called when a step is skipped for a non-finite loss or gradient (drop any per-step state)."""
+
+    def extra_state(self) -> tuple[dict, dict]:
+        """(tensors, meta) to checkpoint besides the networks, optimisers, EMA and RNG; default none."""
+        return {}, {}
+
+    def load_extra_state(self, tensors: dict, meta: dict) -> None:
+        """Restore what :meth:`extra_state` saved (called after the networks are loaded)."""
 
     def ema_networks(self) -> tuple[str, ...]:
         return tuple(self.specs)[:1]
@@ -476,12 +486,17 @@ class DistillTrainer:
             "sampler_consumed": self.sampler.consumed,
         }
         torch.save(_rng_to_tensors(rng), os.path.join(tmp, f"rng_{acc.process_index}.pt"))
+        extra_tensors, extra_meta = self.extra_state()
         acc.wait_for_everyone()
         if acc.is_main_process:
+            if extra_tensors:
+                extra_tensors = {k: v.detach().contiguous().cpu() for k, v in extra_tensors.items()}
+                _atomic_save_file(extra_tensors, os.path.join(tmp, "extra.safetensors"))
             state = {
                 "global_step": self.global_step,
                 "nonfinite_total": self.nonfinite_total,
                 "networks": list(self.specs),
+                "extra": extra_meta,
                 "history_tail": self.history[-50:],
             }
             with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
@@ -525,6 +540,9 @@ class DistillTrainer:
                 opt_state = torch.load(os.path.join(path, f"{name}_optim.pt"), weights_only=True)
                 self.opts[name].load_state_dict(opt_state["optimizer"])
                 self.lr_scheds[name].load_state_dict(opt_state["lr_scheduler"])
+            extra_file = os.path.join(path, "extra.safetensors")
+            extra = load_file(extra_file) if os.path.isfile(extra_file) else {}
+            self.load_extra_state(extra, state.get("extra", {}))
             rng_file = os.path.join(path, f"rng_{self.accelerator.process_index}.pt")
             rng = _rng_from_tensors(torch.load(rng_file, weights_only=True))
         except Exception as e:  # noqa: BLE001 - any unreadable file (safetensors, torch, json) means corrupt
