@@ -19,6 +19,6 @@ def _register():
 
 _register()
 
-from .models.guided_unet import GuidedUNet2DModel  # noqa: E402  (exported pipelines name it as stepdistill's)
+from .models.guided_unet import GuidedUNet2DModel  # noqa: E402
 
 __all__ = ["GuidedUNet2DModel", "__version__"]

@@ -20,6 +20,9 @@ import shutil
 import torch
 
 from .models.denoiser import _unwrap
+from .schedules import normalize_prediction_type
+
+_DIFFUSERS_PREDICTION = {"eps": "epsilon", "x0": "sample", "v": "v_prediction"}
 
 CARD = """---
 library_name: diffusers
@@ -134,7 +137,7 @@ def student_scheduler(kind: str, teacher_schedule_config: dict, timesteps: list[
             timestep_spacing="trailing",
             clip_sample=False,
             set_alpha_to_one=True,
-            steps_offset=0,
+            steps_offset=1,  # unused by trailing spacing; 1 keeps StableDiffusionPipeline from calling it outdated
         )
         sched.set_timesteps(len(timesteps))
         grid = [int(t) for t in sched.timesteps]
@@ -200,6 +203,9 @@ def export_generator(trainer, path: str) -> str:
         return path
     teacher_path = trainer._teacher_path()
     sched_cfg = _teacher_json(teacher_path, "scheduler_config.json", "scheduler")
+    pred = trainer.generator.prediction_type  # a student may output another type than its teacher
+    if normalize_prediction_type(sched_cfg.get("prediction_type", "epsilon")) != pred:
+        sched_cfg = {**sched_cfg, "prediction_type": _DIFFUSERS_PREDICTION[pred]}
     timesteps = [int(t) for t in trainer.export_timesteps()]
     kind = getattr(trainer, "export_scheduler", "lcm")
     scheduler = student_scheduler(kind, sched_cfg, timesteps)

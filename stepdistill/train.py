@@ -10,12 +10,21 @@ from .config import ConfigError, build_config, parse_overrides, read_yaml
 
 def trainer_classes() -> dict:
     """Method name (the recipe's ``method:`` key) -> trainer class."""
+    from .trainers.consistency import ConsistencyTrainer
     from .trainers.dmd2 import DMD2Trainer
     from .trainers.dsm import DSMTrainer
+    from .trainers.progressive import ProgressiveTrainer
     from .trainers.sim import SIMTrainer
     from .trainers.vsd import VSDTrainer
 
-    return {"dsm": DSMTrainer, "dmd2": DMD2Trainer, "sim": SIMTrainer, "vsd": VSDTrainer}
+    return {
+        "dsm": DSMTrainer,
+        "dmd2": DMD2Trainer,
+        "sim": SIMTrainer,
+        "vsd": VSDTrainer,
+        "progressive": ProgressiveTrainer,
+        "consistency": ConsistencyTrainer,
+    }
 
 
 def make_trainer(config_path: str, overrides=()):

@@ -186,3 +186,27 @@ def merge_lora(net: torch.nn.Module, adapter_name: str | None = None) -> torch.n
     if hasattr(net, "_hf_peft_config_loaded"):
         net._hf_peft_config_loaded = False
     return net
+
+
+@torch.no_grad()
+def fold_lora_into_base(net: torch.nn.Module, adapter_name: str) -> int:
+    """Add the adapter's update (scale * B @ A) into the base weights in place and restart the adapter at
+    zero (B = 0, a fresh A): the network computes the same function afterwards, and the next round of
+    LoRA training starts on the merged base (LoRA-enhanced progressive distillation). Returns the number
+    of layers folded."""
+    n = 0
+    for m in tuner_layers(net):
+        if adapter_name not in getattr(m, "lora_A", {}):
+            continue
+        if adapter_name in getattr(m, "merged_adapters", []):
+            raise ValueError(f"adapter {adapter_name!r} is merged already; unmerge it before folding")
+        base = m.get_base_layer()
+        base.weight.data += m.get_delta_weight(adapter_name).to(base.weight.dtype)
+        flags = {id(p): p.requires_grad for p in m.parameters()}
+        m.reset_lora_parameters(adapter_name, True)
+        for p in m.parameters():
+            p.requires_grad_(flags.get(id(p), p.requires_grad))
+        n += 1
+    if n == 0:
+        raise ValueError(f"no LoRA layer carries adapter {adapter_name!r}")
+    return n

@@ -13,9 +13,14 @@ from __future__ import annotations
 import inspect
 
 import torch
-from diffusers import UNet2DModel
+from diffusers import ModelMixin, UNet2DModel
 from diffusers.configuration_utils import register_to_config
 from diffusers.models.embeddings import TimestepEmbedding
+
+# An exported pipeline names this component ["stepdistill.models.guided_unet", "GuidedUNet2DModel"]; diffusers
+# picks the load method of a component from another library by finding the diffusers base classes in that
+# library's module, hence ModelMixin is part of this module's namespace.
+__all__ = ["GuidedUNet2DModel", "ModelMixin"]
 
 
 class GuidedUNet2DModel(UNet2DModel):

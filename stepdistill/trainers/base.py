@@ -176,6 +176,11 @@ class DistillTrainer:
     def on_step_skipped(self, step: int) -> None:
         """Called when a step is skipped for a non-finite loss or gradient (drop any per-step state)."""
 
+    def lr_factor(self, name: str, step: int) -> float:
+        """Multiplier of network ``name``'s learning rate at its ``step``-th optimiser step (after warm-up);
+        default 1 (constant). Progressive distillation anneals it to 0 within each round."""
+        return 1.0
+
     def extra_state(self) -> tuple[dict, dict]:
         """(tensors, meta) to checkpoint besides the networks, optimisers, EMA and RNG; default none."""
         return {}, {}
@@ -270,7 +275,9 @@ class DistillTrainer:
                 weight_decay=spec.weight_decay if spec.weight_decay is not None else c.weight_decay,
             )
             warm = max(c.warmup_steps, 0)
-            sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s, w=warm: min(1.0, (s + 1) / w) if w else 1.0)
+            sched = torch.optim.lr_scheduler.LambdaLR(
+                opt, lambda s, w=warm, n=name: (min(1.0, (s + 1) / w) if w else 1.0) * self.lr_factor(n, s)
+            )
             for p in params:  # DDP registers the parameters that require grad when it wraps the module
                 p.requires_grad_(True)
             module, opt, sched = acc.prepare(spec.module, opt, sched)

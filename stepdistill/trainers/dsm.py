@@ -11,6 +11,7 @@ Example::
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass, field
 
@@ -206,6 +207,9 @@ class DSMTrainer(DistillTrainer):
         if self.accelerator.is_main_process:
             net.save_pretrained(os.path.join(path, "unet"), safe_serialization=True)
             DDIMScheduler(**c.scheduler_config()).save_pretrained(os.path.join(path, "scheduler"))
+            # what distillers need to know about how the teacher was trained (guided distillation checks
+            # that the unconditional branch was trained)
+            with open(os.path.join(path, "training.json"), "w") as f:
+                json.dump({"method": "dsm", "label_dropout": c.label_dropout, "max_steps": c.max_steps}, f)
         self.accelerator.wait_for_everyone()
         return path
-
