@@ -1,4 +1,8 @@
-"""Seconds per iteration and peak memory of each distribution-matching trainer on the same model and batch.
+"""Seconds per iteration and memory of each trainer (full vs LoRA) on the same model and batch.
+
+"model state MB" counts every weight the trainer holds (teachers, students, fake scores, round teachers; a
+LoRA shares its base with the teacher, so shared storage is counted once) plus gradients and optimiser state
+of the trainable parameters: the memory that full vs LoRA training changes, independent of the allocator.
 
 "generator-step activations" counts the bytes autograd saves for backward while the generator loss is built
 (device-independent: SIM differentiates through the teacher and the fake score, DMD2 and VSD do not).
@@ -23,7 +27,31 @@ ROWS = [
     ("sim", "full", "full"),
     ("sim", "lora", "lora"),
     ("vsd", "full", "lora"),
+    ("progressive", "full", "-"),
+    ("progressive", "lora", "-"),
 ]
+
+
+def model_state_bytes(trainer) -> int:
+    """Unique weight storage of every network the trainer holds + grads and AdamW state of trainable params."""
+    import torch
+
+    nets = []
+    for name in ("teacher", "round_teacher", "generator", "fake", "head", "target"):
+        obj = getattr(trainer, name, None)
+        net = getattr(obj, "net", obj)
+        if isinstance(net, torch.nn.Module):
+            nets.append(net)
+    seen = {}
+    for net in nets:
+        for t in list(net.parameters()) + list(net.buffers()):
+            seen[t.data_ptr()] = t.numel() * t.element_size()
+    total = sum(seen.values())
+    for name, params in trainer.params.items():
+        total += sum(p.numel() * p.element_size() for p in params)  # gradients
+        for state in trainer.opts[name].optimizer.state.values():
+            total += sum(v.numel() * v.element_size() for v in state.values() if torch.is_tensor(v) and v.ndim > 0)
+    return total
 
 
 def child(method: str, gen: str, fake: str, steps: int, batch: int) -> dict:
@@ -35,12 +63,14 @@ def child(method: str, gen: str, fake: str, steps: int, batch: int) -> dict:
     from stepdistill.train import make_trainer
 
     recipe = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "recipes", method, "digits.yaml")
+    if method == "progressive":  # one round of `steps` updates (64 -> 32 steps), no per-round export
+        per_method = ["start_steps=64", "final_steps=32", f"steps_per_round={steps}", "save_rounds=false"]
+    else:
+        per_method = [f"fake_score_mode={fake}", f"max_steps={steps}", "dfake_gen_update_ratio=1"]
     overrides = [
         f"generator_mode={gen}",
-        f"fake_score_mode={fake}",
-        f"max_steps={steps}",
+        *per_method,
         f"global_batch={batch}",
-        "dfake_gen_update_ratio=1",
         "checkpoint_every=0",
         "sample_every=0",
         "progress=false",
@@ -86,8 +116,13 @@ def child(method: str, gen: str, fake: str, steps: int, batch: int) -> dict:
         torch.cuda.max_memory_allocated() / 2**20 if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     )
     n_params = sum(p.numel() for n in trainer.params.values() for p in n)
-    return {"seconds_per_iteration": per_iter, "peak_mb": peak, "trainable_params": n_params,
-            "generator_saved_mb": saved["max"] / 2**20}
+    return {
+        "seconds_per_iteration": per_iter,
+        "peak_mb": peak,
+        "trainable_params": n_params,
+        "generator_saved_mb": saved["max"] / 2**20,
+        "model_state_mb": model_state_bytes(trainer) / 2**20,
+    }
 
 
 def main(argv=None):
@@ -126,20 +161,23 @@ def main(argv=None):
 
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({platform.machine()})"
     lines = [
-        f"# Distribution-matching trainers: digits teacher, batch {args.batch}, {device}",
+        f"# Trainers: digits teacher, batch {args.batch}, {device}",
         "",
-        "Every iteration = one generator update + one fake-score update. Memory: "
+        "DMD2 / SIM / VSD iteration = one generator update + one fake-score update; progressive iteration = two "
+        "teacher DDIM steps + one student update. Peak MB: "
         + ("CUDA peak allocated" if torch.cuda.is_available() else "peak RSS of the process (runtime included)"),
         "",
         "| method | generator | fake score | trainable params | s / iteration | vs DMD2 full "
-        "| generator-step activations MB | vs DMD2 full | peak MB |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| generator-step activations MB | vs DMD2 full | model state MB | LoRA / full | peak MB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+    full_state = {m: r["model_state_mb"] for (m, g, f), r in results if g == "full"}
     for (m, g, f), r in results:
         lines.append(
             f"| {m} | {g} | {f} | {r['trainable_params'] / 1e6:.2f} M | {r['seconds_per_iteration']:.3f} | "
             f"{r['seconds_per_iteration'] / base['seconds_per_iteration']:.2f}x | {r['generator_saved_mb']:.0f} | "
-            f"{r['generator_saved_mb'] / base['generator_saved_mb']:.2f}x | {r['peak_mb']:.0f} |"
+            f"{r['generator_saved_mb'] / base['generator_saved_mb']:.2f}x | {r['model_state_mb']:.1f} | "
+            f"{r['model_state_mb'] / full_state[m]:.2f}x | {r['peak_mb']:.0f} |"
         )
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out, "w") as f:
