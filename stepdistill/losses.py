@@ -95,3 +95,44 @@ def pseudo_huber_distance(a: torch.Tensor, b: torch.Tensor, c: float) -> torch.T
         raise ValueError(f"pseudo-Huber inputs differ in shape: {tuple(a.shape)} vs {tuple(b.shape)}")
     sq = ((a.float() - b.float()) ** 2).reshape(a.shape[0], -1).sum(dim=1)
     return (sq + c * c).sqrt() - c
+
+
+CONSISTENCY_METRICS = ("l2", "huber", "pseudo_huber")
+
+
+def ict_huber_c(dim: int) -> float:
+    """iCT's pseudo-Huber constant c = 0.00054 sqrt(d), d = C x H x W (Song & Dhariwal 2023, Sec. 3.3)."""
+    return 0.00054 * dim**0.5
+
+
+def consistency_loss(
+    pred: torch.Tensor,
+    target: torch.Tensor,
+    metric: str = "l2",
+    c: float = 0.0,
+    weight: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Consistency distance d(f_theta, sg f_target), weighted per sample and averaged over the batch.
+
+    * ``"l2"``: mean over elements of (pred - target)^2 (LCM's ``l2``: ``F.mse_loss``; CD with lambda = 1);
+    * ``"huber"``: mean over elements of sqrt((pred - target)^2 + c^2) - c (LCM's ``huber``, c = 0.001);
+    * ``"pseudo_huber"``: sqrt(||pred - target||^2 + c^2) - c per sample (iCT, Song & Dhariwal 2023 eq. 9;
+      ECT divides it by t - r with c = 0, i.e. the L2 norm).
+
+    ``weight`` (B,) is lambda per sample (iCT 1 / (sigma_{i+1} - sigma_i), ECT 1 / (t - r))."""
+    if metric not in CONSISTENCY_METRICS:
+        raise ValueError(f"unknown consistency metric {metric!r}; expected one of {CONSISTENCY_METRICS}")
+    if pred.shape != target.shape:
+        raise ValueError(f"prediction shape {tuple(pred.shape)} != target shape {tuple(target.shape)}")
+    if c < 0:
+        raise ValueError(f"Huber c must be >= 0, got {c}")
+    diff = (pred.float() - target.float()).reshape(pred.shape[0], -1)
+    if metric == "l2":
+        per_sample = (diff**2).mean(dim=1)
+    elif metric == "huber":
+        per_sample = ((diff**2 + c * c).sqrt() - c).mean(dim=1)
+    else:
+        per_sample = ((diff**2).sum(dim=1) + c * c).sqrt() - c
+    if weight is None:
+        return per_sample.mean()
+    return (weight.to(per_sample) * per_sample).mean()

@@ -116,3 +116,66 @@ def sample(
             ).to(x.device)
         x = ddim_step(schedule, x0, eps, t, t_prev, eta=eta, noise=z)
     return x
+
+
+# --------------------------------------------------------------------------------------------------------
+# consistency models: boundary conditions, the Heun solver step, multistep sampling
+# --------------------------------------------------------------------------------------------------------
+
+
+def cd_scalings(sigma, sigma_min: float = 0.002, sigma_data: float = 0.5):
+    """Consistency-model boundary conditions for EDM networks (Song et al. 2023, App. C; openai/consistency_models
+    ``karras_diffusion.py``): c_skip = sigma_data^2 / ((sigma - sigma_min)^2 + sigma_data^2),
+    c_out = (sigma - sigma_min) sigma_data / sqrt(sigma^2 + sigma_data^2), applied to the preconditioned network
+    output F: f = c_skip x + c_out F, so that f(x, sigma_min) = x exactly."""
+    sigma = torch.as_tensor(sigma, dtype=torch.float64)
+    d = sigma - sigma_min
+    return sigma_data**2 / (d**2 + sigma_data**2), d * sigma_data / (sigma**2 + sigma_data**2).sqrt()
+
+
+def heun_step(schedule: NoiseSchedule, x_t: torch.Tensor, eps: torch.Tensor, t, t_prev, eps_fn) -> torch.Tensor:
+    """One Heun (2nd-order) step of the probability-flow ODE from t to t_prev (Karras et al. 2022, Alg. 1).
+
+    Written for every schedule in the variables y = x / alpha and s = sigma / alpha, where the ODE is
+    dy/ds = eps: the Euler proposal is the DDIM step (:func:`ddim_step`); ``eps_fn(x, t_prev)`` gives the
+    noise prediction there, and the step uses the mean of both slopes. Where s(t_prev) = 0 the Euler step is
+    returned (no second evaluation is meaningful at zero noise)."""
+    a, s = _bcast(schedule.alpha(t), x_t), _bcast(schedule.sigma(t), x_t)
+    a_p, s_p = _bcast(schedule.alpha(t_prev), x_t), _bcast(schedule.sigma(t_prev), x_t)
+    y = x_t / a
+    ds = s_p / a_p - s / a
+    x_euler = a_p * (y + ds * eps)
+    eps_2 = eps_fn(x_euler, t_prev)
+    x_heun = a_p * (y + ds * 0.5 * (eps + eps_2))
+    return torch.where(s_p > 0, x_heun, x_euler)
+
+
+@torch.no_grad()
+def consistency_sample(
+    consistency_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    schedule: NoiseSchedule,
+    noise: torch.Tensor,
+    ts,
+    *,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Multistep consistency sampling (Song et al. 2023, Alg. 1; LCM, Luo et al. 2023, Alg. 3).
+
+    ``consistency_fn(x_t, t)`` is the consistency function f (an estimate of x0, boundary conditions included);
+    ``ts`` are the continuous sampling times, noisiest first. x = f(x_T, T); then for every next time t the
+    estimate is re-noised with fresh noise, x_t = alpha(t) x + sigma(t) z, and x = f(x_t, t)."""
+    ts = torch.as_tensor(ts, dtype=torch.float64).reshape(-1)
+    x = noise * initial_noise_scale(schedule, ts[0])
+    x0 = None
+    for i in range(len(ts)):
+        t = ts[i].expand(x.shape[0])
+        if i > 0:
+            z = torch.randn(
+                x.shape,
+                generator=generator,
+                dtype=x.dtype,
+                device=generator.device if generator is not None else x.device,
+            ).to(x.device)
+            x = schedule.add_noise(x0, z, t)
+        x0 = consistency_fn(x, t)
+    return x0
