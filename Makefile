@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.stepdistill-installed
 
-.PHONY: install test lint demo bench bench-quality clean
+.PHONY: install test lint demo bench bench-quality bench-kernels clean
 
 install: $(STAMP)
 
@@ -31,6 +31,11 @@ bench: install
 # FD-digits vs network evaluations: teacher DDIM steps and every trainer's digits student (about 20 min on CPU)
 bench-quality: install
 	$(PY) benchmarks/bench_quality.py --out outputs/bench/quality
+
+# Fused sampling kernels: eager torch vs torch.compile vs Triton (the Triton column needs CUDA; CPU reports the
+# reference and compiled paths only). Add ARGS=--quick on CPU.
+bench-kernels: install
+	$(PY) benchmarks/bench_kernels.py --out outputs/bench/kernels.md $(ARGS)
 
 clean:
 	rm -rf outputs

@@ -87,6 +87,8 @@ def sample(
 
     ``ts`` (continuous times, noisiest first) defaults to ``schedule.timesteps(num_steps, spacing)``;
     after the last one the sampler lands on the predicted x0."""
+    from .ops import fused_ddim_step, resolve_backend, step_coefficients
+
     if ts is None:
         if num_steps is None:
             raise ValueError("pass num_steps or ts")
@@ -101,11 +103,17 @@ def sample(
     for i in it:
         t = ts[i].expand(x.shape[0])
         pred = model_fn(x, t)
+        t_prev = ts[i + 1].expand(x.shape[0]) if i + 1 < len(ts) else None
+        if eta == 0 and clip_x0 is None and resolve_backend(None, x) == "triton":
+            # CUDA: conversion + DDIM / Euler step in one fused pass (stepdistill.ops)
+            a, s = step_coefficients(schedule, t, x.device)
+            prev = step_coefficients(schedule, t_prev, x.device) if t_prev is not None else (None, None)
+            x = fused_ddim_step(x, pred, a, s, *prev, pred_type=pred_type)
+            continue
         x0, eps = schedule.to_x0_eps(pred, x, t, pred_type)
         if clip_x0 is not None:
             x0 = x0.clamp(-clip_x0, clip_x0)
             eps = schedule.to_x0_eps(x0, x, t, "x0")[1]
-        t_prev = ts[i + 1].expand(x.shape[0]) if i + 1 < len(ts) else None
         z = None
         if eta > 0 and t_prev is not None:
             z = torch.randn(

@@ -34,6 +34,7 @@ from ..losses import (
 )
 from ..models import FakeScore
 from ..models.denoiser import _unwrap
+from ..ops import fused_dmd_gradient, resolve_backend, step_coefficients
 from .base import NetSpec
 from .student import (  # noqa: F401  (re-exported: the family's helpers used to live here)
     DistillDataset,
@@ -350,6 +351,22 @@ class DMD2Trainer(StudentTrainer):
         t = self.schedule.sample_t(x.shape[0], "uniform", t_min=c.min_step_percent, t_max=c.max_step_percent)
         t = t.to(x.device)
         x_t = self.schedule.add_noise(x.detach(), torch.randn_like(x), t)
+        if resolve_backend(None, x) == "triton":  # CUDA: CFG'd teacher + fake -> x0 -> g in two fused passes
+            with torch.no_grad():
+                real = self.teacher.raw(x_t, t, cond, c.real_guidance_scale)
+                fake = self.fake.raw(x_t, t, cond)
+            a, s = step_coefficients(self.schedule, t, x.device)
+            g = fused_dmd_gradient(
+                x,
+                x_t,
+                real,
+                fake,
+                a,
+                s,
+                real_pred_type=self.teacher.prediction_type,
+                fake_pred_type=self.fake.prediction_type,
+            )
+            return distribution_matching_loss(x, g)
         with torch.no_grad():
             x0_real = self.teacher.predict(
                 x_t, t, cond, target="x0", guidance_scale=c.real_guidance_scale, float64=True
