@@ -175,8 +175,19 @@ def _generator_unet(trainer):
     """A plain diffusers network with the generator's weights (EMA if kept; LoRA merged into a copy)."""
     from .models.adapters import adapter_names, merge_lora
 
-    net = _unwrap(trainer.accelerator.unwrap_model(trainer.specs["generator"].module))
+    acc = trainer.accelerator
+    module = trainer.specs["generator"].module
+    net = _unwrap(acc.unwrap_model(module))
     adapter = getattr(trainer.generator, "adapter_name", None)
+    if trainer._sharded():  # FSDP: gather the full weights to rank 0 into a plain copy of the network
+        if adapter is not None:
+            raise ValueError("exporting a LoRA generator trained under FSDP is not supported; train LoRA with DDP")
+        full = acc.get_state_dict(module)
+        if not acc.is_main_process:
+            return net
+        plain = type(net).from_config(net.config)
+        plain.load_state_dict(full)
+        net = plain
     if adapter is not None:
         from peft.tuners.tuners_utils import BaseTunerLayer
 

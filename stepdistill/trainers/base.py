@@ -33,6 +33,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..config import ConfigError
+from .randomness import GlobalBatchRandom
 
 CHECKPOINT_PREFIX = "step_"
 
@@ -253,6 +254,11 @@ class DistillTrainer:
                 f"{acc.num_processes} processes; choose global_batch = per-device batch x grad_accum x processes"
             )
         self.per_device_batch = per_device
+        if self._sharded() and c.ema_decay > 0:
+            raise ConfigError(
+                "ema_decay > 0 under FSDP is not supported (the EMA would be a full unsharded copy on every "
+                "process); use ema_decay: 0, or DDP (recipes/accelerate/ddp.yaml)"
+            )
         self._seed_everything(c.seed + acc.process_index)
         self.build()
         self.specs = self.networks()
@@ -319,6 +325,14 @@ class DistillTrainer:
     def on_prepared(self):
         """Called after every network is prepared (e.g. to wrap prepared modules into Denoisers)."""
 
+    def _sharded(self) -> bool:
+        from accelerate.utils import DistributedType
+
+        return self.accelerator.distributed_type == DistributedType.FSDP
+
+    def _optim_file(self, name: str) -> str:
+        return f"{name}_optim_rank{self.accelerator.process_index}.pt" if self._sharded() else f"{name}_optim.pt"
+
     def _inner(self, name) -> nn.Module:
         return self.accelerator.unwrap_model(self.specs[name].module)
 
@@ -370,9 +384,15 @@ class DistillTrainer:
             active = tuple(dict.fromkeys(n for g in groups for n in g))
             logs: dict[str, float] = {}
             skipped = False
-            for _ in range(c.grad_accum):
+            for micro in range(c.grad_accum):
                 batch = next(data)
-                with acc.accumulate(*modules):
+                rng = GlobalBatchRandom(
+                    (c.seed * 1_000_003 + step) * 257 + micro,
+                    acc.process_index,
+                    acc.num_processes,
+                    self.per_device_batch,
+                )
+                with acc.accumulate(*modules), rng:
                     for group in groups:
                         self._set_phase(group)
                         out = self.compute_loss(batch, group)
@@ -475,15 +495,17 @@ class DistillTrainer:
             shutil.rmtree(tmp, ignore_errors=True)
             os.makedirs(tmp, exist_ok=True)
         acc.wait_for_everyone()
+        sharded = self._sharded()
         for name in self.specs:
-            sd = acc.get_state_dict(self.specs[name].module)
+            sd = acc.get_state_dict(self.specs[name].module)  # FSDP: full weights gathered to rank 0
             if acc.is_main_process:
                 _atomic_save_file(sd, os.path.join(tmp, f"{name}.safetensors"))
                 if name in self.ema:
                     _atomic_save_file(self.ema[name], os.path.join(tmp, f"{name}_ema.safetensors"))
+            if acc.is_main_process or sharded:  # FSDP: every rank holds its own shard of the optimiser state
                 torch.save(
                     {"optimizer": self.opts[name].state_dict(), "lr_scheduler": self.lr_scheds[name].state_dict()},
-                    os.path.join(tmp, f"{name}_optim.pt"),
+                    os.path.join(tmp, self._optim_file(name)),
                 )
         rng = {
             "python": random.getstate(),
@@ -538,13 +560,20 @@ class DistillTrainer:
                 raise ValueError(f"checkpoint {path!r} has no weights for networks {sorted(missing)}")
             for name in self.specs:
                 sd = load_file(os.path.join(path, f"{name}.safetensors"))
-                self._inner(name).load_state_dict(sd)
+                if self._sharded():  # full weights into the sharded module
+                    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+                    set_model_state_dict(
+                        self.specs[name].module, sd, options=StateDictOptions(full_state_dict=True, strict=True)
+                    )
+                else:
+                    self._inner(name).load_state_dict(sd)
                 ema_file = os.path.join(path, f"{name}_ema.safetensors")
                 if name in self.ema and os.path.isfile(ema_file):
                     self.ema[name] = {k: v.float() for k, v in load_file(ema_file).items()}
                 elif name in self.ema:  # EMA switched on at resume: start it from the resumed weights
                     self.ema[name] = {k: v.detach().clone().float() for k, v in self._inner(name).state_dict().items()}
-                opt_state = torch.load(os.path.join(path, f"{name}_optim.pt"), weights_only=True)
+                opt_state = torch.load(os.path.join(path, self._optim_file(name)), weights_only=True)
                 self.opts[name].load_state_dict(opt_state["optimizer"])
                 self.lr_scheds[name].load_state_dict(opt_state["lr_scheduler"])
             extra_file = os.path.join(path, "extra.safetensors")
