@@ -9,6 +9,14 @@ classes only. The scheduler reproduces the trained update rule (the trainer's ``
 * ``"ddim"``: ``DDIMScheduler`` with trailing spacing, deterministic (progressive distillation, multiphase
   consistency students: the trained grid is the trailing DDIM grid at the trained step count);
 * ``"tcd"``: ``TCDScheduler`` on the trained timesteps (eta is a call argument, 0 = deterministic).
+
+Flow-matching generators (SD3) get ``FlowMatchEulerDiscreteScheduler`` with ``shift=1`` and the trained
+sigmas (timesteps / T) as call arguments: ``stochastic_sampling=True`` for "lcm" (x0 = x - sigma v, then
+fresh noise to the next sigma) and plain Euler for "ddim" (the deterministic DDIM step of a flow model).
+
+Generators: ``UNet2DModel`` (StepDistillClassPipeline), ``UNet2DConditionModel`` (SD / SDXL pipelines),
+``DiTTransformer2DModel`` (StepDistillDiTPipeline, a DiTPipeline) and ``SD3Transformer2DModel``
+(StepDistillSD3Pipeline, a StableDiffusion3Pipeline).
 """
 
 from __future__ import annotations
@@ -78,6 +86,25 @@ _W_SETUP = """
 # a w-conditioned student: the guidance scale is an input (one network evaluation per step)
 w_emb = guidance_scale_embedding(torch.full((len(labels),), {w} - 1.0), unet.config.time_cond_proj_dim)"""
 
+_STOCK_DIT = """import torch
+from diffusers import AutoencoderKL, DiTTransformer2DModel, {scheduler_class}
+
+transformer = DiTTransformer2DModel.from_pretrained("{folder}", subfolder="transformer").eval()
+vae = AutoencoderKL.from_pretrained("{folder}", subfolder="vae").eval()
+scheduler = {scheduler_class}.from_pretrained("{folder}", subfolder="scheduler")
+scheduler.set_timesteps({set_timesteps})
+labels = torch.tensor([0, 1, 2, 3])
+channels, size = transformer.config.in_channels, transformer.config.sample_size
+generator = torch.Generator().manual_seed(0)
+x = torch.randn(len(labels), channels, size, size, generator=generator)
+with torch.no_grad():
+    for t in scheduler.timesteps:
+        # learned sigma: the first half of the output channels is the noise prediction
+        out = transformer(x, timestep=t.reshape(1).expand(len(labels)), class_labels=labels).sample[:, :channels]
+        x = scheduler.step(out, t, x, generator=generator).prev_sample
+    images = vae.decode(x / vae.config.scaling_factor + (vae.config.shift_factor or 0.0)).sample
+images = (images / 2 + 0.5).clamp(0, 1)  # (N, 3, H, W) in [0, 1]"""
+
 _STOCK_TEXT = """from diffusers import {stock_class}
 
 pipe = {stock_class}.from_pretrained("{folder}")
@@ -91,6 +118,25 @@ pipe.scheduler = {scheduler_class}.from_pretrained("{folder}", subfolder="schedu
 image = pipe("a photo of a cat", {steps_args}, guidance_scale={w}).images[0]"""
 
 SCHEDULERS = ("lcm", "ddim", "tcd")
+FLOW_SCHEDULERS = ("lcm", "ddim")
+
+
+def flow_scheduler_for(kind: str, teacher_schedule_config: dict):
+    """``FlowMatchEulerDiscreteScheduler`` that reproduces a flow-matching student's trained steps when called
+    with ``sigmas`` = trained timesteps / T: ``shift`` 1 keeps those sigmas as given (the teacher's shift is
+    already in the trained timesteps); "lcm" re-noises with fresh noise (``stochastic_sampling``), "ddim" is the
+    deterministic Euler step (for a flow model the DDIM step)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    if kind not in FLOW_SCHEDULERS:
+        raise ValueError(f"export scheduler {kind!r} has no flow-matching form; expected one of {FLOW_SCHEDULERS}")
+    if teacher_schedule_config.get("use_dynamic_shifting"):
+        raise ValueError("a teacher scheduler with use_dynamic_shifting=True cannot be reproduced by fixed sigmas")
+    return FlowMatchEulerDiscreteScheduler(
+        num_train_timesteps=teacher_schedule_config.get("num_train_timesteps", 1000),
+        shift=1.0,
+        stochastic_sampling=kind == "lcm",
+    )
 
 
 def lcm_scheduler_for(teacher_schedule_config: dict, timesteps: list[int]):
@@ -166,8 +212,10 @@ def _set_timesteps_arg(kind: str, timesteps: list[int]) -> str:
     return f"{len(timesteps)}" if kind == "ddim" else f"timesteps={timesteps}"
 
 
-def _steps_args(kind: str, timesteps: list[int]) -> str:
+def _steps_args(kind: str, timesteps: list[int], flow_T: int | None = None) -> str:
     n = len(timesteps)
+    if flow_T:  # flow matching: the trained sigmas
+        return f"num_inference_steps={n}, sigmas={[t / flow_T for t in timesteps]}"
     return f"num_inference_steps={n}" if kind == "ddim" else f"num_inference_steps={n}, timesteps={timesteps}"
 
 
@@ -215,18 +263,23 @@ def export_generator(trainer, path: str) -> str:
     teacher_path = trainer._teacher_path()
     sched_cfg = _teacher_json(teacher_path, "scheduler_config.json", "scheduler")
     pred = trainer.generator.prediction_type  # a student may output another type than its teacher
-    if normalize_prediction_type(sched_cfg.get("prediction_type", "epsilon")) != pred:
-        sched_cfg = {**sched_cfg, "prediction_type": _DIFFUSERS_PREDICTION[pred]}
     timesteps = [int(t) for t in trainer.export_timesteps()]
     kind = getattr(trainer, "export_scheduler", "lcm")
-    scheduler = student_scheduler(kind, sched_cfg, timesteps)
+    name = type(net).__name__
+    if trainer.generator.schedule.kind == "flow":
+        if pred != "flow":
+            raise ValueError(f"a flow-matching generator must predict the velocity ('flow') to export, not {pred!r}")
+        scheduler = flow_scheduler_for(kind, sched_cfg)
+    else:
+        if normalize_prediction_type(sched_cfg.get("prediction_type", "epsilon")) != pred:
+            sched_cfg = {**sched_cfg, "prediction_type": _DIFFUSERS_PREDICTION[pred]}
+        scheduler = student_scheduler(kind, sched_cfg, timesteps)
     w = getattr(trainer, "export_guidance_scale", None)
     w_cond = bool(getattr(net.config, "time_cond_proj_dim", None))
     if w_cond and w is None:
         w = 1.0
     tmp = path.rstrip("/") + ".tmp_export"
     shutil.rmtree(tmp, ignore_errors=True)
-    name = type(net).__name__
     if name in ("UNet2DModel", "GuidedUNet2DModel"):
         from .pipelines import StepDistillClassPipeline
 
@@ -255,8 +308,15 @@ def export_generator(trainer, path: str) -> str:
             )
     elif name == "UNet2DConditionModel":
         pipe, plain, stock = _text_pipeline(teacher_path, net, scheduler, timesteps, path, kind, w)
+    elif name == "DiTTransformer2DModel":
+        pipe, plain, stock = _dit_pipeline(teacher_path, net, scheduler, timesteps, path, kind)
+    elif name == "SD3Transformer2DModel":
+        pipe, plain, stock = _sd3_pipeline(teacher_path, net, scheduler, timesteps, path, w)
     else:
-        raise ValueError(f"export of a {name} generator is not supported yet (UNet2DModel, UNet2DConditionModel)")
+        raise ValueError(
+            f"export of a {name} generator is not supported (UNet2DModel, UNet2DConditionModel, "
+            "DiTTransformer2DModel, SD3Transformer2DModel)"
+        )
     pipe.save_pretrained(tmp, safe_serialization=True)
     lora_call = ""
     if getattr(trainer.generator, "adapter_name", None) is not None:
@@ -325,34 +385,78 @@ def _text_pipeline(teacher_path, net, scheduler, timesteps, path, kind="lcm", w=
     return pipe, plain, stock
 
 
+def _dit_pipeline(teacher_path, net, scheduler, timesteps, path, kind="lcm"):
+    """A DiTPipeline folder: the teacher's VAE and ImageNet label names, the generator, the student scheduler."""
+    import diffusers
+
+    from .pipelines import StepDistillDiTPipeline
+
+    index = _teacher_json(teacher_path, "model_index.json")
+    vae_cls = getattr(diffusers, (index.get("vae") or [None, "AutoencoderKL"])[1])
+    vae = vae_cls.from_pretrained(teacher_path, subfolder="vae").eval()
+    pipe = StepDistillDiTPipeline(
+        transformer=net, vae=vae, scheduler=scheduler, id2label=index.get("id2label"), trained_timesteps=timesteps
+    )
+    plain = "images = pipe(class_labels=[0, 1, 2, 3]).images"
+    stock = _STOCK_DIT.format(
+        folder=path, scheduler_class=type(scheduler).__name__, set_timesteps=_set_timesteps_arg(kind, timesteps)
+    )
+    return pipe, plain, stock
+
+
+def _sd3_pipeline(teacher_path, net, scheduler, timesteps, path, w=None):
+    """A StableDiffusion3Pipeline folder: the teacher's text encoders and VAE, the generator, the flow scheduler."""
+    from diffusers import DiffusionPipeline
+
+    from .pipelines import StepDistillSD3Pipeline
+
+    base = DiffusionPipeline.from_pretrained(teacher_path, transformer=net, scheduler=scheduler)
+    init = StepDistillSD3Pipeline.__init__.__code__.co_varnames
+    comps = {k: v for k, v in base.components.items() if k in init}
+    comps.update(transformer=net, scheduler=scheduler)
+    pipe = StepDistillSD3Pipeline(**comps, trained_timesteps=timesteps, default_guidance_scale=w)
+    plain = 'image = pipe("a photo of a cat").images[0]'
+    T = scheduler.config.num_train_timesteps
+    stock = _STOCK_TEXT.format(
+        stock_class="StableDiffusion3Pipeline",
+        folder=path,
+        steps_args=_steps_args("lcm", timesteps, flow_T=T),
+        w=0.0 if w is None else w,
+    )
+    pipe._stock_class = "StableDiffusion3Pipeline"
+    return pipe, plain, stock
+
+
 def _save_lora(trainer, pipe, tmp, path, timesteps, kind="lcm", w=None) -> str:
     """Write the generator's adapter as ``lora/`` (diffusers' LoRA format: ``unet.``-prefixed peft keys plus
     the adapter's rank / alpha / targets as metadata), loadable by ``load_lora_weights`` on the teacher."""
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+    import diffusers
     from peft.utils import get_peft_model_state_dict
 
     net = _unwrap(trainer.accelerator.unwrap_model(trainer.specs["generator"].module))
     sd = get_peft_model_state_dict(net, adapter_name=trainer.generator.adapter_name)
     sd = {k: v.detach().to(torch.float32).cpu().contiguous() for k, v in sd.items()}
     stock_class = pipe._stock_class
-    saver = StableDiffusionXLPipeline if stock_class == "StableDiffusionXLPipeline" else StableDiffusionPipeline
+    saver = getattr(diffusers, stock_class)
     rank = trainer.config.lora_rank
     alpha = trainer.config.lora_alpha
+    metadata = {
+        "r": rank,
+        "lora_alpha": alpha,
+        "target_modules": sorted(net.peft_config[trainer.generator.adapter_name].target_modules),
+    }
+    prefix = "transformer" if stock_class == "StableDiffusion3Pipeline" else "unet"
     saver.save_lora_weights(
         os.path.join(tmp, "lora"),
-        unet_lora_layers=sd,
+        **{f"{prefix}_lora_layers": sd, f"{prefix}_lora_adapter_metadata": metadata},
         safe_serialization=True,
-        unet_lora_adapter_metadata={
-            "r": rank,
-            "lora_alpha": alpha,
-            "target_modules": sorted(net.peft_config[trainer.generator.adapter_name].target_modules),
-        },
     )
+    flow_T = pipe.scheduler.config.num_train_timesteps if prefix == "transformer" else None
     return _STOCK_LORA.format(
         stock_class=stock_class,
         scheduler_class=type(pipe.scheduler).__name__,
         teacher=trainer.config.teacher,
         folder=path,
-        steps_args=_steps_args(kind, timesteps),
+        steps_args=_steps_args(kind, timesteps, flow_T=flow_T),
         w=0.0 if w is None else w,
     )

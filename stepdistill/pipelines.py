@@ -1,6 +1,8 @@
 """diffusers pipelines for distilled generators: a plain call samples with the trained timesteps.
 
-diffusers' stock pipelines default to 50 steps and CFG 7.5, which is wrong for a one- or few-step student.
+Pixel-space class-conditional UNets (StepDistillClassPipeline), SD / SDXL UNets (StepDistillSD[XL]Pipeline), DiT
+(StepDistillDiTPipeline, a DiTPipeline) and SD3 transformers (StepDistillSD3Pipeline, a StableDiffusion3Pipeline).
+diffusers' stock pipelines default to 28-50 steps with CFG, which is wrong for a one- or few-step student.
 These subclasses store the trained timesteps in the pipeline config (``model_index.json``) and use them,
 with guidance off, unless the caller says otherwise. ``import stepdistill`` registers them with diffusers,
 so ``DiffusionPipeline.from_pretrained(folder)`` finds them. The model card of every exported folder also
@@ -9,10 +11,17 @@ gives the call that works with stock diffusers classes alone.
 
 from __future__ import annotations
 
+import functools
 import inspect
 
 import torch
-from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
+from diffusers import (
+    DiffusionPipeline,
+    DiTPipeline,
+    StableDiffusion3Pipeline,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+)
 from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 from diffusers.utils.torch_utils import randn_tensor
 
@@ -97,6 +106,86 @@ class StepDistillClassPipeline(DiffusionPipeline):
             images = image.cpu().permute(0, 2, 3, 1).float().numpy()
             if output_type == "pil":
                 images = self.numpy_to_pil(images)
+        if not return_dict:
+            return (images,)
+        return ImagePipelineOutput(images=images)
+
+
+class StepDistillDiTPipeline(DiTPipeline):
+    """Class-conditional latent transformer (DiT) generator: ``pipe(class_labels=[207, 360])``.
+
+    Components as ``DiTPipeline`` (``transformer``, ``vae``, ``scheduler``, ``id2label``); the scheduler is
+    the one that reproduces the trained steps (LCMScheduler / trailing DDIMScheduler / TCDScheduler). Unlike
+    the stock ``DiTPipeline`` call (50 steps, CFG 4 with ImageNet's null class 1000, unseeded re-noising), a
+    plain call samples at the trained timesteps without guidance, passes ``generator`` to every scheduler step,
+    and takes the null class from the transformer (``num_embeds_ada_norm``) when ``guidance_scale`` != 1.
+    Class labels may be ints or ImageNet names (``id2label``, as ``DiTPipeline.get_label_ids``)."""
+
+    def __init__(self, transformer, vae, scheduler, id2label=None, trained_timesteps=None, default_guidance_scale=None):
+        id2label = {str(k): v for k, v in id2label.items()} if id2label else None
+        super().__init__(transformer, vae, scheduler, id2label)
+        self.register_to_config(
+            id2label=id2label,
+            trained_timesteps=list(trained_timesteps or [scheduler.config.num_train_timesteps - 1]),
+            default_guidance_scale=default_guidance_scale,
+        )
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        class_labels=None,
+        num_images: int | None = None,
+        guidance_scale: float | None = None,
+        generator=None,
+        num_inference_steps: int | None = None,
+        timesteps=None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+    ):
+        config = self.transformer.config
+        n_classes = config.num_embeds_ada_norm
+        if class_labels is None:
+            labels = torch.arange(num_images or 1) % n_classes
+        else:
+            if isinstance(class_labels, (str, int)):
+                class_labels = [class_labels]
+            if all(isinstance(c, str) for c in class_labels):
+                class_labels = self.get_label_ids(list(class_labels))
+            labels = torch.as_tensor(class_labels, dtype=torch.long).reshape(-1)
+            if (labels < 0).any() or (labels >= n_classes).any():
+                raise ValueError(f"class_labels must be in [0, {n_classes - 1}], got {labels.tolist()}")
+        device = self._execution_device
+        set_scheduler_timesteps(self.scheduler, self.config.trained_timesteps, num_inference_steps, timesteps, device)
+        channels, size = config.in_channels, config.sample_size
+        shape = (len(labels), channels, size, size)
+        x = randn_tensor(shape, generator=generator, device=device, dtype=self.transformer.dtype)
+        guidance_scale = 1.0 if guidance_scale is None else float(guidance_scale)
+        labels = labels.to(device)
+        if guidance_scale != 1.0:  # classifier-free guidance with the null class (DiT's label dropout row)
+            labels = torch.cat([labels, torch.full_like(labels, n_classes)])
+        for t in self.progress_bar(self.scheduler.timesteps):
+            x_in = self.scheduler.scale_model_input(x, t)
+            if guidance_scale != 1.0:
+                x_in = torch.cat([x_in, x_in])
+            time = torch.as_tensor(t, device=device).reshape(-1).expand(x_in.shape[0])
+            out = self.transformer(x_in, timestep=time, class_labels=labels).sample[:, :channels]  # learned sigma
+            if guidance_scale != 1.0:
+                cond, uncond = out.chunk(2)
+                out = uncond + guidance_scale * (cond - uncond)
+            x = self.scheduler.step(out, t, x, generator=generator).prev_sample
+        if output_type == "latent":
+            self.maybe_free_model_hooks()
+            return ImagePipelineOutput(images=x) if return_dict else (x,)
+        shift = getattr(self.vae.config, "shift_factor", None) or 0.0
+        image = self.vae.decode(x.to(self.vae.dtype) / self.vae.config.scaling_factor + shift).sample
+        image = (image / 2 + 0.5).clamp(0, 1)
+        if output_type == "pt":
+            images = image
+        else:
+            images = image.cpu().permute(0, 2, 3, 1).float().numpy()
+            if output_type == "pil":
+                images = self.numpy_to_pil(images)
+        self.maybe_free_model_hooks()
         if not return_dict:
             return (images,)
         return ImagePipelineOutput(images=images)
@@ -213,7 +302,77 @@ class StepDistillSDXLPipeline(_TrainedStepsMixin, StableDiffusionXLPipeline):
         return super().__call__(*args, **self._defaults(kwargs))
 
 
-PIPELINES = (StepDistillClassPipeline, StepDistillSDPipeline, StepDistillSDXLPipeline)
+class StepDistillSD3Pipeline(StableDiffusion3Pipeline):
+    """StableDiffusion3Pipeline whose plain call samples at the trained sigmas (trained timesteps / T) without CFG.
+
+    The scheduler is ``FlowMatchEulerDiscreteScheduler`` with ``shift=1`` (the trained sigmas are used as they
+    are) and ``stochastic_sampling=True`` for students that predict x0 and re-noise with fresh noise (DMD2,
+    consistency: x0 = x - sigma v, then (1 - sigma') x0 + sigma' z), False for deterministic Euler students. The
+    stock pipeline does not pass ``generator`` to the scheduler's step; this one does, so a seeded call is
+    reproducible at several steps too."""
+
+    def __init__(
+        self,
+        transformer,
+        scheduler,
+        vae,
+        text_encoder,
+        tokenizer,
+        text_encoder_2,
+        tokenizer_2,
+        text_encoder_3,  # no default: diffusers treats parameters with defaults as config values, not components
+        tokenizer_3,
+        image_encoder=None,
+        feature_extractor=None,
+        trained_timesteps=None,
+        default_guidance_scale=None,
+    ):
+        super().__init__(
+            transformer,
+            scheduler,
+            vae,
+            text_encoder,
+            tokenizer,
+            text_encoder_2,
+            tokenizer_2,
+            text_encoder_3,
+            tokenizer_3,
+            image_encoder,
+            feature_extractor,
+        )
+        self.register_to_config(
+            trained_timesteps=list(trained_timesteps or [scheduler.config.num_train_timesteps - 1]),
+            default_guidance_scale=default_guidance_scale,
+        )
+
+    def trained_sigmas(self) -> list[float]:
+        T = self.scheduler.config.num_train_timesteps
+        return [t / T for t in self.config.trained_timesteps]
+
+    def __call__(self, *args, **kwargs):
+        trained = list(self.config.trained_timesteps)
+        if kwargs.get("sigmas") is None and kwargs.get("num_inference_steps") in (None, len(trained)):
+            kwargs["sigmas"] = self.trained_sigmas()
+            kwargs["num_inference_steps"] = len(trained)
+        kwargs.setdefault("guidance_scale", 0.0)
+        generator = kwargs.get("generator")
+        if generator is None or not self.scheduler.config.get("stochastic_sampling", False):
+            return super().__call__(*args, **kwargs)
+        # the stock loop calls scheduler.step(noise_pred, t, latents, return_dict=False): give it the generator
+        self.scheduler.step = functools.partial(type(self.scheduler).step, self.scheduler, generator=generator)
+        try:
+            return super().__call__(*args, **kwargs)
+        finally:
+            del self.scheduler.step
+
+
+PIPELINES = (
+    StepDistillClassPipeline,
+    StepDistillDiTPipeline,
+    StepDistillSDPipeline,
+    StepDistillSDXLPipeline,
+    StepDistillSD3Pipeline,
+)
 
 
 def register_with_diffusers() -> None:
