@@ -818,6 +818,19 @@ class TextConditioner:
         self._null = None
         return self
 
+    def offload(self, device="cpu") -> TextConditioner:
+        """Move the text encoders AND the cached embeddings to ``device`` (``to()`` drops the cache): once a
+        dataset's prompts are encoded, the encoders leave the accelerator and cached prompts cost no encoder
+        pass; conditions come back on ``device`` (move them with ``Cond.to``)."""
+        for enc in self.text_encoders:
+            if enc is not None:
+                enc.to(device)
+        for prompt, row in list(self._cache.items()):
+            self._cache[prompt] = {k: v.to(device) for k, v in row.items()}
+        if self._null is not None:
+            self._null = {k: v.to(device) for k, v in self._null.items()}
+        return self
+
 
 def _dtype_kwarg() -> str:
     """transformers >= 4.56 takes ``dtype=``; older versions ``torch_dtype=``."""

@@ -33,9 +33,13 @@ class FakeScore(Denoiser):
     ) -> "FakeScore":
         if mode == "full":
             net = copy.deepcopy(_unwrap(teacher.net))
+            if teacher.offload_device is not None:  # the teacher's weights live on the host; the copy trains
+                net.to(teacher.offload_device)
             net.requires_grad_(True).train()
             fake = cls(net, teacher.schedule, teacher.prediction_type, cfg_convention=teacher.cfg_convention)
         elif mode == "lora":
+            if teacher.offload_device is not None:
+                raise ValueError("a LoRA fake score needs the teacher's base on the device: do not offload the teacher")
             net = _unwrap(teacher.net)
             add_lora(net, lora_rank, lora_alpha, adapter_name=adapter_name, target_modules=target_modules)
             teacher.shares_base = True

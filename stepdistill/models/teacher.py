@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager, nullcontext
+
 import torch
 
 from ..guidance import CFG_UNCOND
@@ -18,11 +20,22 @@ class Teacher(Denoiser):
     fake score on the same weights): the teacher is then the base with every adapter switched off, run
     in eval mode, so no second copy of the weights is held.
 
+    Memory options (set by the trainers' ``teacher_dtype`` / ``teacher_offload`` keys):
+
+    * :meth:`cast_weights` stores the frozen weights in bf16 / fp16; the teacher then runs under autocast in
+      that dtype and returns outputs in its input's dtype, so callers keep working in fp32;
+    * :meth:`offload` keeps the weights on the host and copies them to the execution device for each forward
+      pass only (:meth:`resident`; wrap several calls in one ``with teacher.resident():`` to copy once).
+
     Example::
 
         teacher = Teacher.from_pretrained("stepdistill/assets/digits_teacher")
         x0 = teacher.predict(x_t, t, cond, target="x0", guidance_scale=2.0)
     """
+
+    weight_dtype: torch.dtype | None = None  # reduced-precision frozen weights (None: as loaded)
+    offload_device: torch.device | None = None  # execution device of an offloaded teacher
+    _resident_depth: int = 0
 
     def __init__(
         self,
@@ -49,7 +62,106 @@ class Teacher(Denoiser):
             return super().train(False)
         return self
 
+    # ------------------------------------------------------------------------------------------------
+    # memory: reduced-precision weights and host offload
+    # ------------------------------------------------------------------------------------------------
+    def _slots(self, root=None):
+        """(owner dict, name, tensor) of every parameter and buffer of the network (or of its submodule
+        ``root``), each module's own."""
+        out = []
+        for module in (root if root is not None else _unwrap(self.net)).modules():
+            for table in (module._parameters, module._buffers):
+                out += [(table, name, t) for name, t in table.items() if t is not None]
+        return out
+
+    @torch.no_grad()
+    def cast_weights(self, dtype: torch.dtype) -> int:
+        """Store the frozen floating-point weights in ``dtype`` (in place; returns the bytes saved).
+
+        LoRA adapter weights on a shared base (``shares_base``) stay as they are: they belong to the trainable
+        student / fake score. So do the network's ``_keep_in_fp32_modules`` (diffusers' list of layers that
+        must stay in fp32). The forward passes then run under autocast in ``dtype``."""
+        inner = _unwrap(self.net)
+        keep = tuple(getattr(inner, "_keep_in_fp32_modules", None) or ())
+        names = {id(t): n for n, t in list(inner.named_parameters()) + list(inner.named_buffers())}
+        saved, seen = 0, set()
+        for _, _, t in self._slots():
+            name = names.get(id(t), "")
+            if id(t) in seen or not t.is_floating_point() or t.dtype == dtype or "lora_" in name:
+                continue
+            if keep and any(part in keep for part in name.split(".")):
+                continue
+            seen.add(id(t))
+            before = t.numel() * t.element_size()
+            t.data = t.data.to(dtype)
+            saved += before - t.numel() * t.element_size()
+        self.weight_dtype = dtype
+        if self.offload_device is not None:  # the cast made new host tensors: pin them again
+            self.offload(self.offload_device)
+        return saved
+
+    @torch.no_grad()
+    def offload(self, device) -> None:
+        """Keep the weights on the CPU (pinned when ``device`` is CUDA) and run every forward pass on
+        ``device``, copying the weights there for its duration only. A teacher that shares its base with a
+        trainable LoRA cannot be offloaded (the student needs those weights on the device every step)."""
+        if self.shares_base:
+            raise ValueError("a teacher sharing its base network with a LoRA student / fake score cannot be offloaded")
+        device = torch.device(device)
+        pin = device.type == "cuda" and torch.cuda.is_available()
+        for _, _, t in self._slots():
+            host = t.data.to("cpu")
+            if pin and not host.is_pinned():
+                host = host.pin_memory()
+            t.data = host
+        self.offload_device = device
+
+    def _stage(self, t: torch.Tensor) -> torch.Tensor:
+        """The execution-device copy of a host tensor (a no-op when the device is the CPU)."""
+        return t.detach().to(self.offload_device, non_blocking=True)
+
+    @contextmanager
+    def resident(self, module=None):
+        """Inside the block the weights of an offloaded teacher (or of its submodule ``module`` only: a
+        checkpointed block recomputed in backward) are on its execution device; outside they are on the host
+        again. The device copies are new tensors swapped into the modules (the parameters themselves never
+        move), so a graph built through the teacher (SiD / SIM's input gradient) keeps the copies it used
+        until its backward. Re-entrant; a no-op for a teacher that is not offloaded."""
+        if self.offload_device is None or self._resident_depth:
+            self._resident_depth += 1
+            try:
+                yield self
+            finally:
+                self._resident_depth -= 1
+            return
+        slots = self._slots(module)
+        staged: dict[int, torch.Tensor] = {}
+        for table, name, t in slots:
+            if id(t) not in staged:
+                staged[id(t)] = self._stage(t)
+            table[name] = staged[id(t)]
+        self._resident_depth = 1
+        try:
+            yield self
+        finally:
+            self._resident_depth = 0
+            for table, name, t in slots:
+                table[name] = t
+
+    def _precision(self, device: torch.device):
+        """Autocast in the weights' dtype for a reduced-precision teacher (norms and softmax stay in fp32)."""
+        if self.weight_dtype is None or self.weight_dtype == torch.float32:
+            return nullcontext()
+        return torch.autocast(device.type, dtype=self.weight_dtype)
+
     def _forward(self, x_t, t, kwargs):
+        with self.resident(), self._precision(x_t.device):
+            out = self._frozen_forward(x_t, t, kwargs)
+        if self.weight_dtype is not None and out.is_floating_point() and out.dtype != x_t.dtype:
+            out = out.to(x_t.dtype)
+        return out
+
+    def _frozen_forward(self, x_t, t, kwargs):
         if not self.shares_base:
             return super()._forward(x_t, t, kwargs)
         inner = _unwrap(self.net)

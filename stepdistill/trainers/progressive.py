@@ -177,6 +177,7 @@ class ProgressiveTrainer(StudentTrainer):
     config_class = ProgressiveConfig
     method_name = "progressive"
     export_scheduler = "ddim"  # deterministic DDIM on the trailing grid: what the student was trained on
+    lora_folds_into_base = True  # LoRA rounds fold into the teacher's base (teacher_dtype must stay fp32)
 
     # ---------------------------------------------------------------- setup
     def build(self):

@@ -11,15 +11,21 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 
 from ..config import ConfigError
 from ..models import Generator, Teacher
-from ..models.conditioning import ClassConditioner, Cond
+from ..models.conditioning import ClassConditioner, Cond, TextConditioner
 from ..models.denoiser import _unwrap
 from .base import DistillTrainer, TrainConfig
+
+TEACHER_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+TEXT_CACHE_WARN_BYTES = 8 * 2**30
 
 
 @dataclass
@@ -33,12 +39,28 @@ class StudentConfig(TrainConfig):
         attention / conv defaults of :func:`stepdistill.models.adapters.add_lora`).
     > Data and conditioning
     dataset (`str`, `"digits"`): source of labels / prompts and of real images: "digits", "toy2d:<name>",
-        an image folder with captions, an image folder with one sub-folder per class (labels: the sorted
-        folder names, ImageNet's layout), or a prompt file (.txt / .jsonl; no real images).
+        an image folder with captions, or a prompt file (.txt / .jsonl; no real images).
     resolution (`int`, `0`): the generator's sample side: latents for latent models (64 = 512 px for SD1.5,
         128 = 1024 px for SDXL), pixels otherwise (0: the network config's sample_size).
     > Export
     export_dir (`str`, `""`): where ``export()`` writes the pipeline (default ``<output_dir>/pipeline``).
+    > Memory (every method; `make bench` measures them: benchmarks/bench_memory.py)
+    gradient_checkpointing (`bool`, `false`): diffusers' gradient checkpointing on the trainable networks (the
+        generator and the fake score): their block activations are recomputed in backward instead of kept.
+        LoRA adapters toggled on a shared base are recomputed in the state of the forward pass.
+    teacher_dtype (`str`, `"fp32"`): "fp32", "bf16" or "fp16": the frozen teacher's weights, cast after the
+        student / fake-score copies are taken (they stay fp32); it runs under autocast in that dtype and
+        returns fp32. A teacher that is the base of a LoRA student or LoRA fake score is their base too: then
+        only with mixed_precision equal to it (bf16), which casts the base and keeps the LoRA weights in fp32
+        (as diffusers' LoRA scripts do); not with progressive LoRA rounds (they fold into the base).
+    teacher_offload (`bool`, `false`): keep the teacher's weights on the CPU (pinned) and copy them to the
+        accelerator for each of its forward passes only; the VAE (its latents are cached at build) goes to
+        the CPU too and comes back to decode sample grids. Not with a LoRA student / fake score (they train
+        on the teacher's base, which must stay on the device).
+    cache_text_embeddings (`bool`, `false`): text teachers: encode every distinct prompt of the dataset once
+        at build, keep the embeddings on the CPU (moved to the device per batch) and move the text encoders
+        to the CPU. Without it each prompt is encoded at its first use and its embedding stays cached on the
+        device next to the encoders. Host memory: prompts x sequence x width x 4 bytes (SDXL: 0.6 MB each).
     """
 
     teacher: str = "digits"
@@ -49,12 +71,41 @@ class StudentConfig(TrainConfig):
     dataset: str = "digits"
     resolution: int = 0
     export_dir: str = ""
+    gradient_checkpointing: bool = False
+    teacher_dtype: str = "fp32"
+    teacher_offload: bool = False
+    cache_text_embeddings: bool = False
 
     def check(self):
         if self.generator_mode not in ("full", "lora"):
             raise ConfigError(f"generator_mode must be 'full' or 'lora', got {self.generator_mode!r}")
         if self.teacher != "digits" and not os.path.exists(self.teacher) and not _hub_like(self.teacher):
             raise ConfigError(f"teacher: path {self.teacher!r} does not exist")
+        self.check_memory_options()
+
+    def lora_sharing_keys(self) -> list[str]:
+        """The keys that put a trainable LoRA on the teacher's own network (generator_mode, fake_score_mode)."""
+        return [k for k in ("generator_mode", "fake_score_mode") if getattr(self, k, "full") == "lora"]
+
+    def check_memory_options(self):
+        for key in ("gradient_checkpointing", "teacher_offload", "cache_text_embeddings"):
+            if not isinstance(getattr(self, key), bool):
+                raise ConfigError(f"{key} must be true or false, got {getattr(self, key)!r}")
+        if self.teacher_dtype not in TEACHER_DTYPES:
+            raise ConfigError(f"teacher_dtype must be one of {sorted(TEACHER_DTYPES)}, got {self.teacher_dtype!r}")
+        shared = ", ".join(f"{k}=lora" for k in self.lora_sharing_keys())
+        if self.teacher_offload and shared:
+            raise ConfigError(
+                f"teacher_offload=true with {shared}: the LoRA trains on the teacher's own base network, which "
+                "must stay on the device; use full networks (generator_mode / fake_score_mode: full) or "
+                "teacher_offload: false"
+            )
+        if self.teacher_dtype != "fp32" and shared and self.mixed_precision != self.teacher_dtype:
+            raise ConfigError(
+                f"teacher_dtype={self.teacher_dtype} with {shared}: the teacher is the LoRA's frozen base, so its "
+                f"dtype is the trainable forward pass's too; set mixed_precision: {self.teacher_dtype} (the base is "
+                "cast, the LoRA weights stay fp32) if that dtype is bf16, or teacher_dtype: fp32"
+            )
 
 
 def _hub_like(s: str) -> bool:
@@ -72,6 +123,7 @@ class StudentTrainer(DistillTrainer):
 
     export_scheduler = "lcm"
     export_guidance_scale: float | None = None
+    lora_folds_into_base = False  # a method whose LoRA is folded into the teacher's base (progressive rounds)
 
     # ---------------------------------------------------------------- setup
     def _teacher_path(self):
@@ -83,18 +135,30 @@ class StudentTrainer(DistillTrainer):
 
     def validate(self):
         super().validate()
-        ds = self.config.dataset
+        c = self.config
+        ds = c.dataset
         if ds != "digits" and not ds.startswith("toy2d:") and not os.path.exists(ds):
             raise ConfigError(f"dataset: path {ds!r} does not exist (an image folder with captions or a prompt file)")
+        c.check_memory_options()
+        if self.lora_folds_into_base and c.generator_mode == "lora" and c.teacher_dtype != "fp32":
+            raise ConfigError(
+                f"teacher_dtype={c.teacher_dtype} with generator_mode=lora: {type(self).__name__} folds each "
+                "round's LoRA into the teacher's base, and a reduced-precision base would round the update away; "
+                "use teacher_dtype: fp32"
+            )
 
     def build_teacher(self):
         """Load the teacher, its conditioning, VAE and the dataset (sets ``teacher``, ``schedule``,
-        ``conditioner``, ``vae``, ``sample_shape``, ``dataset``)."""
+        ``conditioner``, ``vae``, ``sample_shape``, ``dataset``). With ``teacher_offload`` the teacher's
+        weights stay on the CPU from here on; ``cache_text_embeddings`` encodes the prompts here."""
         c = self.config
         device = self.accelerator.device
         path = self._teacher_path()
         self.teacher = Teacher.from_pretrained(path)
-        self.teacher.net.to(device)
+        if c.teacher_offload:
+            self.teacher.offload(device)
+        else:
+            self.teacher.net.to(device)
         self.schedule = self.teacher.schedule
         net = self.teacher.net
         self.conditioner, self.vae = _conditioning_for(path, net, c)
@@ -105,6 +169,61 @@ class StudentTrainer(DistillTrainer):
         self.sample_shape = _sample_shape(net, c.resolution)
         self.dataset = _dataset_for(c, self.sample_shape, self.vae)
         _check_dataset_fits(self.conditioner, self.dataset, c.dataset)
+        if c.teacher_offload and self.vae is not None:  # real latents are encoded: the VAE only decodes grids
+            self.vae.to("cpu")
+        if c.cache_text_embeddings:
+            self.cache_text_embeddings()
+
+    def cache_text_embeddings(self, chunk: int = 64) -> int:
+        """Encode every distinct dataset prompt (and the null prompt) now, then move the embeddings and the
+        text encoders to the CPU; returns the bytes of the cached embeddings."""
+        cond = self.conditioner
+        if not isinstance(cond, TextConditioner):
+            warnings.warn("cache_text_embeddings=true has no effect: the teacher is not text-conditioned", stacklevel=2)
+            return 0
+        prompts = list(dict.fromkeys(self.dataset.captions))
+        total = 0
+        for i in range(0, len(prompts), chunk):
+            out = cond.encode(prompts[i : i + chunk])
+            total += sum(t.numel() * t.element_size() for t in _tensors(out.kwargs))
+        cond.encode([""])  # the null embedding (SD / SD3) is computed once, with the encoders still on the device
+        cond.offload("cpu")
+        if total > TEXT_CACHE_WARN_BYTES:
+            warnings.warn(
+                f"cache_text_embeddings: the embeddings of {len(prompts)} prompts take {total / 2**30:.1f} GiB of "
+                "host memory (per process)",
+                stacklevel=2,
+            )
+        self.text_cache_bytes = total
+        return total
+
+    # ---------------------------------------------------------------- memory options after preparation
+    def setup(self):
+        super().setup()
+        self.apply_memory_options()
+
+    def apply_memory_options(self):
+        """Gradient checkpointing on the trainable networks (and on the teacher: a no-op under no_grad, it cuts
+        the activations of SiD / SIM's differentiated teacher pass) and the teacher's dtype: applied once every
+        network is built (the full student / fake-score copies are taken from the fp32 teacher) and prepared."""
+        c = self.config
+        if c.gradient_checkpointing:
+            done = []
+            for name in self.specs:
+                inner = _unwrap(self._inner(name))
+                if getattr(inner, "_supports_gradient_checkpointing", None) is None:
+                    continue  # not a diffusers model (a discriminator head)
+                enable_gradient_checkpointing(inner)
+                done.append(name)
+            if not done:
+                raise ConfigError(f"gradient_checkpointing: no trainable network of {type(self).__name__} supports it")
+            teacher = getattr(self, "teacher", None)
+            if teacher is not None and not teacher.shares_base:  # a shared base is enabled with its LoRA network
+                net = _unwrap(teacher.net)
+                if getattr(net, "_supports_gradient_checkpointing", False):
+                    enable_gradient_checkpointing(net, teacher.resident if teacher.offload_device is not None else None)
+        if c.teacher_dtype != "fp32" and getattr(self, "teacher", None) is not None:
+            self.teacher.cast_weights(TEACHER_DTYPES[c.teacher_dtype])
 
     def timesteps_to_t(self, timesteps, key: str) -> torch.Tensor:
         """Integer teacher timesteps (a config list named ``key``) -> continuous times, range-checked."""
@@ -125,7 +244,7 @@ class StudentTrainer(DistillTrainer):
     def make_generator(self, timesteps, *, sampler: str = "consistency", w_embedding_dim: int = 0) -> Generator:
         """The student from the teacher's weights (``generator_mode`` full or LoRA)."""
         c = self.config
-        return Generator.from_teacher(
+        gen = Generator.from_teacher(
             self.teacher,
             c.generator_mode,
             timesteps=timesteps,
@@ -135,6 +254,9 @@ class StudentTrainer(DistillTrainer):
             target_modules=c.lora_target_modules or None,
             w_embedding_dim=w_embedding_dim,
         )
+        if self.teacher.offload_device is not None:  # copied from the host weights of an offloaded teacher
+            gen.net.to(self.teacher.offload_device)
+        return gen
 
     def generator_params(self):
         if self.config.generator_mode == "full":
@@ -153,8 +275,8 @@ class StudentTrainer(DistillTrainer):
         key = "label" if "label" in batch else "caption"
         values = batch[key]
         if key == "label":
-            values = values.to(self.accelerator.device)
-        return self.conditioner(values)
+            return self.conditioner(values.to(self.accelerator.device))
+        return self.conditioner(values).to(self.accelerator.device)  # cached embeddings may live on the CPU
 
     # ---------------------------------------------------------------- samples and export
     def export_timesteps(self) -> list[int]:
@@ -195,6 +317,82 @@ def _adapter_params(wrapper):
     from ..models.adapters import lora_parameters
 
     return lora_parameters(_unwrap(wrapper.net), wrapper.adapter_name)
+
+
+def _tensors(d):
+    for v in d.values():
+        if torch.is_tensor(v):
+            yield v
+        elif isinstance(v, dict):
+            yield from _tensors(v)
+
+
+# gradient checkpointing ---------------------------------------------------------------------------------
+
+
+def enable_gradient_checkpointing(net: torch.nn.Module, recompute_context=None) -> None:
+    """diffusers' gradient checkpointing on ``net`` with :func:`checkpoint_with_adapter_state`;
+    ``recompute_context(block)`` (e.g. an offloaded teacher's ``resident``) wraps each recompute."""
+    if not getattr(net, "_supports_gradient_checkpointing", False) or not hasattr(net, "enable_gradient_checkpointing"):
+        raise ConfigError(
+            f"gradient_checkpointing: {type(net).__name__} does not support it (diffusers models only); set "
+            "gradient_checkpointing: false"
+        )
+    if recompute_context is None:
+        net.enable_gradient_checkpointing(checkpoint_with_adapter_state)
+    else:
+        net.enable_gradient_checkpointing(partial(checkpoint_with_adapter_state, recompute_context=recompute_context))
+
+
+def _adapter_state(owner, layers):
+    return [(m, m.disable_adapters, list(m.active_adapters)) for m in layers], [
+        (p, p.requires_grad) for p in owner.parameters()
+    ]
+
+
+def _set_adapter_state(state):
+    layers, flags = state
+    for m, disabled, active in layers:
+        m.set_adapter(active)
+        m.enable_adapters(not disabled)
+    for p, flag in flags:  # peft's toggles flip requires_grad: put back the flags of the forward pass
+        p.requires_grad_(flag)
+
+
+@contextmanager
+def _recompute_state(owner, layers, state, recompute_context):
+    with recompute_context(owner) if recompute_context is not None else nullcontext():
+        if not layers:
+            yield
+            return
+        now = _adapter_state(owner, layers)
+        _set_adapter_state(state)
+        try:
+            yield
+        finally:
+            _set_adapter_state(now)
+
+
+def checkpoint_with_adapter_state(module, *args, recompute_context=None):
+    """torch's non-reentrant checkpoint of one block, as diffusers calls it (``func(block, *args)``), that
+    recomputes the block in backward with the LoRA state of its forward pass: which adapter was active,
+    whether adapters were off, which weights required grad. Without this, a block that ran with the
+    generator's adapter (or with adapters off, as the teacher) would be recomputed with whatever adapter is
+    active at backward time: silently wrong gradients when several adapters share one base.
+    ``recompute_context(block)`` wraps the recompute (an offloaded teacher stages the block's weights)."""
+    from ..models.adapters import tuner_layers
+
+    owner = getattr(module, "__self__", module)
+    layers = tuner_layers(owner) if isinstance(owner, torch.nn.Module) else []
+    if not layers and recompute_context is None:
+        return torch.utils.checkpoint.checkpoint(module, *args, use_reentrant=False)
+    state = _adapter_state(owner, layers) if layers else None
+    return torch.utils.checkpoint.checkpoint(
+        module,
+        *args,
+        use_reentrant=False,
+        context_fn=lambda: (nullcontext(), _recompute_state(owner, layers, state, recompute_context)),
+    )
 
 
 def _has_null(conditioner) -> bool:
@@ -273,7 +471,14 @@ def _sample_shape(net, resolution: int):
 def _decode(vae, latents):
     scale = vae.config.scaling_factor
     shift = getattr(vae.config, "shift_factor", None) or 0.0
-    return vae.decode(latents / scale + shift).sample.clamp(-1, 1)
+    home = next(vae.parameters()).device
+    if home != latents.device:  # an offloaded VAE (teacher_offload) decodes on the latents' device
+        vae.to(latents.device)
+    try:
+        return vae.decode(latents / scale + shift).sample.clamp(-1, 1)
+    finally:
+        if home != latents.device:
+            vae.to(home)
 
 
 class DistillDataset(torch.utils.data.Dataset):
@@ -332,35 +537,13 @@ def _dataset_for(c, sample_shape, vae) -> DistillDataset:
         return DistillDataset(captions=load_prompts(ds))
     if os.path.isdir(ds):
         # images at the pixel size whose latents (or pixels) have the generator's sample shape
-        size = sample_shape[-1] * vae_scale_factor(vae)
-        classes = _class_folders(ds)
-        if classes:  # ImageNet layout: one sub-folder per class, label k = the k-th folder name in sorted order
-            parts = [ImageFolderDataset(os.path.join(ds, d), size, caption_source="none") for d in classes]
-            images = torch.stack([p[i]["image"] for p in parts for i in range(len(p))])
-            labels = torch.cat([torch.full((len(p),), k, dtype=torch.long) for k, p in enumerate(parts)])
-            return DistillDataset(labels=labels, images=_encode_images(vae, images))
-        folder = ImageFolderDataset(ds, size)
+        folder = ImageFolderDataset(ds, sample_shape[-1] * vae_scale_factor(vae))
         images = torch.stack([folder[i]["image"] for i in range(len(folder))])
         captions = [folder[i]["caption"] for i in range(len(folder))]
-        return DistillDataset(captions=captions, images=_encode_images(vae, images))
+        if vae is not None:
+            with torch.no_grad():
+                lat = vae.encode(images.to(vae.device)).latent_dist.mean
+                shift = getattr(vae.config, "shift_factor", None) or 0.0
+                images = ((lat - shift) * vae.config.scaling_factor).cpu()
+        return DistillDataset(captions=captions, images=images)
     raise ConfigError(f"dataset: {ds!r} is not 'digits', 'toy2d:<name>', a prompt file or an image folder")
-
-
-def _class_folders(root) -> list[str]:
-    """The class sub-folders of an image folder without images at its top level (sorted names), else []."""
-    from ..data.folders import IMAGE_EXTENSIONS
-
-    entries = sorted(e for e in os.listdir(root) if not e.startswith("."))
-    if any(os.path.splitext(e)[1].lower() in IMAGE_EXTENSIONS for e in entries):
-        return []
-    return [e for e in entries if os.path.isdir(os.path.join(root, e))]
-
-
-def _encode_images(vae, images):
-    """Pixels in [-1, 1] -> scaled latents (the VAE's posterior mean), or the pixels for pixel-space models."""
-    if vae is not None:
-        with torch.no_grad():
-            lat = vae.encode(images.to(vae.device)).latent_dist.mean
-            shift = getattr(vae.config, "shift_factor", None) or 0.0
-            images = ((lat - shift) * vae.config.scaling_factor).cpu()
-    return images
