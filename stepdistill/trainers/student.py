@@ -39,7 +39,8 @@ class StudentConfig(TrainConfig):
         attention / conv defaults of :func:`stepdistill.models.adapters.add_lora`).
     > Data and conditioning
     dataset (`str`, `"digits"`): source of labels / prompts and of real images: "digits", "toy2d:<name>",
-        an image folder with captions, or a prompt file (.txt / .jsonl; no real images).
+        an image folder with captions, an image folder with one sub-folder per class (labels: the sorted
+        folder names, ImageNet's layout), or a prompt file (.txt / .jsonl; no real images).
     resolution (`int`, `0`): the generator's sample side: latents for latent models (64 = 512 px for SD1.5,
         128 = 1024 px for SDXL), pixels otherwise (0: the network config's sample_size).
     > Export
@@ -537,13 +538,35 @@ def _dataset_for(c, sample_shape, vae) -> DistillDataset:
         return DistillDataset(captions=load_prompts(ds))
     if os.path.isdir(ds):
         # images at the pixel size whose latents (or pixels) have the generator's sample shape
-        folder = ImageFolderDataset(ds, sample_shape[-1] * vae_scale_factor(vae))
+        size = sample_shape[-1] * vae_scale_factor(vae)
+        classes = _class_folders(ds)
+        if classes:  # ImageNet layout: one sub-folder per class, label k = the k-th folder name in sorted order
+            parts = [ImageFolderDataset(os.path.join(ds, d), size, caption_source="none") for d in classes]
+            images = torch.stack([p[i]["image"] for p in parts for i in range(len(p))])
+            labels = torch.cat([torch.full((len(p),), k, dtype=torch.long) for k, p in enumerate(parts)])
+            return DistillDataset(labels=labels, images=_encode_images(vae, images))
+        folder = ImageFolderDataset(ds, size)
         images = torch.stack([folder[i]["image"] for i in range(len(folder))])
         captions = [folder[i]["caption"] for i in range(len(folder))]
-        if vae is not None:
-            with torch.no_grad():
-                lat = vae.encode(images.to(vae.device)).latent_dist.mean
-                shift = getattr(vae.config, "shift_factor", None) or 0.0
-                images = ((lat - shift) * vae.config.scaling_factor).cpu()
-        return DistillDataset(captions=captions, images=images)
+        return DistillDataset(captions=captions, images=_encode_images(vae, images))
     raise ConfigError(f"dataset: {ds!r} is not 'digits', 'toy2d:<name>', a prompt file or an image folder")
+
+
+def _class_folders(root) -> list[str]:
+    """The class sub-folders of an image folder without images at its top level (sorted names), else []."""
+    from ..data.folders import IMAGE_EXTENSIONS
+
+    entries = sorted(e for e in os.listdir(root) if not e.startswith("."))
+    if any(os.path.splitext(e)[1].lower() in IMAGE_EXTENSIONS for e in entries):
+        return []
+    return [e for e in entries if os.path.isdir(os.path.join(root, e))]
+
+
+def _encode_images(vae, images):
+    """Pixels in [-1, 1] -> scaled latents (the VAE's posterior mean), or the pixels for pixel-space models."""
+    if vae is not None:
+        with torch.no_grad():
+            lat = vae.encode(images.to(vae.device)).latent_dist.mean
+            shift = getattr(vae.config, "shift_factor", None) or 0.0
+            images = ((lat - shift) * vae.config.scaling_factor).cpu()
+    return images
