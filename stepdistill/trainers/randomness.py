@@ -1,6 +1,6 @@
 """Randomness that does not depend on the number of processes.
 
-Inside a training step, every ``torch.randn / rand / randint`` (and ``*_like``) call without an explicit
+Inside a training step, every ``torch.randn / rand / randint / multinomial`` (and ``*_like``) call without an explicit
 generator is served by :class:`GlobalBatchRandom`: one CPU generator, seeded by (seed, step, micro-batch) and
 identical on every process, draws for the GLOBAL batch, and each process keeps the rows of the samples it
 holds (the data sampler deals global position p to process p % world). So sample p meets the same noise,
@@ -62,6 +62,13 @@ class GlobalBatchRandom(TorchFunctionMode):
                 x = args[0]
                 kind = "randn" if func is torch.randn_like else "rand"
                 return self._draw(kind, x.shape, kwargs.get("dtype") or x.dtype, kwargs.get("device") or x.device)
+            if func is torch.multinomial:
+                probs, n = args[0], (args[1] if len(args) > 1 else kwargs["num_samples"])
+                replacement = args[2] if len(args) > 2 else kwargs.get("replacement", False)
+                per_sample = n == self.per_device and probs.ndim == 1 and replacement
+                full = n * self.world if per_sample else n
+                out = torch.multinomial(probs.cpu(), full, replacement, generator=self.generator)
+                return (out[self.rank :: self.world] if per_sample else out).to(probs.device)
             if func is torch.randint:
                 rest = dict(kwargs)
                 pos = list(args)
