@@ -28,6 +28,7 @@ bench: install
 	$(PY) benchmarks/bench_sampling.py --out outputs/bench/sampling.md
 	$(PY) benchmarks/bench_trainers.py --out outputs/bench/trainers.md
 	$(PY) benchmarks/bench_consistency.py --out outputs/bench/consistency.md
+	$(PY) benchmarks/bench_memory.py --out outputs/bench/memory.md
 
 # FD-digits vs network evaluations: teacher DDIM steps and every trainer's digits student (about 20 min on CPU)
 bench-quality: install
