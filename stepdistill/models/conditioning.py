@@ -580,11 +580,11 @@ class TextConditioner:
             raise ValueError(f"unknown text conditioner kind {kind!r}; expected one of {TEXT_KINDS}")
 
         from transformers import (
-            AutoTokenizer,
             CLIPTextModel,
             CLIPTextModelWithProjection,
             CLIPTokenizer,
             T5EncoderModel,
+            T5TokenizerFast,
         )
 
         def present(sub: str) -> bool:
@@ -624,7 +624,7 @@ class TextConditioner:
             encoders.append(enc)
         if kind == "sd3":
             if load_t5 and present("text_encoder_3"):
-                tok, enc = load("text_encoder_3", T5EncoderModel, AutoTokenizer)
+                tok, enc = load("text_encoder_3", T5EncoderModel, T5TokenizerFast)  # SD3 pipelines' tokenizer_3
             else:
                 tok, enc = None, None
             tokenizers.append(tok)
