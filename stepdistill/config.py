@@ -63,6 +63,8 @@ def _check_type(name: str, value, tp):
     if tp is str:
         if isinstance(value, str):
             return value
+        if isinstance(value, bool):  # YAML 1.1 reads a bare no / yes as false / true: mixed_precision=no
+            return "no" if value is False else "yes"
         raise ConfigError(f"{name}: expected a string, got {value!r}")
     return value
 

@@ -217,3 +217,12 @@ def test_skipped_micro_batch_keeps_accumulation_aligned(tmp_path):
     # (misaligned accumulation would step after calls 2, 4, 6, mixing micro-batches of neighbouring steps)
     assert at_call == [3, 5, 7]
     assert t.sampler.consumed == (1 + 3 * 2) * 2
+
+
+def test_yaml_bare_no_is_the_string_no():
+    from stepdistill.config import build_config, parse_overrides
+    from stepdistill.trainers.dsm import DSMConfig
+
+    # YAML 1.1 (PyYAML) reads `no` as false; accelerate's and our spelling of "no mixed precision" must still work
+    assert build_config(DSMConfig, parse_overrides(["mixed_precision=no"])).mixed_precision == "no"
+    assert build_config(DSMConfig, {"mixed_precision": False}).mixed_precision == "no"
