@@ -66,6 +66,9 @@ def child(mode: str, steps: int, batch: int, resolution: int) -> dict:
     from stepdistill.models.denoiser import _unwrap
     from stepdistill.trainers.consistency import ConsistencyConfig, ConsistencyTrainer
 
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from bench_trainers import count_saved_bytes
+
     root = tempfile.mkdtemp(prefix="bench_consistency_")
     teacher, images = _tiny_teacher(root), _image_folder(root)
     cfg = dict(
@@ -111,22 +114,7 @@ def child(mode: str, steps: int, batch: int, resolution: int) -> dict:
     for net in {id(n): n for n in (teacher_net, student_net, target_net) if n is not None}.values():
         net.register_forward_hook(hook, with_kwargs=True)
 
-    saved = {"max": 0}
-    compute = trainer.compute_loss
-
-    def counted(batch_, phase):
-        seen = {}
-
-        def pack(t):
-            seen[(t.data_ptr(), t.numel(), t.dtype)] = t.numel() * t.element_size()
-            return t
-
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            out = compute(batch_, phase)
-        saved["max"] = max(saved["max"], sum(seen.values()))
-        return out
-
-    trainer.compute_loss = counted
+    saved = count_saved_bytes(trainer, key=lambda group: "max")
     times = []
     orig = trainer.on_step_end
 
@@ -169,7 +157,7 @@ def child(mode: str, steps: int, batch: int, resolution: int) -> dict:
         "base_copies": copies,
         "trainable_params": sum(p.numel() for p in trainable),
         "grad_adam_mb": 3 * train_bytes / 2**20,
-        "activations_mb": saved["max"] / 2**20,
+        "activations_mb": saved.get("max", 0) / 2**20,
         "cuda_peak_mb": torch.cuda.max_memory_allocated() / 2**20 if cuda else None,
     }
 

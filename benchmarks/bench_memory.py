@@ -153,7 +153,7 @@ def child(spec: dict) -> dict:
     import torch
 
     sys.path.insert(0, HERE)
-    from bench_trainers import model_state_bytes
+    from bench_trainers import count_saved_bytes, model_state_bytes
 
     from stepdistill.config import build_config
     from stepdistill.train import trainer_classes
@@ -162,23 +162,7 @@ def child(spec: dict) -> dict:
     trainer = cls(build_config(cls.config_class, spec["config"]))
     trainer.setup()
     cuda = torch.cuda.is_available()
-    saved: dict[str, int] = {}
-    compute = trainer.compute_loss
-
-    def counted(batch, group):
-        seen = {}
-
-        def pack(t):
-            seen[(t.data_ptr(), t.numel(), t.dtype)] = t.numel() * t.element_size()
-            return t
-
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            out = compute(batch, group)
-        key = "generator" if "generator" in group else "fake_score"
-        saved[key] = max(saved.get(key, 0), sum(seen.values()))
-        return out
-
-    trainer.compute_loss = counted
+    saved = count_saved_bytes(trainer, key=lambda group: "generator" if "generator" in group else "fake_score")
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()

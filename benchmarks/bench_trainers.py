@@ -32,6 +32,34 @@ ROWS = [
 ]
 
 
+def count_saved_bytes(trainer, key=lambda group: "generator" if "generator" in group else None) -> dict:
+    """Wrap ``trainer.compute_loss`` so that the bytes autograd saves for backward while a group's loss is built
+    are recorded: returns a dict ``key(group) -> max bytes`` filled as the trainer runs (groups whose key is None
+    are not counted). Device- and allocator-independent activation memory."""
+    import torch
+
+    saved: dict = {}
+    compute = trainer.compute_loss
+
+    def counted(batch, group):
+        name = key(group)
+        if name is None:
+            return compute(batch, group)
+        seen = {}
+
+        def pack(t):
+            seen[(t.data_ptr(), t.numel(), t.dtype)] = t.numel() * t.element_size()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = compute(batch, group)
+        saved[name] = max(saved.get(name, 0), sum(seen.values()))
+        return out
+
+    trainer.compute_loss = counted
+    return saved
+
+
 def model_state_bytes(trainer) -> int:
     """Unique weight storage of every network the trainer holds + grads and AdamW state of trainable params."""
     import torch
@@ -90,26 +118,7 @@ def child(method: str, gen: str, fake: str, steps: int, batch: int) -> dict:
         orig(step)
 
     trainer.on_step_end = stamp
-    saved = {"max": 0}
-    compute = trainer.compute_loss
-
-    def counted(batch, phase):
-        # bytes autograd keeps for backward while the generator loss is built: the activation memory of the
-        # generator step, independent of the device and of the allocator
-        if "generator" not in phase:
-            return compute(batch, phase)
-        seen = {}
-
-        def pack(t):
-            seen[(t.data_ptr(), t.numel(), t.dtype)] = t.numel() * t.element_size()
-            return t
-
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            out = compute(batch, phase)
-        saved["max"] = max(saved["max"], sum(seen.values()))
-        return out
-
-    trainer.compute_loss = counted
+    saved = count_saved_bytes(trainer)  # the generator step's activation memory
     trainer.train()
     per_iter = (times[-1] - times[1]) / (len(times) - 2)  # skip the first (warm-up) iterations
     peak = (
@@ -120,7 +129,7 @@ def child(method: str, gen: str, fake: str, steps: int, batch: int) -> dict:
         "seconds_per_iteration": per_iter,
         "peak_mb": peak,
         "trainable_params": n_params,
-        "generator_saved_mb": saved["max"] / 2**20,
+        "generator_saved_mb": saved.get("generator", 0) / 2**20,
         "model_state_mb": model_state_bytes(trainer) / 2**20,
     }
 
