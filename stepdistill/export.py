@@ -23,10 +23,10 @@ from __future__ import annotations
 
 import copy
 import os
-import shutil
 
 import torch
 
+from .io import begin_export, finish_export
 from .models.denoiser import _unwrap
 from .schedules import normalize_prediction_type
 
@@ -278,8 +278,7 @@ def export_generator(trainer, path: str) -> str:
     w_cond = bool(getattr(net.config, "time_cond_proj_dim", None))
     if w_cond and w is None:
         w = 1.0
-    tmp = path.rstrip("/") + ".tmp_export"
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = begin_export(path)  # beside path: a previous export stays until this one is complete
     if name in ("UNet2DModel", "GuidedUNet2DModel"):
         from .pipelines import StepDistillClassPipeline
 
@@ -344,8 +343,7 @@ def export_generator(trainer, path: str) -> str:
     )
     with open(os.path.join(tmp, "README.md"), "w") as f:
         f.write(card)
-    shutil.rmtree(path, ignore_errors=True)
-    os.replace(tmp, path)
+    finish_export(tmp, path, "pipeline")  # fsync, then swap in
     return path
 
 

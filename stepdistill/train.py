@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from .config import ConfigError, build_config, parse_overrides, read_yaml
@@ -36,6 +37,7 @@ def make_trainer(config_path: str, overrides=()):
         raise ConfigError(f"recipe {config_path!r}: 'method' must be one of {sorted(classes)}, got {method!r}")
     cls = classes[method]
     cfg = build_config(cls.config_class, data, source=config_path)
+    cfg._given_keys = frozenset(data)  # what the recipe / command line set (launcher settings fill the rest)
     return cls(cfg)
 
 
@@ -47,14 +49,16 @@ def add_train_args(p: argparse.ArgumentParser):
 def run_train(args) -> int:
     try:
         trainer = make_trainer(args.config, args.overrides)
+        trainer.train()  # refusals (output folder, resume checks, launcher conflicts) come before models load
+        if hasattr(trainer, "export"):
+            path = trainer.export()
+            if trainer.accelerator.is_main_process:
+                print(f"exported to {path}")
     except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # under accelerate launch every process refuses: one message
+            print(f"error: {e}", file=sys.stderr)
         return 2
-    trainer.train()
-    if hasattr(trainer, "export"):
-        path = trainer.export()
-        if trainer.accelerator.is_main_process:
-            print(f"exported to {path}")
+    trainer.finish()
     return 0
 
 

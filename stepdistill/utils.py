@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import os
-
 import torch
 
 
@@ -35,16 +32,12 @@ def save_image_grid(images: torch.Tensor, path: str, nrow: int | None = None, sc
         from PIL import Image
 
         img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = path + ".tmp.png"
-    img.save(tmp)
-    os.replace(tmp, path)
-    return path
+    from .io import atomic_write
+
+    return atomic_write(path, lambda tmp: img.save(tmp, format="PNG"))
 
 
 def write_json(obj, path: str) -> None:
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
+    from . import io
+
+    io.write_json(path, obj)

@@ -58,22 +58,27 @@ def test_resume_continues_the_exact_loss_curve(tmp_path):
     assert any(not torch.equal(init[k], a[k]) for k in a)
 
 
-def test_corrupt_checkpoint_errors_and_earlier_one_still_resumes(tmp_path):
+def test_corrupt_checkpoint_is_refused_and_latest_falls_back_to_an_intact_one(tmp_path, capsys):
     tiny(tmp_path, checkpoints_total_limit=5).train()
     ckpts = list_checkpoints(str(tmp_path))
     assert [os.path.basename(c) for c in ckpts] == ["step_0000003", "step_0000006"]
-    assert not [d for d in os.listdir(tmp_path / "checkpoints") if d.startswith(".tmp")]
+    assert not [d for d in os.listdir(tmp_path / "checkpoints") if d.startswith(".")]
     with open(os.path.join(ckpts[-1], "model.safetensors"), "r+b") as f:
         f.truncate(100)
-    with pytest.raises(RuntimeError, match="step_0000006.*corrupt"):
-        tiny(tmp_path, max_steps=8, resume="latest").train()
-    t = tiny(tmp_path, max_steps=4, resume=ckpts[0])
+    # an explicit damaged checkpoint is refused, naming the intact one
+    with pytest.raises(ConfigError, match=r"step_0000006.*damaged.*model.safetensors.*step_0000003"):
+        tiny(tmp_path, max_steps=8, checkpoints_total_limit=5, resume=ckpts[-1]).train()
+    # resume=latest falls back to it and says so
+    capsys.readouterr()
+    t = tiny(tmp_path, max_steps=4, checkpoints_total_limit=5, resume="latest")
     t.train()
-    assert t.global_step == 4
+    out = capsys.readouterr().out
+    assert "step_0000006 is damaged" in out and "falls back to step_0000003" in out
+    assert t.global_step == 4 and t.resumed_from == ckpts[0]
 
 
 def test_resume_latest_without_checkpoint(tmp_path):
-    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+    with pytest.raises(ConfigError, match="resume=latest: no checkpoint"):
         tiny(tmp_path, resume="latest").train()
 
 

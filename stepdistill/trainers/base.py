@@ -25,17 +25,30 @@ import os
 import random
 import shutil
 import time
+import uuid
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
+from .. import io
 from ..config import ConfigError
 from .randomness import GlobalBatchRandom
 
 CHECKPOINT_PREFIX = "step_"
+RUN_FILE = "run.json"  # the folder's current run: its id (checkpoints carry it too)
+LOG_FILE = "train_log.jsonl"  # one line per optimiser step: every logged scalar
+
+# keys that may change between a checkpoint and its resume: they do not alter the trained trajectory
+SAFE_RESUME_KEYS = frozenset(
+    {
+        "output_dir", "resume", "overwrite", "max_steps", "log_every", "checkpoint_every", "checkpoints_total_limit",
+        "sample_every", "sample_steps", "report_to", "progress", "max_nonfinite", "export_dir", "save_rounds",
+        "ema_decay", "gradient_checkpointing", "teacher_offload", "cache_text_embeddings",
+    }
+)  # fmt: skip
 
 
 @dataclass
@@ -59,6 +72,12 @@ class TrainConfig:
     checkpoint_every (`int`, `500`), checkpoints_total_limit (`int`, `2`), resume (`str`, `""`: "latest" or a
     checkpoint folder), log_every (`int`, `10`), sample_every (`int`, `0`: off), report_to (`str`, `""` or
     "tensorboard"), max_nonfinite (`int`, `10`): abort after this many non-finite losses in a row.
+    overwrite (`bool`, `false`): let a fresh run (no ``resume``) start in an ``output_dir`` that holds another
+        run's checkpoints (they are left in place, never rotated nor resumed by ``resume: latest``).
+    Launcher settings: ``mixed_precision`` and ``grad_accum`` set in the recipe or on the command line win; left
+    unset, the values of ``accelerate launch`` / its config (ACCELERATE_MIXED_PRECISION,
+    ACCELERATE_GRADIENT_ACCUMULATION_STEPS) are used; an explicit value that differs from the launcher's is
+    refused. The run prints which values it uses and where they came from.
     """
 
     output_dir: str = "outputs/run"
@@ -82,6 +101,7 @@ class TrainConfig:
     report_to: str = ""
     max_nonfinite: int = 10
     progress: bool = True
+    overwrite: bool = False
 
 
 @dataclass
@@ -100,22 +120,58 @@ class NonFiniteLossError(RuntimeError):
     pass
 
 
-def _atomic_save_file(tensors: dict, path: str, metadata=None):
-    tmp = f"{path}.tmp{os.getpid()}"
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
-    os.replace(tmp, path)
-
-
-def list_checkpoints(output_dir: str) -> list[str]:
+def checkpoint_dirs(output_dir: str) -> list[str]:
+    """Every ``checkpoints/step_N`` folder, complete or not, oldest first."""
     root = os.path.join(output_dir, "checkpoints")
     if not os.path.isdir(root):
         return []
-    done = [
+    names = [
         d
         for d in os.listdir(root)
-        if d.startswith(CHECKPOINT_PREFIX) and os.path.isfile(os.path.join(root, d, "trainer_state.json"))
+        if d.startswith(CHECKPOINT_PREFIX)
+        and d[len(CHECKPOINT_PREFIX) :].isdigit()
+        and os.path.isdir(os.path.join(root, d))
     ]
-    return [os.path.join(root, d) for d in sorted(done, key=lambda d: int(d[len(CHECKPOINT_PREFIX) :]))]
+    return [os.path.join(root, d) for d in sorted(names, key=lambda d: int(d[len(CHECKPOINT_PREFIX) :]))]
+
+
+def list_checkpoints(output_dir: str) -> list[str]:
+    """The checkpoints that have their state file, oldest first."""
+    return [d for d in checkpoint_dirs(output_dir) if os.path.isfile(os.path.join(d, "trainer_state.json"))]
+
+
+def read_checkpoint_state(path: str) -> dict | None:
+    """A checkpoint's trainer_state.json, or None when it is missing or unreadable."""
+    try:
+        with open(os.path.join(path, "trainer_state.json")) as f:
+            state = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return state if isinstance(state, dict) else None
+
+
+def checkpoint_problem(path: str) -> str | None:
+    """Why the checkpoint at ``path`` cannot be resumed (None: intact). Every file is checked against the
+    size and sha256 recorded in its trainer_state.json (checkpoints written before checksums were recorded
+    are checked for their state file only)."""
+    if not os.path.isfile(os.path.join(path, "trainer_state.json")):
+        return "no trainer_state.json (incomplete or damaged)"
+    state = read_checkpoint_state(path)
+    if state is None or "global_step" not in state:
+        return "trainer_state.json is unreadable"
+    for name, rec in sorted(state.get("files", {}).items()):
+        f = os.path.join(path, name)
+        if not os.path.isfile(f):
+            return f"{name} is missing"
+        if os.path.getsize(f) != rec["bytes"]:
+            return f"{name} has {os.path.getsize(f)} bytes, {rec['bytes']} were written"
+        if io.sha256_file(f) != rec["sha256"]:
+            return f"{name} fails its sha256 checksum"
+    return None
+
+
+def _short(path: str) -> str:
+    return os.path.basename(path.rstrip("/"))
 
 
 class InfiniteSampler(torch.utils.data.Sampler):
@@ -154,6 +210,9 @@ class DistillTrainer:
         self.nonfinite_in_row = 0
         self.nonfinite_total = 0
         self.history: list[dict] = []
+        self.run_id = ""
+        self.resumed_from: str | None = None
+        self._log_file = None
 
     # ------------------------------------------------------------------ hooks
     def build(self):  # pragma: no cover - abstract
@@ -215,6 +274,8 @@ class DistillTrainer:
             raise ConfigError(f"grad_accum must be >= 1, got {c.grad_accum}")
         if c.max_steps < 1:
             raise ConfigError(f"max_steps must be >= 1, got {c.max_steps}")
+        if c.resume and c.overwrite:
+            raise ConfigError("resume and overwrite: true exclude each other (overwrite only applies to a fresh run)")
         if not 0.0 <= c.ema_decay < 1.0:
             raise ConfigError(f"ema_decay must be in [0, 1), got {c.ema_decay}")
         if c.resume not in ("", "latest") and not os.path.isdir(c.resume):
@@ -231,7 +292,9 @@ class DistillTrainer:
 
         c = self.config
         self.validate()
+        settings = None
         if self._accelerator is None:
+            settings = self._launcher_settings()
             # one process may build several trainers (notebooks, tests): accelerate keeps mixed precision and
             # similar settings in a process-wide state; reset those (not the process group) for this trainer
             from accelerate.state import AcceleratorState
@@ -247,6 +310,8 @@ class DistillTrainer:
                 kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=self.find_unused_parameters)],
             )
         acc = self._accelerator
+        if settings and acc.is_main_process:
+            print(f"stepdistill: {settings}", flush=True)
         per_device, rem = divmod(c.global_batch, c.grad_accum * acc.num_processes)
         if rem or per_device < 1:
             raise ConfigError(
@@ -259,6 +324,9 @@ class DistillTrainer:
                 "ema_decay > 0 under FSDP is not supported (the EMA would be a full unsharded copy on every "
                 "process); use ema_decay: 0, or DDP (recipes/accelerate/ddp.yaml)"
             )
+        # the settings this run was started with (before build() derives anything): checkpoints carry them
+        self.run_config = json.loads(json.dumps(asdict(c)))
+        resume_path = self._main_decides(self._prepare_run)  # refusals come before any model loads
         self._seed_everything(c.seed + acc.process_index)
         self.build()
         self.specs = self.networks()
@@ -307,17 +375,247 @@ class DistillTrainer:
             # the global RNG, or a resumed run would diverge
             generator=torch.Generator().manual_seed(c.seed),
         )
-        if acc.is_main_process:
-            os.makedirs(c.output_dir, exist_ok=True)
-            with open(os.path.join(c.output_dir, "config.json"), "w") as f:
-                json.dump(asdict(c), f, indent=2)
         if c.report_to:
             acc.init_trackers(
                 "stepdistill", config={k: v for k, v in asdict(c).items() if isinstance(v, (int, float, str, bool))}
             )
-        if c.resume:
-            self.load_checkpoint(c.resume)
+        if resume_path:
+            self.load_checkpoint(resume_path)
+        if acc.is_main_process:
+            io.write_json(os.path.join(c.output_dir, "config.json"), asdict(c))
+            self._open_log()
         self._set_up = True
+
+    # ------------------------------------------------------------------ run lifecycle
+    def export_target(self) -> str | None:
+        """Where ``export()`` writes by default (None: the method exports nothing); checked before training."""
+        return None
+
+    def _launcher_settings(self) -> str:
+        """Resolve ``mixed_precision`` and ``grad_accum`` against ``accelerate launch`` (see TrainConfig) and
+        return the line that says which values are used and where they came from."""
+        c = self.config
+        given = getattr(c, "_given_keys", None)  # keys the recipe / command line set (make_trainer records them)
+        defaults = type(c)()
+        parts = []
+        for key, env in (
+            ("mixed_precision", "ACCELERATE_MIXED_PRECISION"),
+            ("grad_accum", "ACCELERATE_GRADIENT_ACCUMULATION_STEPS"),
+        ):
+            raw = os.environ.get(env, "").strip()
+            # accelerate launch writes mixed_precision "no" when nothing asked for one: that is no request
+            launcher = None if raw.lower() in ("", "no", "1") else raw.lower()
+            ours = getattr(c, key)
+            explicit = key in given if given is not None else ours != getattr(defaults, key)
+            if launcher is None:
+                parts.append(f"{key}={ours} ({'recipe' if explicit else 'default'})")
+                continue
+            if key == "grad_accum":
+                if not launcher.isdigit() or int(launcher) < 1:
+                    raise ConfigError(f"{env}={raw!r} from the launcher is not a positive integer")
+                launcher = int(launcher)
+            elif launcher not in ("no", "bf16"):
+                raise ConfigError(
+                    f"mixed_precision={launcher!r} from accelerate launch / its config ({env}) is not supported: "
+                    "stepdistill trains with 'no' or 'bf16'"
+                )
+            if explicit and ours != launcher:
+                raise ConfigError(
+                    f"{key}={ours!r} in the recipe / command line conflicts with {launcher!r} from accelerate launch "
+                    f"/ its config ({env}); remove one of them or make them equal"
+                )
+            setattr(c, key, launcher)
+            parts.append(f"{key}={launcher} ({'recipe and ' if explicit else ''}accelerate launch: {env})")
+        return "using " + ", ".join(parts)
+
+    def _main_decides(self, fn):
+        """Run ``fn`` on the main process only; every process gets its result, or raises its ConfigError."""
+        acc = self.accelerator
+        out = [None]
+        if acc.is_main_process:
+            try:
+                out = [("ok", fn())]
+            except ConfigError as e:
+                out = [("error", str(e))]
+        if acc.num_processes > 1:
+            from accelerate.utils import broadcast_object_list
+
+            broadcast_object_list(out)
+        kind, value = out[0]
+        if kind == "error":
+            raise ConfigError(value)
+        if isinstance(value, dict):  # what every process needs of the decision
+            self.run_id = value["run_id"]
+            return value["resume"]
+        return value
+
+    def _run_of(self, path: str) -> str | None:
+        state = read_checkpoint_state(path)
+        return None if state is None else state.get("run_id", "")
+
+    def _prepare_run(self) -> dict:
+        """Main process, before any model loads: the export folder is usable; a fresh run does not start over
+        another run's checkpoints (unless ``overwrite``); a resume picks an intact checkpoint whose settings
+        allow an exact resume. Returns the run id and the checkpoint to load (None: fresh)."""
+        c = self.config
+        target = self.export_target()
+        if target:
+            io.check_export_dir(target)
+        os.makedirs(c.output_dir, exist_ok=True)
+        run_file = os.path.join(c.output_dir, RUN_FILE)
+        ckpts = checkpoint_dirs(c.output_dir)
+        if not c.resume:
+            if ckpts and not c.overwrite:
+                names = ", ".join(_short(p) for p in ckpts)
+                raise ConfigError(
+                    f"output_dir {c.output_dir!r} holds checkpoints of an earlier run ({names}): continue it with "
+                    "resume=latest, choose another output_dir, or set overwrite=true to start a new run there (the "
+                    "earlier checkpoints are then left alone: never rotated, never resumed by resume=latest)"
+                )
+            run_id = uuid.uuid4().hex[:12]
+            io.write_json(run_file, {"run_id": run_id, "trainer": type(self).__name__, "started": time.time()})
+            self._reset_log()
+            return {"run_id": run_id, "resume": None}
+        path = self._select_checkpoint(c.resume, ckpts)
+        state = read_checkpoint_state(path)
+        changes = self._check_resume_config(path, state)
+        run_id = state.get("run_id", "")
+        others = [p for p in ckpts if self._run_of(p) not in (None, "", run_id)]
+        own_folder = os.path.abspath(os.path.join(c.output_dir, "checkpoints"))
+        if others and os.path.dirname(os.path.abspath(path)) != own_folder:
+            raise ConfigError(
+                f"resume={c.resume!r}: output_dir {c.output_dir!r} holds checkpoints of another run "
+                f"({', '.join(_short(p) for p in others)}); resume into the checkpoint's own output_dir or another one"
+            )
+        step = state["global_step"]
+        if step > c.max_steps:
+            raise ConfigError(
+                f"max_steps={c.max_steps} is below the step of checkpoint {path!r} ({step}): nothing to train and "
+                f"the exported model would be the step-{step} one; raise max_steps or resume an earlier checkpoint"
+            )
+        print(f"stepdistill: resuming from {path} (step {step})", flush=True)
+        if changes:
+            print(f"stepdistill: {changes}", flush=True)
+        if step == c.max_steps:
+            print(f"stepdistill: the checkpoint is at max_steps={c.max_steps}: nothing left to train", flush=True)
+        io.write_json(run_file, {"run_id": run_id, "trainer": type(self).__name__, "resumed_from": path})
+        self._truncate_log(step)
+        return {"run_id": run_id, "resume": path}
+
+    def _select_checkpoint(self, where: str, ckpts: list[str]) -> str:
+        """The checkpoint to resume: ``where`` (a folder) if intact; for "latest" the newest intact one of the
+        folder's current run (a damaged newer one is reported). A damaged explicit checkpoint is refused with
+        the latest intact one named."""
+        c = self.config
+        root = os.path.join(c.output_dir, "checkpoints")
+        if where != "latest":
+            problem = checkpoint_problem(where)
+            if problem is None:
+                return where
+            siblings = checkpoint_dirs(os.path.dirname(os.path.dirname(os.path.abspath(where))))
+            here = os.path.abspath(where)
+            intact = [p for p in siblings if os.path.abspath(p) != here and checkpoint_problem(p) is None]
+            hint = f"; the latest intact one there is {intact[-1]!r}" if intact else "; no intact checkpoint is left"
+            raise ConfigError(f"resume: checkpoint {where!r} is damaged ({problem}){hint}")
+        if not ckpts:
+            raise ConfigError(f"resume=latest: no checkpoint under {root!r}")
+        current = None
+        try:
+            with open(os.path.join(c.output_dir, RUN_FILE)) as f:
+                current = json.load(f).get("run_id")
+        except (OSError, ValueError, AttributeError):
+            pass
+        mine = [p for p in ckpts if current is None or self._run_of(p) in (None, current)]
+        if not mine:
+            raise ConfigError(
+                f"resume=latest: no checkpoint of the current run (run.json: {current}) under {root!r}; the others "
+                f"({', '.join(_short(p) for p in ckpts)}) belong to earlier runs: resume one of them by its path"
+            )
+        damaged = []
+        for path in reversed(mine):
+            problem = checkpoint_problem(path)
+            if problem is None:
+                for bad, why in damaged:
+                    print(
+                        f"stepdistill: checkpoint {bad} is damaged ({why}); resume=latest falls back to "
+                        f"{_short(path)}, the latest intact one",
+                        flush=True,
+                    )
+                return path
+            damaged.append((_short(path), problem))
+        raise ConfigError(
+            f"resume=latest: no intact checkpoint under {root!r} ("
+            + "; ".join(f"{name}: {why}" for name, why in damaged)
+            + ")"
+        )
+
+    def _check_resume_config(self, path: str, state: dict) -> str:
+        """Refuse settings that differ from the checkpoint's and would break an exact resume; return the line
+        that lists the safe ones (empty: none changed)."""
+        saved = state.get("config")
+        if saved is None:  # written before checkpoints carried their settings
+            return "the checkpoint records no settings (written by an older version): they are not compared"
+        now = self.run_config
+        changed = {k: (saved[k], now[k]) for k in now if k in saved and saved[k] != now[k]}
+        unsafe = {k: v for k, v in changed.items() if k not in SAFE_RESUME_KEYS}
+        if unsafe:
+            listed = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in sorted(unsafe.items()))
+            raise ConfigError(
+                f"resume: settings differ from checkpoint {path!r} and would break an exact resume ({listed}); "
+                "set them back, or start a new run in another output_dir"
+            )
+        shown = {k: v for k, v in changed.items() if k not in ("resume", "output_dir")}
+        if not shown:
+            return ""
+        return "changed since the checkpoint (safe for an exact resume): " + ", ".join(
+            f"{k}: {a!r} -> {b!r}" for k, (a, b) in sorted(shown.items())
+        )
+
+    # the per-step JSONL log (main process)
+    def _log_path(self) -> str:
+        return os.path.join(self.config.output_dir, LOG_FILE)
+
+    def _reset_log(self):
+        if os.path.exists(self._log_path()):
+            io.write_text(self._log_path(), "")
+
+    def _truncate_log(self, step: int):
+        """Keep the log's lines up to ``step`` (a resumed curve then has no duplicate steps)."""
+        if not os.path.exists(self._log_path()):
+            return
+        kept = []
+        with open(self._log_path()) as f:
+            for line in f:
+                try:
+                    rec = json.loads(line)
+                except ValueError:  # a line cut by a kill
+                    continue
+                if rec.get("step", step + 1) <= step:
+                    kept.append(json.dumps(rec) + "\n")
+        io.write_text(self._log_path(), "".join(kept))
+
+    def _open_log(self):
+        self._log_file = open(self._log_path(), "a")
+
+    def _append_log(self, logs: dict):
+        if self._log_file is not None:
+            rec = {"step": self.global_step, "time": round(time.time(), 3), **logs}
+            self._log_file.write(json.dumps(rec) + "\n")
+            self._log_file.flush()
+
+    def _close_log(self):
+        if self._log_file is not None:
+            self._log_file.close()
+            self._log_file = None
+
+    def finish(self):
+        """End the run: every process waits for the others, then the process group is released (call after
+        ``export()``; trackers are closed by ``train()``)."""
+        acc = self.accelerator
+        if acc is None:
+            return
+        acc.wait_for_everyone()
+        acc.state.destroy_process_group()
 
     find_unused_parameters = False
     trains_several_networks = False  # methods with a fake score / head set this (DeepSpeed check)
@@ -377,6 +675,7 @@ class DistillTrainer:
 
             bar = tqdm(total=c.max_steps, initial=self.global_step, desc=type(self).__name__, dynamic_ncols=True)
         modules = [s.module for s in self.specs.values()]
+        window: dict[str, list] = {}  # key -> [sum, count] over the current logging window
         t_start = time.time()
         while self.global_step < c.max_steps:
             step = self.global_step
@@ -441,11 +740,21 @@ class DistillTrainer:
             self.on_step_end(step)
             self.global_step += 1
             self.history.append({"step": step, **logs})
+            self._append_log(logs)
+            for key, v in logs.items():
+                acc_sum = window.setdefault(key, [0.0, 0])
+                acc_sum[0] += v
+                acc_sum[1] += 1
+            for g in groups:
+                count = window.setdefault("window_steps" + ("" if len(self.specs) == 1 else "/" + "+".join(g)), [0, 0])
+                count[0] += 1
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix({k.split("/")[0]: f"{v:.4g}" for k, v in logs.items()}, refresh=False)
-            if c.report_to and (self.global_step % max(c.log_every, 1) == 0):
-                acc.log(logs, step=self.global_step)
+            if self.global_step % max(c.log_every, 1) == 0 or self.global_step == c.max_steps:
+                if c.report_to and window:
+                    acc.log(_window_means(window), step=self.global_step)
+                window = {}
             if c.sample_every and self.global_step % c.sample_every == 0:
                 self._save_samples()
             if c.checkpoint_every and (self.global_step % c.checkpoint_every == 0 or self.global_step == c.max_steps):
@@ -453,9 +762,11 @@ class DistillTrainer:
         if bar is not None:
             bar.close()
         self.train_seconds = time.time() - t_start
+        self._close_log()
         acc.wait_for_everyone()
-        if c.report_to:
-            acc.end_training()
+        if c.report_to:  # close the trackers only: export() and finish() still need the process group
+            for tracker in acc.trackers:
+                tracker.finish()
         return self.history
 
     @torch.no_grad()
@@ -484,7 +795,9 @@ class DistillTrainer:
 
     # ------------------------------------------------------------------ checkpoints
     def save_checkpoint(self) -> str | None:
-        """Write ``checkpoints/step_N`` atomically: a temp folder renamed into place when complete."""
+        """Write ``checkpoints/step_N``: a temp folder, every file's size and sha256 in its trainer_state.json,
+        fsynced, then swapped into place (an existing step_N stays until the new one is complete). Rotation
+        removes the oldest checkpoints of this run only."""
         acc = self.accelerator
         c = self.config
         root = os.path.join(c.output_dir, "checkpoints")
@@ -499,11 +812,11 @@ class DistillTrainer:
         for name in self.specs:
             sd = acc.get_state_dict(self.specs[name].module)  # FSDP: full weights gathered to rank 0
             if acc.is_main_process:
-                _atomic_save_file(sd, os.path.join(tmp, f"{name}.safetensors"))
+                io.save_safetensors(sd, os.path.join(tmp, f"{name}.safetensors"))
                 if name in self.ema:
-                    _atomic_save_file(self.ema[name], os.path.join(tmp, f"{name}_ema.safetensors"))
+                    io.save_safetensors(self.ema[name], os.path.join(tmp, f"{name}_ema.safetensors"))
             if acc.is_main_process or sharded:  # FSDP: every rank holds its own shard of the optimiser state
-                torch.save(
+                io.torch_save(
                     {"optimizer": self.opts[name].state_dict(), "lr_scheduler": self.lr_scheds[name].state_dict()},
                     os.path.join(tmp, self._optim_file(name)),
                 )
@@ -514,44 +827,43 @@ class DistillTrainer:
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
             "sampler_consumed": self.sampler.consumed,
         }
-        torch.save(_rng_to_tensors(rng), os.path.join(tmp, f"rng_{acc.process_index}.pt"))
+        io.torch_save(_rng_to_tensors(rng), os.path.join(tmp, f"rng_{acc.process_index}.pt"))
         extra_tensors, extra_meta = self.extra_state()
         acc.wait_for_everyone()
         if acc.is_main_process:
             if extra_tensors:
-                extra_tensors = {k: v.detach().contiguous().cpu() for k, v in extra_tensors.items()}
-                _atomic_save_file(extra_tensors, os.path.join(tmp, "extra.safetensors"))
+                io.save_safetensors(extra_tensors, os.path.join(tmp, "extra.safetensors"))
+            files = {
+                f: {"bytes": os.path.getsize(os.path.join(tmp, f)), "sha256": io.sha256_file(os.path.join(tmp, f))}
+                for f in sorted(os.listdir(tmp))
+            }
             state = {
                 "global_step": self.global_step,
+                "run_id": self.run_id,
                 "nonfinite_total": self.nonfinite_total,
                 "networks": list(self.specs),
                 "extra": extra_meta,
+                "config": self.run_config,
+                "files": files,
                 "history_tail": self.history[-50:],
             }
-            with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
-                json.dump(state, f)
-            shutil.rmtree(final, ignore_errors=True)
-            os.replace(tmp, final)
-            done = list_checkpoints(c.output_dir)
-            for old in done[: max(len(done) - max(c.checkpoints_total_limit, 1), 0)]:
-                shutil.rmtree(old, ignore_errors=True)
+            io.write_json(os.path.join(tmp, "trainer_state.json"), state, indent=None)
+            io.fsync_tree(tmp)
+            if self._log_file is not None:
+                os.fsync(self._log_file.fileno())
+            io.swap_dir(tmp, final)
+            mine = [p for p in list_checkpoints(c.output_dir) if self._run_of(p) == self.run_id]
+            for old in mine[: max(len(mine) - max(c.checkpoints_total_limit, 1), 0)]:
+                io.remove_dir(old)
         acc.wait_for_everyone()
         return final
 
     def load_checkpoint(self, where: str):
-        c = self.config
-        if where == "latest":
-            done = list_checkpoints(c.output_dir)
-            if not done:
-                raise FileNotFoundError(
-                    f"--resume latest: no checkpoint under {os.path.join(c.output_dir, 'checkpoints')}"
-                )
-            path = done[-1]
-        else:
-            path = where
+        """Load a checkpoint folder (``setup()`` has checked it: see ``_select_checkpoint``)."""
+        path = where
         state_file = os.path.join(path, "trainer_state.json")
         if not os.path.isfile(state_file):
-            raise FileNotFoundError(f"{path!r} is not a complete checkpoint (no trainer_state.json)")
+            raise ConfigError(f"resume: {path!r} is not a complete checkpoint (no trainer_state.json)")
         try:
             with open(state_file) as f:
                 state = json.load(f)
@@ -582,9 +894,9 @@ class DistillTrainer:
             rng_file = os.path.join(path, f"rng_{self.accelerator.process_index}.pt")
             rng = _rng_from_tensors(torch.load(rng_file, weights_only=True))
         except Exception as e:  # noqa: BLE001 - any unreadable file (safetensors, torch, json) means corrupt
-            raise RuntimeError(
-                f"checkpoint {path!r} is unreadable or corrupt ({e}); earlier checkpoints in "
-                f"{os.path.dirname(path)!r} are untouched: resume from one of them"
+            raise ConfigError(
+                f"resume: checkpoint {path!r} is unreadable or corrupt ({type(e).__name__}: {e}); earlier "
+                f"checkpoints in {os.path.dirname(path)!r} are untouched: resume from one of them"
             ) from e
         random.setstate(rng["python"])
         np.random.set_state(rng["numpy"])
@@ -594,7 +906,14 @@ class DistillTrainer:
         self.sampler.consumed = rng["sampler_consumed"]
         self.global_step = state["global_step"]
         self.nonfinite_total = state.get("nonfinite_total", 0)
+        self.resumed_from = path
         return path
+
+
+def _window_means(window: dict) -> dict:
+    """Tracker scalars of a logging window: each scalar's mean over the steps that produced it, and per
+    update group the number of its steps in the window (``window_steps[/group]``)."""
+    return {k: (v[0] if k.startswith("window_steps") else v[0] / v[1]) for k, v in window.items()}
 
 
 def _rng_to_tensors(rng):

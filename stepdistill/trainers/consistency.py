@@ -604,8 +604,9 @@ class ConsistencyTrainer(StudentTrainer):
             with open(cfg_file) as f:
                 cfg = json.load(f)
             if cfg.get("_class_name") == "LCMScheduler":
+                from ..io import write_json
+
                 cfg["original_inference_steps"] = len(self.grid) - 1
-                with open(cfg_file, "w") as f:
-                    json.dump(cfg, f, indent=2, sort_keys=True)
+                write_json(cfg_file, cfg, sort_keys=True)  # temp file + fsync + rename
         self.accelerator.wait_for_everyone()
         return path

@@ -190,12 +190,17 @@ class DSMTrainer(DistillTrainer):
         finally:
             net.train(was)
 
+    def export_target(self) -> str:
+        return self.config.export_dir or os.path.join(self.config.output_dir, "model")
+
     def export(self, path: str | None = None) -> str:
         """Write ``unet/`` + ``scheduler/`` (diffusers format; EMA weights when EMA is on)."""
         from diffusers import DDIMScheduler
 
+        from ..io import export_folder
+
         c = self.config
-        path = path or c.export_dir or os.path.join(c.output_dir, "model")
+        path = path or self.export_target()
         net = self.accelerator.unwrap_model(self.specs["model"].module)
         if "model" in self.ema:
             import copy
@@ -205,11 +210,12 @@ class DSMTrainer(DistillTrainer):
                 {k: v.to(net.dtype if v.is_floating_point() else v.dtype) for k, v in self.ema["model"].items()}
             )
         if self.accelerator.is_main_process:
-            net.save_pretrained(os.path.join(path, "unet"), safe_serialization=True)
-            DDIMScheduler(**c.scheduler_config()).save_pretrained(os.path.join(path, "scheduler"))
-            # what distillers need to know about how the teacher was trained (guided distillation checks
-            # that the unconditional branch was trained)
-            with open(os.path.join(path, "training.json"), "w") as f:
-                json.dump({"method": "dsm", "label_dropout": c.label_dropout, "max_steps": c.max_steps}, f)
+            with export_folder(path, "teacher") as tmp:  # written beside path, swapped in when complete
+                net.save_pretrained(os.path.join(tmp, "unet"), safe_serialization=True)
+                DDIMScheduler(**c.scheduler_config()).save_pretrained(os.path.join(tmp, "scheduler"))
+                # what distillers need to know about how the teacher was trained (guided distillation checks
+                # that the unconditional branch was trained)
+                with open(os.path.join(tmp, "training.json"), "w") as f:
+                    json.dump({"method": "dsm", "label_dropout": c.label_dropout, "max_steps": c.max_steps}, f)
         self.accelerator.wait_for_everyone()
         return path

@@ -299,11 +299,13 @@ class StudentTrainer(DistillTrainer):
             x = _decode(self.vae, x)
         return x if x.ndim == 4 else None
 
+    def export_target(self) -> str:
+        return self.config.export_dir or os.path.join(self.config.output_dir, "pipeline")
+
     def export(self, path: str | None = None) -> str:
         from ..export import export_generator
 
-        c = self.config
-        path = path or c.export_dir or os.path.join(c.output_dir, "pipeline")
+        path = path or self.export_target()
         export_generator(self, path)
         self.accelerator.wait_for_everyone()
         return path
