@@ -5,6 +5,7 @@ per-step JSONL log, tracker windows, launcher settings, and DDP + a tracker thro
 import glob
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -344,3 +345,30 @@ def test_ddp_with_a_tracker_through_the_command_line_exits_0(tmp_path):
     assert [p for p in os.listdir(tmp_path / "run") if "pipeline" in p] == ["pipeline"]
     assert _steps(tmp_path / "run") == ["step_0000002"]
     assert "loss/generator" in _scalars(str(tmp_path / "run"))
+
+
+def _snapshot(root):
+    return {
+        os.path.relpath(os.path.join(d, f), root): io.sha256_file(os.path.join(d, f))
+        for d, _, files in os.walk(root)
+        for f in files
+    }
+
+
+def test_cli_refusals_are_one_line_exit_2_and_change_nothing(tmp_path):
+    run = tmp_path / "run"
+    make_trainer(TEACHER_RECIPE, [*TINY_OVERRIDES, f"output_dir={run}", "max_steps=2", "checkpoint_every=2"]).train()
+    before = _snapshot(tmp_path)
+    cases = [
+        ([], {}, r"output_dir .* holds checkpoints of an earlier run \(step_0000002\)"),
+        (["resume=latest", "seed=1"], {}, r"resume: settings differ .*seed: 0 -> 1"),
+        (["resume=latest", "max_steps=1"], {}, r"max_steps=1 is below the step of checkpoint"),
+        (["mixed_precision=no"], {"ACCELERATE_MIXED_PRECISION": "bf16"}, r"mixed_precision='no' .* conflicts with"),
+    ]
+    for extra, env, pattern in cases:
+        args = [*TINY_OVERRIDES, f"output_dir={run}", "max_steps=2", "checkpoint_every=2", *extra]
+        r = _cli("train", "--config", TEACHER_RECIPE, *args, env=env)
+        lines = r.stderr.strip().splitlines()
+        assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), (extra, r.stderr[-3000:])
+        assert re.search(pattern, lines[0]), (pattern, lines[0])
+        assert _snapshot(tmp_path) == before, f"{extra} changed files"
