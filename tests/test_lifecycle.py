@@ -372,3 +372,39 @@ def test_cli_refusals_are_one_line_exit_2_and_change_nothing(tmp_path):
         assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), (extra, r.stderr[-3000:])
         assert re.search(pattern, lines[0]), (pattern, lines[0])
         assert _snapshot(tmp_path) == before, f"{extra} changed files"
+
+
+KILL_SCRIPT = """
+import os, signal, sys
+sys.path.insert(0, {tests!r})
+from stepdistill import io
+from test_trainer_base import tiny
+
+real = io.fsync_tree
+def fsync_then_die(root):  # step 6's checkpoint is written but not yet swapped in: SIGKILL
+    if "step_0000006" in root:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real(root)
+io.fsync_tree = fsync_then_die
+tiny({out!r}, checkpoints_total_limit=5).train()
+"""
+
+
+def test_kill_9_during_a_checkpoint_then_resume_is_bit_exact(tmp_path):
+    full = tiny(tmp_path / "a")
+    full.train()
+    script = KILL_SCRIPT.format(tests=os.path.dirname(os.path.abspath(__file__)), out=str(tmp_path / "b"))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
+    r = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == -9, r.stderr[-3000:]
+    assert _steps(tmp_path / "b") == ["step_0000003"]
+    rest = tiny(tmp_path / "b", resume="latest")
+    rest.train()
+    a = load_file(str(tmp_path / "a" / "checkpoints" / "step_0000006" / "model.safetensors"))
+    b = load_file(str(tmp_path / "b" / "checkpoints" / "step_0000006" / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a), "the resumed run is not bit-exact"
+    log_a = [json.loads(x) for x in open(tmp_path / "a" / LOG_FILE)]
+    log_b = [json.loads(x) for x in open(tmp_path / "b" / LOG_FILE)]
+    assert [r["step"] for r in log_b] == [1, 2, 3, 4, 5, 6]
+    assert [r["loss"] for r in log_b] == [r["loss"] for r in log_a]
+    assert not [d for d in os.listdir(tmp_path / "b" / "checkpoints") if d.startswith(".")]
