@@ -1,22 +1,161 @@
-"""The ``stepdistill`` command."""
+"""The ``stepdistill`` command.
+
+Start-up imports only the standard library (and PyYAML for ``train``): torch, diffusers and the trainers load
+when a command runs, so ``--help`` and argument errors answer at once.
+
+Errors: an expected error (a bad key, path, file or value: :class:`stepdistill.config.UserError`, or an
+``OSError`` such as a missing file) prints one line ``error: ...`` on stderr and exits with code 2; ``--debug``
+shows its traceback instead. Any other exception is a bug and keeps its traceback.
+"""
 
 from __future__ import annotations
 
 import argparse
+import ast
+import inspect
 import json
+import os
 import sys
 
-DESCRIPTION = """stepdistill: distil many-step diffusion models into one- and few-step generators.
+DESCRIPTION = """stepdistill: distil many-step diffusion models into one- and few-step generators."""
 
-commands:
-  train      train from a recipe (method: dsm = a teacher by denoising score matching; dmd2)
-  demo       distil the bundled digits teacher into a one-step generator, export, reload, measure
-  sample     sample a diffusers model folder with the reference DDIM sampler and write an image grid
-  eval       sample an exported pipeline (or read a folder of images) and score it: FD-digits, FID, KID,
-             precision / recall, CLIP score; writes metrics.json and a sample grid
-  fd-digits  FD-digits of a digits model at several DDIM step counts (the bundled stand-in for FID)
 
-Multi-GPU: accelerate launch -m stepdistill.train --config <recipe.yaml> [key=value ...]"""
+def _epilog() -> str:
+    from .train import METHODS
+
+    methods = "\n".join(f"  {name:<12} {desc}" for name, (_, _, desc) in METHODS.items())
+    return f"""methods (a recipe's `method:` key; `stepdistill train --config <recipe> --help` lists its keys):
+{methods}
+
+Multi-GPU: accelerate launch -m stepdistill.train --config <recipe.yaml> [key=value ...]
+Errors print one line `error: ...` (exit code 2); add --debug for the traceback."""
+
+
+# --------------------------------------------------------------------------------------------------------
+# errors
+# --------------------------------------------------------------------------------------------------------
+
+
+def expected_errors() -> tuple[type[BaseException], ...]:
+    """Exception classes that are the user's input, not a bug: reported as one ``error:`` line."""
+    from .config import UserError
+
+    return (UserError, OSError)
+
+
+def report_errors(fn, debug: bool = False) -> int:
+    """Run ``fn()`` and return its exit code; an expected error prints ``error: <message>`` (one line) on stderr
+    and returns 2, unless ``debug`` (then it propagates with its traceback)."""
+    try:
+        return fn()
+    except expected_errors() as e:
+        if debug:
+            raise
+        if os.environ.get("RANK", "0") == "0":  # under accelerate launch every process fails alike: one message
+            message = " ".join(str(e).split()) or type(e).__name__
+            print(f"error: {message}", file=sys.stderr)
+        return 2
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with a one-line error (``error: ...``, exit code 2), like every other expected error."""
+
+    def error(self, message):
+        self.exit(2, f"error: {self.prog}: {message} (see {self.prog} --help)\n")
+
+
+def _positive(name):
+    def parse(text):
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be an integer, got {text!r}") from None
+        if value < 1:
+            raise argparse.ArgumentTypeError(f"{name} must be >= 1, got {value}")
+        return value
+
+    return parse
+
+
+# --------------------------------------------------------------------------------------------------------
+# train --help: the keys of a method, read from the config dataclasses' docstrings without importing them
+# --------------------------------------------------------------------------------------------------------
+
+
+def _config_classes() -> dict[str, ast.ClassDef]:
+    root = os.path.join(os.path.dirname(__file__), "trainers")
+    classes = {}
+    for name in sorted(os.listdir(root)):
+        if name.endswith(".py"):
+            with open(os.path.join(root, name), encoding="utf-8") as f:
+                tree = ast.parse(f.read())
+            classes.update({n.name: n for n in tree.body if isinstance(n, ast.ClassDef)})
+    return classes
+
+
+def method_keys_help(method: str) -> str:
+    """The docstrings of ``method``'s config class and of its bases (shared keys first)."""
+    from .train import METHODS
+
+    classes = _config_classes()
+    trainer = classes[METHODS[method][1]]
+    config_name = None
+    for klass in [trainer] + [classes[b.id] for b in trainer.bases if isinstance(b, ast.Name) and b.id in classes]:
+        for node in klass.body:
+            if isinstance(node, ast.Assign) and any(getattr(t, "id", "") == "config_class" for t in node.targets):
+                config_name = node.value.id
+                break
+        if config_name:
+            break
+    chain, name = [], config_name
+    while name in classes:
+        chain.append(classes[name])
+        bases = [b.id for b in classes[name].bases if isinstance(b, ast.Name)]
+        name = bases[0] if bases else None
+    parts = []
+    for klass in reversed(chain):
+        doc = inspect.cleandoc(ast.get_docstring(klass) or "")
+        parts.append(f"{klass.name}:\n" + "\n".join("  " + line for line in doc.splitlines()))
+    return f"keys of method {method!r} (recipe keys and key=value overrides):\n\n" + "\n\n".join(parts)
+
+
+def train_help_epilog(argv) -> str:
+    """Epilog of ``train --help``: the keys of the recipe's method when ``--config`` names a readable recipe,
+    else the list of methods."""
+    from .train import METHODS
+
+    argv = list(argv or ())
+    if not any(a in ("-h", "--help") for a in argv):
+        return ""
+    recipe = None
+    for i, a in enumerate(argv):
+        if a == "--config" and i + 1 < len(argv):
+            recipe = argv[i + 1]
+        elif a.startswith("--config="):
+            recipe = a.split("=", 1)[1]
+    method = None
+    if recipe and os.path.isfile(recipe):
+        from .config import ConfigError, read_yaml
+
+        try:
+            method = read_yaml(recipe).get("method")
+        except ConfigError:
+            method = None
+    for a in argv:
+        if a.startswith("method="):
+            method = a.split("=", 1)[1]
+    if method in METHODS:
+        return method_keys_help(method)
+    methods = "\n".join(f"  {name:<12} {desc}" for name, (_, _, desc) in METHODS.items())
+    return (
+        f"methods (the recipe's `method:` key):\n{methods}\n\n"
+        "`stepdistill train --config <recipe.yaml> --help` lists the keys of that recipe's method."
+    )
+
+
+# --------------------------------------------------------------------------------------------------------
+# sample / fd-digits
+# --------------------------------------------------------------------------------------------------------
 
 
 def _sample_args(p):
@@ -25,45 +164,84 @@ def _sample_args(p):
         default=None,
         help="diffusers folder (unet/ + scheduler/) or hub id; default: the bundled digits teacher",
     )
-    p.add_argument("--guidance-scale", type=float, default=1.0, help="CFG scale, out_u + w (out_c - out_u); 1 = off")
+    p.add_argument(
+        "--guidance-scale", type=float, default=None, help="CFG scale, out_u + w (out_c - out_u); default 1 = off"
+    )
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--allow-download", action="store_true", help="let a hub id missing from the cache download")
 
 
-def _load_teacher(path):
-    from .models import Teacher
-
-    if path is None:
+def _model_path(args) -> str:
+    if args.model is None:
         from .assets import digits_teacher_path
 
-        path = digits_teacher_path()
-    return Teacher.from_pretrained(path)
+        return digits_teacher_path()
+    from .models.loading import resolve_model_path
+
+    return resolve_model_path(args.model, allow_download=True if args.allow_download else False, key="--model")
+
+
+def _load_teacher(args):
+    from .models import Teacher
+
+    return Teacher.from_pretrained(_model_path(args))
+
+
+def _exported_timesteps(path: str):
+    """The trained timesteps of a stepdistill export (``model_index.json``), or None for another folder."""
+    index = os.path.join(path, "model_index.json")
+    if not os.path.isfile(index):
+        return None
+    with open(index) as f:
+        return json.load(f).get("trained_timesteps")
 
 
 def cmd_sample(args) -> int:
     import torch
 
-    from .models.conditioning import ClassConditioner
-    from .sampling import sample
     from .utils import save_image_grid
 
-    teacher = _load_teacher(args.model)
-    net = teacher.net
-    n = args.num
-    cond = None
-    if getattr(net.config, "num_class_embeds", None):
-        cond = ClassConditioner.for_unet2d(net)(torch.arange(n) % (net.config.num_class_embeds - 1))
-    shape = (n, net.config.in_channels, net.config.sample_size, net.config.sample_size)
-    noise = torch.randn(shape, generator=torch.Generator().manual_seed(args.seed))
-    x = sample(
-        lambda x, t: teacher.raw(x, t, cond, args.guidance_scale),
-        teacher.schedule,
-        noise,
-        args.steps,
-        pred_type=teacher.prediction_type,
-        progress=True,
-    )
+    path = _model_path(args)
+    trained = _exported_timesteps(path)
+    g = torch.Generator().manual_seed(args.seed)
+    if trained and args.steps is None:
+        # an export samples as it was trained: its own pipeline, timesteps and scheduler
+        from diffusers import DiffusionPipeline
+
+        import stepdistill  # noqa: F401  (registers the pipeline classes with diffusers)
+
+        pipe = DiffusionPipeline.from_pretrained(path)
+        if not hasattr(pipe, "unet"):
+            raise ValueError(f"--model {args.model!r}: `stepdistill sample` draws class-conditional images only")
+        kw = {} if args.guidance_scale is None else {"guidance_scale": args.guidance_scale}
+        n_classes = getattr(pipe.unet.config, "num_class_embeds", None)
+        labels = {"class_labels": torch.arange(args.num) % (n_classes - 1)} if n_classes else {"num_images": args.num}
+        x = pipe(**labels, generator=g, output_type="pt", **kw).images * 2 - 1
+        how = f"the export's own sampling: {len(trained)} step(s) at timesteps {trained}"
+    else:
+        from .models.conditioning import ClassConditioner
+        from .sampling import sample
+
+        teacher = _load_teacher(args)
+        net = teacher.net
+        n = args.num
+        cond = None
+        if getattr(net.config, "num_class_embeds", None):
+            cond = ClassConditioner.for_unet2d(net)(torch.arange(n) % (net.config.num_class_embeds - 1))
+        shape = (n, net.config.in_channels, net.config.sample_size, net.config.sample_size)
+        noise = torch.randn(shape, generator=g)
+        steps = args.steps or 50
+        x = sample(
+            lambda x, t: teacher.raw(x, t, cond, 1.0 if args.guidance_scale is None else args.guidance_scale),
+            teacher.schedule,
+            noise,
+            steps,
+            pred_type=teacher.prediction_type,
+            progress=True,
+        )
+        how = f"{steps} DDIM steps (trailing)"
     save_image_grid(x, args.out, nrow=10, scale=4)
-    print(f"wrote {args.out}")
+    print(f"wrote {args.out} ({args.num} images, {how})")
     return 0
 
 
@@ -71,10 +249,10 @@ def cmd_fd_digits(args) -> int:
     from .eval.teacher_report import teacher_fd_report
 
     report = teacher_fd_report(
-        _load_teacher(args.model),
+        _load_teacher(args),
         steps=args.steps,
         num_samples=args.num_samples,
-        guidance_scale=args.guidance_scale,
+        guidance_scale=1.0 if args.guidance_scale is None else args.guidance_scale,
         seed=args.seed,
     )
     for row in report["rows"]:
@@ -89,62 +267,155 @@ def cmd_fd_digits(args) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
+def cmd_eval(args) -> int:
+    from .eval.run import run_eval
+
+    metrics = run_eval(
+        args.pipeline,
+        args.reference,
+        args.out,
+        prompts=args.prompts,
+        num_samples=args.num_samples,
+        batch_size=args.batch_size,
+        metrics=args.metrics,
+        inception_weights=args.inception_weights,
+        allow_download=args.allow_download,
+        clip_model=args.clip_model,
+        clip_pretrained=args.clip_pretrained,
+        seed=args.seed,
+        center_crop_size=args.center_crop_size,
+        kid_subset_size=args.kid_subset_size,
+        cache_dir=args.cache_dir,
+        resize=args.resize,
+    )
+    print(json.dumps(metrics, indent=2))
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from .demo import run_demo
+
+    run_demo(args.out, max_steps=args.max_steps, num_samples=args.num_samples)
+    return 0
+
+
+def cmd_train(args) -> int:
+    from .train import run_train
+
+    return run_train(args)
+
+
+# --------------------------------------------------------------------------------------------------------
+# parser
+# --------------------------------------------------------------------------------------------------------
+
+
+def build_parser(argv=None) -> argparse.ArgumentParser:
     from .train import add_train_args
 
-    p = argparse.ArgumentParser(
-        prog="stepdistill", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
+    p = ArgumentParser(
+        prog="stepdistill",
+        description=DESCRIPTION,
+        epilog=_epilog(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--version", action="store_true", help="print the version and exit")
-    sub = p.add_subparsers(dest="command", metavar="command")
-    tr = sub.add_parser(
+    p.add_argument("--debug", action="store_true", help="show the traceback of errors (default: one error line)")
+    sub = p.add_subparsers(dest="command", metavar="command", title="commands")
+
+    def command(name, help, description=None, epilog=None):
+        sp = sub.add_parser(
+            name,
+            help=help,
+            description=description or help,
+            epilog=epilog,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        if name != "train":  # add_train_args adds its own
+            sp.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
+        return sp
+
+    tr = command(
         "train",
-        help="train from a recipe YAML",
-        description="Train from a recipe. "
-        "Example: stepdistill train --config recipes/teacher/digits.yaml max_steps=200",
+        "train from a recipe YAML (any method: dsm, dmd2, sim, vsd, progressive, consistency)",
+        "Train from a recipe, then export. Example: stepdistill train --config recipes/dmd2/digits.yaml max_steps=200",
+        epilog=train_help_epilog(argv),
     )
     add_train_args(tr)
-    sp = sub.add_parser("sample", help="sample a model folder into an image grid")
-    _sample_args(sp)
-    sp.add_argument("--steps", type=int, default=50, help="DDIM steps (trailing spacing)")
-    sp.add_argument("--num", type=int, default=40, help="number of images")
-    sp.add_argument("--out", default="samples.png", help="output PNG")
-    dm = sub.add_parser("demo", help="DMD2 on the bundled digits teacher: train, export, reload, metrics")
-    dm.add_argument("--out", default="outputs/demo", help="output folder (samples.png, metrics.json, pipeline/)")
-    dm.add_argument("--max-steps", type=int, default=None, help="override the recipe's max_steps")
-    dm.add_argument("--num-samples", type=int, default=1000, help="samples per FD-digits estimate")
-    ev = sub.add_parser(
-        "eval",
-        help="score an exported pipeline or an image folder (FID/KID/PR/CLIP/FD-digits)",
-        description="Sample --pipeline (an exported folder or hub id; or read a folder of PNGs) and "
-        "score it against --reference ('digits', an image folder, or a cached .npz). Multi-GPU: "
-        "accelerate launch -m stepdistill.cli eval ...",
+    sp = command(
+        "sample",
+        "sample a model folder into an image grid (an export samples with its own trained timesteps)",
     )
-    ev.add_argument("--pipeline", required=True, help="exported pipeline folder / hub id, or a folder of images")
+    _sample_args(sp)
+    sp.add_argument(
+        "--steps",
+        type=_positive("--steps"),
+        default=None,
+        help="DDIM steps with the model's network (trailing spacing); default: a stepdistill export's own sampling "
+        "(its trained timesteps and scheduler), 50 for any other model",
+    )
+    sp.add_argument("--num", type=_positive("--num"), default=40, help="number of images")
+    sp.add_argument("--out", default="samples.png", help="output PNG")
+    dm = command("demo", "DMD2 on the bundled digits teacher: train, export, reload, metrics")
+    dm.add_argument("--out", default="outputs/demo", help="output folder (samples.png, metrics.json, pipeline/)")
+    dm.add_argument("--max-steps", type=_positive("--max-steps"), default=None, help="override the recipe's max_steps")
+    dm.add_argument("--num-samples", type=_positive("--num-samples"), default=1000, help="samples per FD-digits")
+    ev = command(
+        "eval",
+        "score an exported pipeline or an image folder (FD-digits, FID, KID, precision / recall, CLIP score)",
+        "Sample --pipeline (an exported folder, a hub id in the local cache, or a folder of images) and score it "
+        "against --reference ('digits', an image folder, or a cached .npz); writes metrics.json and samples.png "
+        "and prints every metric as JSON. Multi-GPU: accelerate launch -m stepdistill.cli eval ...",
+    )
+    ev.add_argument(
+        "--pipeline",
+        required=True,
+        help="exported pipeline folder, hub id (from the local hub cache; with --allow-download also downloaded), "
+        "or a folder of images",
+    )
     ev.add_argument("--reference", default="digits", help="'digits', a folder of reference images, or an .npz")
     ev.add_argument("--prompts", default=None, help="prompt file (.txt / .jsonl) for text-to-image pipelines")
-    ev.add_argument("--num-samples", type=int, default=1000)
-    ev.add_argument("--batch-size", type=int, default=250)
+    ev.add_argument("--num-samples", type=_positive("--num-samples"), default=1000)
+    ev.add_argument("--batch-size", type=_positive("--batch-size"), default=250)
     ev.add_argument("--metrics", default=None, help="comma list of fd_digits,fid,kid,pr,clip (default: by reference)")
     ev.add_argument("--inception-weights", default=None, help="local weights-inception-2015-12-05-6726825d.pth")
-    ev.add_argument("--allow-download", action="store_true", help="let the FID library download its weights")
+    ev.add_argument(
+        "--resize",
+        choices=("torchmetrics", "tf1"),
+        default="torchmetrics",
+        help="Inception's resize to 299: torchmetrics' antialiased bilinear (default) or tf1 (TF1's bilinear, "
+        "torch-fidelity's and the original FID's; use it to compare with published FIDs of large images)",
+    )
+    ev.add_argument(
+        "--allow-download",
+        action="store_true",
+        help="let the Inception / CLIP weights and a hub-id pipeline download (default: local files only)",
+    )
     ev.add_argument("--clip-model", default=None, help="open_clip model name, e.g. ViT-g-14")
-    ev.add_argument("--clip-pretrained", default=None, help="local open_clip checkpoint file")
-    ev.add_argument("--center-crop-size", type=int, default=None, help="centre crop + resize (COCO protocols)")
+    ev.add_argument(
+        "--clip-pretrained",
+        default=None,
+        help="local open_clip checkpoint file (an open_clip pretrained tag needs --allow-download)",
+    )
+    ev.add_argument("--center-crop-size", type=_positive("--center-crop-size"), default=None, help="COCO protocols")
     ev.add_argument("--kid-subset-size", type=int, default=None)
     ev.add_argument("--cache-dir", default=None, help="where reference statistics (.npz) are cached")
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--out", default="outputs/eval", help="output folder (metrics.json, samples.png)")
-    fd = sub.add_parser("fd-digits", help="FD-digits of a digits model vs DDIM steps")
+    fd = command("fd-digits", "FD-digits of a digits model at several DDIM step counts (the stand-in for FID)")
     _sample_args(fd)
-    fd.add_argument("--steps", type=int, nargs="+", default=[1, 4, 10, 25, 50], help="DDIM step counts")
-    fd.add_argument("--num-samples", type=int, default=1000, help="generated samples per step count")
+    fd.add_argument("--steps", type=_positive("--steps"), nargs="+", default=[1, 4, 10, 25, 50], help="DDIM steps")
+    fd.add_argument("--num-samples", type=_positive("--num-samples"), default=1000, help="samples per step count")
     fd.add_argument("--out", default="", help="write the report JSON here")
     return p
 
 
+COMMANDS = {"train": cmd_train, "sample": cmd_sample, "eval": cmd_eval, "demo": cmd_demo, "fd-digits": cmd_fd_digits}
+
+
 def main(argv=None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(argv)
     args = parser.parse_args(argv)
     if args.version:
         from . import __version__
@@ -154,40 +425,7 @@ def main(argv=None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
-    if args.command == "train":
-        from .train import run_train
-
-        return run_train(args)
-    if args.command == "sample":
-        return cmd_sample(args)
-    if args.command == "eval":
-        from .eval.run import run_eval
-
-        metrics = run_eval(
-            args.pipeline,
-            args.reference,
-            args.out,
-            prompts=args.prompts,
-            num_samples=args.num_samples,
-            batch_size=args.batch_size,
-            metrics=args.metrics,
-            inception_weights=args.inception_weights,
-            allow_download=args.allow_download,
-            clip_model=args.clip_model,
-            clip_pretrained=args.clip_pretrained,
-            seed=args.seed,
-            center_crop_size=args.center_crop_size,
-            kid_subset_size=args.kid_subset_size,
-            cache_dir=args.cache_dir,
-        )
-        print(json.dumps({k: v for k, v in metrics.items() if not isinstance(v, (list, dict))}, indent=2))
-        return 0
-    if args.command == "demo":
-        from .demo import run_demo
-
-        run_demo(args.out, max_steps=args.max_steps, num_samples=args.num_samples)
-        return 0
-    return cmd_fd_digits(args)
+    return report_errors(lambda: COMMANDS[args.command](args), args.debug)
 
 
 if __name__ == "__main__":

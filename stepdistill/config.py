@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import types
 import typing
@@ -12,8 +13,18 @@ import typing
 import yaml
 
 
-class ConfigError(ValueError):
+class UserError(Exception):
+    """An expected error caused by the user's input (a key, a path, a file, a value). The CLI prints its message
+    as one ``error: ...`` line and exits with code 2 (``--debug`` shows the traceback); anything else is a bug
+    and keeps its traceback."""
+
+
+class ConfigError(UserError, ValueError):
     """A bad recipe key or value (the message names it)."""
+
+
+class DataError(UserError, ValueError):
+    """Unusable data: a missing, empty or unreadable dataset, image or prompt file (the message names it)."""
 
 
 def _check_type(name: str, value, tp):
@@ -48,14 +59,19 @@ def _check_type(name: str, value, tp):
             return value
         raise ConfigError(f"{name}: expected true/false, got {value!r}")
     if tp is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # PyYAML reads 3e-4 (no dot) as a string: YAML 1.1's float syntax
+            number = float(value)
+        elif isinstance(value, str):  # PyYAML reads 3e-4 (no dot) as a string: YAML 1.1's float syntax
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
-        raise ConfigError(f"{name}: expected a number, got {value!r}")
+        if number is None:
+            raise ConfigError(f"{name}: expected a number, got {value!r}")
+        if not math.isfinite(number):
+            raise ConfigError(f"{name}: expected a finite number, got {value!r}")
+        return number
     if tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
@@ -79,11 +95,34 @@ def parse_overrides(items) -> dict:
     return out
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing a key given twice in one mapping (PyYAML keeps the last one silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                hash(key)
+            except TypeError:
+                continue  # unhashable: the base class reports it
+            if key in seen:
+                raise ConfigError(
+                    f"duplicate key {key!r} in {self.name} (lines {seen[key] + 1} and {key_node.start_mark.line + 1}); "
+                    "keep one"
+                )
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
+
+
 def read_yaml(path: str) -> dict:
     if not os.path.isfile(path):
         raise ConfigError(f"recipe {path!r} does not exist")
     with open(path) as f:
-        data = yaml.safe_load(f) or {}
+        try:
+            data = yaml.load(f, Loader=_UniqueKeyLoader) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"recipe {path!r} is not valid YAML: {e}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"recipe {path!r} must be a mapping of config keys, got {type(data).__name__}")
     return data
@@ -106,13 +145,33 @@ def build_config(cls, data: dict, source: str = "config"):
     return cfg
 
 
-def check_paths(cfg, keys) -> None:
-    for key in keys:
+# (key, lowest value, whether the lowest value itself is allowed, what the value means)
+TRAIN_RANGES = (
+    ("learning_rate", 0.0, False, "the optimiser's step size"),
+    ("generator_lr", 0.0, True, "the generator's learning rate (0: learning_rate)"),
+    ("fake_lr", 0.0, True, "the fake score's learning rate (0: learning_rate)"),
+    ("warmup_steps", 0, True, "linear warm-up steps (0: none)"),
+    ("max_grad_norm", 0.0, True, "gradient clipping norm (0: no clipping)"),
+    ("weight_decay", 0.0, True, "AdamW weight decay"),
+    ("checkpoint_every", 0, True, "steps between checkpoints (0: none)"),
+    ("checkpoints_total_limit", 1, True, "checkpoints kept"),
+    ("log_every", 1, True, "steps between logged scalars"),
+    ("sample_every", 0, True, "steps between sample grids (0: none)"),
+    ("max_nonfinite", 1, True, "non-finite steps in a row before the run stops"),
+    ("global_batch", 1, True, "samples per optimiser step"),
+)
+
+
+def check_ranges(cfg, ranges=TRAIN_RANGES) -> None:
+    """Refuse out-of-range numeric settings (a ConfigError naming the key and value) instead of clamping them."""
+    for key, low, inclusive, meaning in ranges:
+        if not hasattr(cfg, key):
+            continue
         value = getattr(cfg, key)
-        if value and not os.path.exists(value) and not _looks_like_hub_id(value):
-            raise ConfigError(f"{key}: path {value!r} does not exist")
-
-
-def _looks_like_hub_id(value: str) -> bool:
-    parts = value.split("/")
-    return len(parts) == 2 and all(parts) and not value.startswith((".", "/", "~"))
+        if value < low or (value == low and not inclusive):
+            bound = f">= {low}" if inclusive else f"> {low}"
+            raise ConfigError(f"{key} must be {bound} ({meaning}), got {value!r}")
+    for key in ("adam_beta1", "adam_beta2"):
+        value = getattr(cfg, key, None)
+        if value is not None and not 0.0 <= value < 1.0:
+            raise ConfigError(f"{key} must be in [0, 1), got {value!r}")

@@ -3,39 +3,39 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 from .config import ConfigError, build_config, parse_overrides, read_yaml
 
+# method name (the recipe's ``method:`` key) -> (module, trainer class, one-line description); imported lazily
+METHODS = {
+    "dsm": ("stepdistill.trainers.dsm", "DSMTrainer", "train a teacher by denoising score matching"),
+    "dmd2": ("stepdistill.trainers.dmd2", "DMD2Trainer", "distribution matching distillation (DMD2)"),
+    "sim": ("stepdistill.trainers.sim", "SIMTrainer", "score implicit matching (SIM; SiD's loss)"),
+    "vsd": ("stepdistill.trainers.vsd", "VSDTrainer", "variational score distillation (SwiftBrush)"),
+    "progressive": ("stepdistill.trainers.progressive", "ProgressiveTrainer", "progressive / guided distillation"),
+    "consistency": (
+        "stepdistill.trainers.consistency",
+        "ConsistencyTrainer",
+        "consistency family: LCM / CD, LCM-LoRA, PCM / TSCD, iCT, ECT",
+    ),
+}
+
 
 def trainer_classes() -> dict:
     """Method name (the recipe's ``method:`` key) -> trainer class."""
-    from .trainers.consistency import ConsistencyTrainer
-    from .trainers.dmd2 import DMD2Trainer
-    from .trainers.dsm import DSMTrainer
-    from .trainers.progressive import ProgressiveTrainer
-    from .trainers.sim import SIMTrainer
-    from .trainers.vsd import VSDTrainer
+    import importlib
 
-    return {
-        "dsm": DSMTrainer,
-        "dmd2": DMD2Trainer,
-        "sim": SIMTrainer,
-        "vsd": VSDTrainer,
-        "progressive": ProgressiveTrainer,
-        "consistency": ConsistencyTrainer,
-    }
+    return {name: getattr(importlib.import_module(mod), cls) for name, (mod, cls, _) in METHODS.items()}
 
 
 def make_trainer(config_path: str, overrides=()):
     data = read_yaml(config_path)
     data.update(parse_overrides(overrides))
     method = data.pop("method", None)
-    classes = trainer_classes()
-    if method not in classes:
-        raise ConfigError(f"recipe {config_path!r}: 'method' must be one of {sorted(classes)}, got {method!r}")
-    cls = classes[method]
+    if method not in METHODS:
+        raise ConfigError(f"recipe {config_path!r}: 'method' must be one of {sorted(METHODS)}, got {method!r}")
+    cls = trainer_classes()[method]
     cfg = build_config(cls.config_class, data, source=config_path)
     cfg._given_keys = frozenset(data)  # what the recipe / command line set (launcher settings fill the rest)
     return cls(cfg)
@@ -44,28 +44,33 @@ def make_trainer(config_path: str, overrides=()):
 def add_train_args(p: argparse.ArgumentParser):
     p.add_argument("--config", required=True, help="recipe YAML (keys map one-to-one onto the method's config)")
     p.add_argument("overrides", nargs="*", help="key=value overrides of recipe keys (YAML syntax for values)")
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show the traceback of errors")
 
 
 def run_train(args) -> int:
-    try:
-        trainer = make_trainer(args.config, args.overrides)
-        trainer.train()  # refusals (output folder, resume checks, launcher conflicts) come before models load
-        if hasattr(trainer, "export"):
-            path = trainer.export()
-            if trainer.accelerator.is_main_process:
-                print(f"exported to {path}")
-    except ConfigError as e:
-        if os.environ.get("RANK", "0") == "0":  # under accelerate launch every process refuses: one message
-            print(f"error: {e}", file=sys.stderr)
-        return 2
+    trainer = make_trainer(args.config, args.overrides)
+    trainer.train()  # refusals (output folder, resume checks, launcher conflicts) come before models load
+    if hasattr(trainer, "export"):
+        path = trainer.export()
+        if trainer.accelerator.is_main_process:
+            print(f"exported to {path}")
     trainer.finish()
     return 0
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m stepdistill.train", description=__doc__)
+    from .cli import ArgumentParser, report_errors, train_help_epilog
+
+    argv = sys.argv[1:] if argv is None else list(argv)
+    p = ArgumentParser(
+        prog="python -m stepdistill.train",
+        description=__doc__,
+        epilog=train_help_epilog(argv),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     add_train_args(p)
-    return run_train(p.parse_args(argv))
+    args = p.parse_args(argv)
+    return report_errors(lambda: run_train(args), getattr(args, "debug", False))
 
 
 if __name__ == "__main__":

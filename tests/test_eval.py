@@ -169,8 +169,8 @@ def test_missing_inception_weights(tmp_path, monkeypatch):
     with pytest.raises(FileNotFoundError, match="nowhere.pth"):
         InceptionFeatures(tmp_path / "nowhere.pth")
     folder = write_pngs(tmp_path / "imgs", noise_images(3))
-    with pytest.raises(FileNotFoundError, match=INCEPTION_WEIGHTS_FILE):
-        run_eval(str(folder), str(folder), str(tmp_path / "out"), num_samples=3, metrics=("fid",))
+    with pytest.raises(FileNotFoundError, match=INCEPTION_WEIGHTS_FILE):  # (pr: no minimum sample count)
+        run_eval(str(folder), str(folder), str(tmp_path / "out"), num_samples=3, metrics=("pr",))
 
 
 def test_inception_from_a_local_weights_file(tmp_path, monkeypatch):

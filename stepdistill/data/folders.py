@@ -10,6 +10,8 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from ..config import DataError
+
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
 CAPTION_SOURCES = ("auto", "txt", "metadata", "none")
 PROMPT_KEYS = ("prompt", "text", "caption")
@@ -23,7 +25,7 @@ def _read_jsonl(path: Path):
                 try:
                     yield lineno, json.loads(line)
                 except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
+                    raise DataError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
 
 
 class ImageFolderDataset(Dataset):
@@ -37,9 +39,20 @@ class ImageFolderDataset(Dataset):
     ``{"file_name": ..., "text": ...}``), "txt" reads a sibling ``<stem>.txt``, "auto" uses the metadata
     entry when there is one and the ``.txt`` file otherwise, "none" gives no captions. A missing caption
     is "".
+
+    An image file that cannot be decoded (truncated, corrupt) is a ``DataError`` naming it when it is read; with
+    ``skip_unreadable`` every file is decoded once here and the unreadable ones are left out (``self.skipped``
+    lists them).
     """
 
-    def __init__(self, root, resolution: int, center_crop: bool = True, caption_source: str = "auto"):
+    def __init__(
+        self,
+        root,
+        resolution: int,
+        center_crop: bool = True,
+        caption_source: str = "auto",
+        skip_unreadable: bool = False,
+    ):
         self.root = Path(root)
         if not self.root.is_dir():
             raise FileNotFoundError(f"image folder not found: {self.root}")
@@ -50,12 +63,24 @@ class ImageFolderDataset(Dataset):
         self.resolution, self.center_crop = resolution, center_crop
         self.files = sorted(p for p in self.root.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
         if not self.files:
-            raise ValueError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found in {self.root}")
+            raise DataError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found in {self.root}")
+        self.skipped: list[Path] = []
+        if skip_unreadable:
+            readable = []
+            for path in self.files:
+                try:
+                    self._load(path)
+                    readable.append(path)
+                except DataError:
+                    self.skipped.append(path)
+            if not readable:
+                raise DataError(f"no readable image in {self.root} ({len(self.skipped)} unreadable)")
+            self.files = readable
         metadata = {}
         if caption_source in ("auto", "metadata") and (self.root / "metadata.jsonl").is_file():
             for lineno, obj in _read_jsonl(self.root / "metadata.jsonl"):
                 if not isinstance(obj, dict) or "file_name" not in obj:
-                    raise ValueError(f"{self.root / 'metadata.jsonl'}:{lineno}: expected an object with 'file_name'")
+                    raise DataError(f"{self.root / 'metadata.jsonl'}:{lineno}: expected an object with 'file_name'")
                 metadata[Path(str(obj["file_name"])).as_posix()] = str(obj.get("text", ""))
         self.captions = []
         for path in self.files:
@@ -70,8 +95,14 @@ class ImageFolderDataset(Dataset):
 
     def _load(self, path: Path) -> torch.Tensor:
         r = self.resolution
-        with Image.open(path) as img:
-            img = img.convert("RGB")
+        try:
+            with Image.open(path) as img:
+                img = img.convert("RGB")
+        except (OSError, ValueError, SyntaxError) as e:  # PIL: UnidentifiedImageError, truncated files
+            raise DataError(
+                f"cannot read image {path} ({e}); fix or remove it, or skip unreadable images "
+                "(skip_unreadable_images: true)"
+            ) from e
         if self.center_crop:
             scale = r / min(img.size)
             w, h = max(r, round(img.width * scale)), max(r, round(img.height * scale))
@@ -100,10 +131,10 @@ def load_prompts(path) -> list[str]:
         for lineno, obj in _read_jsonl(path):
             key = next((k for k in PROMPT_KEYS if isinstance(obj, dict) and k in obj), None)
             if key is None:
-                raise ValueError(f"{path}:{lineno}: expected an object with one of the keys {PROMPT_KEYS}")
+                raise DataError(f"{path}:{lineno}: expected an object with one of the keys {PROMPT_KEYS}")
             prompts.append(str(obj[key]).strip())
     else:
-        raise ValueError(f"unsupported prompt file type {path.suffix!r} for {path}; expected .txt or .jsonl")
+        raise DataError(f"unsupported prompt file type {path.suffix!r} for {path}; expected .txt or .jsonl")
     if not prompts:
-        raise ValueError(f"empty prompt file: {path}")
+        raise DataError(f"empty prompt file (no non-blank line): {path}")
     return prompts

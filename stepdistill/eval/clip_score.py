@@ -18,15 +18,15 @@ Text: open_clip's tokenizer for the model (``open_clip.get_tokenizer``; for the 
 An optional ``text_prefix`` is prepended to every caption (DMD2 uses "A photo depicts "; default none).
 
 Weights: ``pretrained`` is a local checkpoint file (e.g. ``open_clip_pytorch_model.bin`` or
-``open_clip_model.safetensors`` of the hub repository of the model), an open_clip pretrained tag for the
-model (open_clip then loads it from its cache or downloads it), or None for random weights (tests only: the
-score is meaningless). A path that does not exist is a FileNotFoundError naming it.
+``open_clip_model.safetensors`` of the hub repository of the model), or, with ``allow_download=True``
+(``--allow-download``), an open_clip pretrained tag for the model (open_clip then loads it from its cache or
+downloads it). No weights (None) is refused: open_clip would build a model with random weights, whose score
+means nothing. A path that does not exist is a FileNotFoundError naming it.
 """
 
 from __future__ import annotations
 
 import os
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -51,15 +51,48 @@ def _to_pil_list(images) -> list:
     return [Image.fromarray(a[..., 0] if a.shape[-1] == 1 else a).convert("RGB") for a in arr]
 
 
+def check_clip_weights(model_name: str, pretrained, allow_download: bool = False) -> str:
+    """The checked ``pretrained`` value (a local file's expanded path, or an allowed tag); a ConfigError or a
+    FileNotFoundError naming the value otherwise. Imports open_clip; loads no model."""
+    import open_clip
+
+    from ..config import ConfigError
+
+    if model_name not in open_clip.list_models():
+        raise ConfigError(f"unknown open_clip model {model_name!r}; see open_clip.list_models()")
+    if pretrained is None:
+        raise ConfigError(
+            f"CLIP model {model_name!r} without pretrained weights (--clip-pretrained / clip_pretrained): open_clip "
+            "would score with random weights; pass a local open_clip checkpoint file"
+        )
+    pretrained = str(pretrained)
+    tags = open_clip.list_pretrained_tags_by_model(model_name)
+    if Path(pretrained).expanduser().is_file():
+        return str(Path(pretrained).expanduser())
+    if pretrained in tags:
+        if not allow_download:
+            raise ConfigError(
+                f"--clip-pretrained {pretrained!r} is an open_clip pretrained tag of {model_name}, which open_clip "
+                "downloads: pass --allow-download (allow_download=True) to allow it, or a local checkpoint file"
+            )
+        return pretrained
+    raise FileNotFoundError(
+        f"CLIP checkpoint not found: {pretrained} (expected a local open_clip checkpoint file for "
+        f"{model_name}, e.g. open_clip_pytorch_model.bin or open_clip_model.safetensors from its hub "
+        f"repository, or, with --allow-download, one of the pretrained tags {tags})"
+    )
+
+
 class CLIPScorer:
     """CLIP score of (image, caption) pairs with an open_clip model.
 
     Args:
         model_name: an open_clip architecture name (``open_clip.list_models()``), e.g. "ViT-g-14".
-        pretrained: local checkpoint file, open_clip pretrained tag, or None (random weights; tests only).
+        pretrained: local checkpoint file, or (with ``allow_download``) an open_clip pretrained tag.
         device: where the model runs.
         batch_size: pairs per forward pass.
         text_prefix: prepended to every caption.
+        allow_download: let a pretrained tag download its weights.
     """
 
     def __init__(
@@ -69,27 +102,11 @@ class CLIPScorer:
         device: str | torch.device = "cpu",
         batch_size: int = 64,
         text_prefix: str = "",
+        allow_download: bool = False,
     ):
         import open_clip
 
-        if model_name not in open_clip.list_models():
-            raise ValueError(f"unknown open_clip model {model_name!r}; see open_clip.list_models()")
-        if pretrained is not None:
-            pretrained = str(pretrained)
-            tags = open_clip.list_pretrained_tags_by_model(model_name)
-            if pretrained not in tags and not Path(pretrained).expanduser().is_file():
-                raise FileNotFoundError(
-                    f"CLIP checkpoint not found: {pretrained} (expected a local open_clip checkpoint file for "
-                    f"{model_name}, e.g. open_clip_pytorch_model.bin or open_clip_model.safetensors from its hub "
-                    f"repository, or one of the pretrained tags {tags})"
-                )
-            if pretrained not in tags:
-                pretrained = str(Path(pretrained).expanduser())
-        else:
-            warnings.warn(
-                f"CLIPScorer({model_name!r}) without pretrained weights: random model, scores are meaningless",
-                stacklevel=2,
-            )
+        pretrained = check_clip_weights(model_name, pretrained, allow_download)
         self.model_name, self.pretrained = model_name, pretrained
         self.device = torch.device(device)
         self.batch_size, self.text_prefix = int(batch_size), text_prefix

@@ -20,12 +20,15 @@ forward ``feature_extractor_weights_path``.
 Inception weights
 -----------------
 The file is torch-fidelity's ``weights-inception-2015-12-05-6726825d.pth`` (``INCEPTION_WEIGHTS_URL``).
-Resolution order (``resolve_inception_weights``):
+The file is opened here with ``torch.load(weights_only=True)`` (or safetensors for a ``.safetensors`` file)
+and its state dict is handed to the module: torch-fidelity's own loader would unpickle it with
+``weights_only=False``, which can run code from a tampered file. Resolution order
+(``resolve_inception_weights``):
 
 1. an explicit path (``--inception-weights PATH``); a missing file is a ``FileNotFoundError`` naming it;
 2. the torch hub cache, ``$TORCH_HOME/hub/checkpoints/weights-inception-2015-12-05-6726825d.pth``, where
    torch-fidelity's own download puts it (so a file downloaded once is found offline later);
-3. with ``allow_download=True`` (``--allow-download``) the library downloads it into that cache itself.
+3. with ``allow_download=True`` (``--allow-download``) it is downloaded into that cache (then loaded as above).
 
 ``allow_download`` defaults to False: an evaluation should never reach for the network implicitly, and
 offline machines get an immediate ``FileNotFoundError`` that names the file, where to put it and which
@@ -35,10 +38,17 @@ Preprocessing (fixed, documented protocol)
 ------------------------------------------
 * Generated images in [-1, 1] are quantised to uint8 with ROUNDING (``stepdistill.utils.to_uint8``, the EDM
   convention); uint8 images and image files are used as they are. 1-channel images are repeated to RGB.
-* The resize to 299x299 is torchmetrics' own: ``F.interpolate(mode="bilinear", antialias=True)``, the
-  default since torchmetrics 1.8 (``antialias=True``); it matches the TF1-compatible resize to <= 5e-4
-  (0-255 scale) when upsampling but differs when downsampling large images, so FIDs of >= 512 px images
-  are not comparable to values computed with the TF1 resize.
+* The resize to 299x299 (``resize``, ``--resize``):
+
+  - "torchmetrics" (default): torchmetrics' own ``F.interpolate(mode="bilinear", align_corners=False,
+    antialias=True)`` (its default since 1.8). It is NOT the resize of the original TF1 FID: TF1's bilinear
+    resize samples at ``x * in / out`` (no half-pixel offset) and never antialiases, so the two differ when
+    upsampling small images too (by pixels' worth of intensity near edges, not by a rounding error), and
+    by much more when downsampling large images. FIDs computed this way are comparable with each other,
+    not with published TF1 / torch-fidelity / clean-fid-legacy numbers.
+  - "tf1": torch-fidelity's ``interpolate_bilinear_2d_like_tensorflow1x`` (the TF1 resize; torchmetrics'
+    ``antialias=False``): the features equal those of torch-fidelity's ``FeatureExtractorInceptionV3`` for the
+    same weights file (tested). Use it to compare with published FIDs.
 * Optional COCO-style protocol (DMD2's evaluator): ``center_crop_resize(images, size)`` crops the centre
   square of the long side and resizes it to ``size`` with PIL ``LANCZOS`` on uint8 images; applied to the
   generated AND the reference images before the Inception resize.
@@ -69,6 +79,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..config import ConfigError, DataError
 from ..utils import to_uint8
 
 INCEPTION_WEIGHTS_FILE = "weights-inception-2015-12-05-6726825d.pth"
@@ -79,7 +90,7 @@ LOSSY_EXTENSIONS = (".jpg", ".jpeg", ".webp")
 CACHE_FORMAT_VERSION = 1
 
 
-class StaleCacheError(ValueError):
+class StaleCacheError(DataError):
     """Cached reference statistics that do not belong to the current inputs or protocol."""
 
 
@@ -128,18 +139,50 @@ def _file_digest(path, length: int = 16) -> str:
     return h.hexdigest()[:length]
 
 
+RESIZES = ("torchmetrics", "tf1")
+
+
+def load_inception_state_dict(path) -> dict:
+    """The Inception weights file as a state dict, without unpickling code: ``torch.load(weights_only=True)``
+    (safetensors for ``.safetensors``). A file that holds anything but tensors is refused, naming it."""
+    from ..config import DataError
+
+    path = Path(path)
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - unpickling refused, truncated or not a weights file at all
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DataError(f"Inception weights {path} cannot be loaded as plain tensors ({first})") from e
+    if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
+        raise DataError(f"Inception weights {path} are not a state dict of tensors")
+    return state
+
+
 class InceptionFeatures(nn.Module):
     """2048-d pool3 features of the TF-FID Inception (torchmetrics' ``NoTrainInceptionV3``).
 
     ``forward`` takes images (N, C, H, W) as uint8 in [0, 255] or floats in [-1, 1] (quantised with
-    rounding), C in {1, 3}, any size (resized by torchmetrics to 299 with antialiasing) and returns
-    float32 features (N, 2048).
+    rounding), C in {1, 3}, any size (resized to 299 by ``resize``: "torchmetrics", antialiased bilinear, or
+    "tf1", torch-fidelity's TF1 bilinear; see the module docstring) and returns float32 features (N, 2048).
+    ``antialias`` is the older spelling of the resize (True: "torchmetrics", False: "tf1").
     """
 
-    def __init__(self, weights_path=None, allow_download: bool = False, antialias: bool = True):
+    def __init__(self, weights_path=None, allow_download: bool = False, antialias: bool = True, resize=None):
         super().__init__()
+        import torch_fidelity.feature_extractor_inceptionv3 as tf_inception
         from torchmetrics.image.fid import NoTrainInceptionV3
 
+        from ..config import ConfigError
+
+        if resize is None:
+            resize = "torchmetrics" if antialias else "tf1"
+        if resize not in RESIZES:
+            raise ConfigError(f"resize must be one of {RESIZES}, got {resize!r}")
         if "antialias" not in inspect.signature(NoTrainInceptionV3.__init__).parameters:
             import torchmetrics
 
@@ -148,17 +191,30 @@ class InceptionFeatures(nn.Module):
                 "the documented FID protocol needs torchmetrics >= 1.8 (pip install -U torchmetrics)"
             )
         resolved = resolve_inception_weights(weights_path, allow_download)
-        self.net = NoTrainInceptionV3(
-            name="inception-v3-compat",
-            features_list=[str(INCEPTION_FEATURE_DIM)],
-            feature_extractor_weights_path=resolved,
-            antialias=antialias,
-        )
+        if resolved is None:  # allowed to download: into torch hub's cache, then loaded like a local file
+            target = default_inception_weights_path()
+            target.parent.mkdir(parents=True, exist_ok=True)
+            torch.hub.download_url_to_file(INCEPTION_WEIGHTS_URL, str(target))
+            resolved = str(target)
+        state = load_inception_state_dict(resolved)
+        # torch-fidelity loads weights in its constructor: hand it the state dict loaded above (its download hook
+        # is the one path that takes a state dict rather than a file to unpickle)
+        original = tf_inception.load_state_dict_from_url
+        tf_inception.load_state_dict_from_url = lambda *args, **kwargs: state
+        try:
+            self.net = NoTrainInceptionV3(
+                name="inception-v3-compat",
+                features_list=[str(INCEPTION_FEATURE_DIM)],
+                feature_extractor_weights_path=None,
+                antialias=resize == "torchmetrics",
+            )
+        finally:
+            tf_inception.load_state_dict_from_url = original
         self.num_features = INCEPTION_FEATURE_DIM
-        weights_file = resolved or default_inception_weights_path()
-        digest = _file_digest(weights_file) if Path(weights_file).is_file() else "download"
-        resize = "antialias" if antialias else "tf1-bilinear"
-        self.feature_id = f"torchmetrics-inception-v3-compat-pool3-{resize}-{digest}"
+        self.resize = resize
+        digest = _file_digest(resolved)
+        kind = "antialias" if resize == "torchmetrics" else "tf1-bilinear"
+        self.feature_id = f"torchmetrics-inception-v3-compat-pool3-{kind}-{digest}"
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         x = prepare_images(images).to(next(self.net.parameters()).device)
@@ -236,7 +292,7 @@ def list_image_files(folder) -> list[Path]:
         raise FileNotFoundError(f"image folder not found: {folder}")
     files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
     if not files:
-        raise ValueError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found in {folder}")
+        raise DataError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found in {folder}")
     lossy = [p.name for p in files if p.suffix.lower() in LOSSY_EXTENSIONS]
     if lossy:
         warnings.warn(
@@ -247,17 +303,15 @@ def list_image_files(folder) -> list[Path]:
 
 
 def check_same_size(files) -> tuple[int, int]:
-    """(width, height) shared by all image files; ValueError naming two files of different sizes."""
-    from PIL import Image
-
+    """(width, height) shared by all image files; DataError naming two files of different sizes."""
     first_size, first = None, None
     for path in files:
-        with Image.open(path) as im:
+        with _open_image(path) as im:
             size = im.size
         if first_size is None:
             first_size, first = size, path
         elif size != first_size:
-            raise ValueError(
+            raise DataError(
                 f"images of different sizes: {first} is {first_size[0]}x{first_size[1]} but {path} is "
                 f"{size[0]}x{size[1]}; resize them to one size, or use the centre-crop protocol "
                 f"(center_crop_size / --center-crop-size) which brings every image to one size"
@@ -265,18 +319,29 @@ def check_same_size(files) -> tuple[int, int]:
     return first_size
 
 
-def load_images(files, mode: str = "RGB", center_crop_size: int | None = None) -> torch.Tensor:
-    """Image files as uint8 (N, C, H, W) (C = 3 for mode "RGB", 1 for "L"). Without ``center_crop_size``
-    all files must have the same size; with it, each image goes through ``center_crop_resize``."""
+def _open_image(path):
     from PIL import Image
 
+    try:
+        return Image.open(path)
+    except (OSError, ValueError, SyntaxError) as e:  # PIL: UnidentifiedImageError and friends
+        raise DataError(f"cannot read image {path} ({e}); fix or remove it") from e
+
+
+def load_images(files, mode: str = "RGB", center_crop_size: int | None = None) -> torch.Tensor:
+    """Image files as uint8 (N, C, H, W) (C = 3 for mode "RGB", 1 for "L"). Without ``center_crop_size``
+    all files must have the same size; with it, each image goes through ``center_crop_resize``. An image that
+    cannot be decoded is a DataError naming it."""
     files = list(files)
     if center_crop_size is None:
         check_same_size(files)
     out = []
     for path in files:
-        with Image.open(path) as im:
-            im = im.convert(mode)
+        with _open_image(path) as im:
+            try:
+                im = im.convert(mode)
+            except (OSError, ValueError, SyntaxError) as e:  # PIL: truncated or corrupt data
+                raise DataError(f"cannot read image {path} ({e}); fix or remove it") from e
             if center_crop_size is not None:
                 t = center_crop_resize([im], center_crop_size)[0]
                 if mode == "L":
@@ -397,7 +462,7 @@ class ReferenceStats:
         with np.load(path, allow_pickle=False) as z:
             missing = [k for k in ("mu", "sigma") if k not in z.files]
             if missing:
-                raise ValueError(f"{path} is not a reference-statistics file: missing {missing}")
+                raise DataError(f"{path} is not a reference-statistics file: missing {missing}")
             mu, sigma = z["mu"].astype(np.float64), z["sigma"].astype(np.float64)
             features = z["features"] if "features" in z.files else None
             n = int(z["n"]) if "n" in z.files else (len(features) if features is not None else 0)
@@ -513,7 +578,7 @@ def fid_min_samples(num_features: int) -> int:
 def _check_fid_count(n: int, num_features: int, what: str) -> None:
     need = fid_min_samples(num_features)
     if n < need:
-        raise ValueError(
+        raise ConfigError(
             f"FID with {num_features}-d features needs at least {need} {what} samples, got {n} "
             f"(the covariance estimate needs more samples than feature dimensions)"
         )
@@ -557,10 +622,12 @@ def kid_subset_size(n_real: int, n_fake: int, subset_size: int | None = None) ->
     if subset_size is None:
         subset_size = min(1000, n_real, n_fake)
     if isinstance(subset_size, bool) or not isinstance(subset_size, int) or subset_size < 2:
-        raise ValueError(f"KID subset_size must be an int >= 2, got {subset_size!r} (n_real={n_real}, n_fake={n_fake})")
+        raise ConfigError(
+            f"KID subset_size must be an int >= 2, got {subset_size!r} (n_real={n_real}, n_fake={n_fake})"
+        )
     for n, what in ((n_real, "reference"), (n_fake, "generated")):
         if subset_size > n:
-            raise ValueError(
+            raise ConfigError(
                 f"KID subset_size={subset_size} is larger than the number of {what} samples ({n}); "
                 f"pass subset_size <= {min(n_real, n_fake)}"
             )

@@ -49,6 +49,7 @@ from types import SimpleNamespace
 
 import torch
 
+from ..config import ConfigError, DataError
 from ..utils import save_image_grid, to_uint8, write_json
 
 METRICS = ("fd_digits", "fid", "kid", "pr", "clip")
@@ -71,21 +72,21 @@ def _validate_metrics(metrics, reference, prompts, clip_model) -> tuple[str, ...
     metrics = tuple(dict.fromkeys(metrics))
     unknown = [m for m in metrics if m not in METRICS]
     if unknown or not metrics:
-        raise ValueError(f"unknown metrics {unknown or metrics}; choose from {METRICS}")
+        raise ConfigError(f"unknown metrics {unknown or metrics}; choose from {METRICS}")
     if "fd_digits" in metrics and reference != "digits":
-        raise ValueError(f"fd_digits needs reference='digits', got {reference!r}")
+        raise ConfigError(f"fd_digits needs reference='digits', got {reference!r}")
     scored = [m for m in metrics if m in INCEPTION_METRICS]
     if scored and reference == "digits":
-        raise ValueError(
+        raise ConfigError(
             f"{scored} need a folder of reference images or a .npz of statistics, not 'digits' (use fd_digits)"
         )
     if scored and reference is None:
-        raise ValueError(f"{scored} need a reference (a folder of images or a .npz of statistics)")
+        raise ConfigError(f"{scored} need a reference (a folder of images or a .npz of statistics)")
     if "clip" in metrics:
         if prompts is None:
-            raise ValueError("the clip metric needs a prompt file (prompts=...)")
+            raise ConfigError("the clip metric needs a prompt file (prompts=...)")
         if clip_model is None:
-            raise ValueError("the clip metric needs an open_clip model name (clip_model=...)")
+            raise ConfigError("the clip metric needs an open_clip model name (clip_model=...)")
     return metrics
 
 
@@ -102,7 +103,7 @@ class _FolderSource:
 
         files = list_image_files(folder)
         if len(files) < num_samples:
-            raise ValueError(f"{folder} holds {len(files)} images, fewer than num_samples={num_samples}")
+            raise DataError(f"{folder} holds {len(files)} images, fewer than num_samples={num_samples}")
         self.files = files[:num_samples]
         self.mode, self.center_crop_size = mode, center_crop_size
         if center_crop_size is None:
@@ -120,6 +121,7 @@ def _is_text_pipeline(pipe) -> bool:
 
 class _PipelineSource:
     def __init__(self, folder, device, seed: int, batch_size: int):
+        """``folder``: an exported pipeline folder, or a hub id to download (``allow_download``)."""
         from diffusers import DiffusionPipeline
 
         import stepdistill  # noqa: F401  (registers our pipeline classes with diffusers)
@@ -182,10 +184,25 @@ class _PipelineSource:
         return (out.float() * 2 - 1).cpu()
 
 
+def _resolve_pipeline(pipeline, allow_download: bool) -> str:
+    """A local folder as it is; a hub id as its cached snapshot folder, or (``allow_download``) the id itself;
+    otherwise an error that names the path and says whether it is missing or not in the hub cache."""
+    from ..models.loading import looks_like_hub_id, resolve_model_path
+
+    if Path(pipeline).is_dir():
+        return str(pipeline)
+    if not looks_like_hub_id(str(pipeline)):
+        raise FileNotFoundError(
+            f"--pipeline: folder {str(pipeline)!r} does not exist (expected an exported pipeline, a hub id or a "
+            "folder of images)"
+        )
+    return resolve_model_path(str(pipeline), allow_download=bool(allow_download), key="--pipeline")
+
+
 def _open_source(pipeline, num_samples, mode, center_crop_size, device, seed, batch_size):
     path = Path(pipeline)
-    if not path.is_dir():
-        raise FileNotFoundError(f"pipeline folder not found: {path} (an exported pipeline or a folder of images)")
+    if not path.is_dir():  # a hub id allowed to download
+        return _PipelineSource(str(pipeline), device, seed, batch_size)
     if (path / "model_index.json").is_file():
         return _PipelineSource(path, device, seed, batch_size)
     return _FolderSource(path, num_samples, mode, center_crop_size)
@@ -208,7 +225,7 @@ def _load_reference(reference, extractor, metrics, center_crop_size, cache_dir, 
         stats = ReferenceStats.load(path, expected_protocol=expected)
         verified = verify_reference_source(stats, path)
         if need_features and stats.features is None:
-            raise ValueError(f"{path} holds no features (needed by kid / pr); recompute it from the reference images")
+            raise DataError(f"{path} holds no features (needed by kid / pr); recompute it from the reference images")
         return stats, {"reference_kind": "npz", "reference_stats": str(path), "reference_source_verified": verified}
     if not path.is_dir():
         raise FileNotFoundError(f"reference not found: {path} (expected 'digits', a folder of images or a .npz)")
@@ -221,6 +238,35 @@ def _load_reference(reference, extractor, metrics, center_crop_size, cache_dir, 
         keep_features=need_features,
     )
     return stats, {"reference_kind": "folder", "reference_stats": cache}
+
+
+def _precheck_reference(reference, metrics, num_samples, num_features, kid_subset_size, center_crop_size) -> None:
+    """Before any model loads or any feature is extracted: the reference exists, a folder's images share one
+    size (without centre crop), and both sets have enough samples for the metrics (FID: num_features + 1 each;
+    KID: the subset size)."""
+    import numpy as np
+
+    from .fid import check_same_size, list_image_files
+
+    path = Path(reference)
+    if path.suffix == ".npz":
+        if not path.is_file():
+            raise FileNotFoundError(f"--reference: statistics file {reference!r} does not exist")
+        with np.load(path, allow_pickle=False) as z:
+            n = int(z["n"]) if "n" in z.files else 0
+    elif path.is_dir():
+        files = list_image_files(path)
+        if center_crop_size is None:
+            check_same_size(files)
+        n = len(files)
+    else:
+        raise FileNotFoundError(
+            f"--reference: {reference!r} does not exist (expected 'digits', a folder of images or a .npz)"
+        )
+    if num_features is not None:
+        _check_counts(SimpleNamespace(n=n, num_features=num_features), num_samples, metrics, kid_subset_size)
+    elif "kid" in metrics and n:
+        _check_counts(SimpleNamespace(n=n, num_features=0), num_samples, ("kid",), kid_subset_size)
 
 
 def _check_counts(stats, num_samples, metrics, kid_subset_size) -> None:
@@ -262,29 +308,45 @@ def run_eval(
     cache_dir: str | None = None,
     feature_extractor: torch.nn.Module | None = None,
     grid_size: int | None = None,
+    resize: str = "torchmetrics",
 ) -> dict:
     """Sample ``num_samples`` images from ``pipeline`` (or read them from a folder) and score them against
     ``reference``; write ``metrics.json`` and ``samples.png`` to ``out_dir`` and return the metrics.
 
     ``feature_extractor`` replaces Inception for fid / kid / pr (any module mapping uint8 images (N, 3, H, W)
-    to (N, D) features; its metrics are then not comparable with Inception FID). See the module docstring
-    for sources, references and the sampling convention.
+    to (N, D) features; its metrics are then not comparable with Inception FID). ``resize``: Inception's
+    resize to 299, "torchmetrics" or "tf1" (see :mod:`stepdistill.eval.fid`). ``allow_download`` lets the
+    Inception weights, an open_clip pretrained tag and a hub-id ``pipeline`` download. See the module docstring
+    for sources, references and the sampling convention. Paths, sample counts and settings are checked before
+    any model loads.
     """
     from accelerate import Accelerator
     from accelerate.utils import gather_object
     from tqdm.auto import tqdm
 
     if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
-        raise ValueError(f"num_samples must be a positive int, got {num_samples!r}")
+        raise ConfigError(f"num_samples must be a positive int, got {num_samples!r}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        raise ConfigError(f"batch_size must be a positive int, got {batch_size!r}")
+    from .fid import INCEPTION_FEATURE_DIM, RESIZES
+
+    if resize not in RESIZES:
+        raise ConfigError(f"resize must be one of {RESIZES}, got {resize!r}")
     reference = str(reference) if reference is not None else None
     metrics = _validate_metrics(metrics, reference, prompts, clip_model)
     prompt_list = None
     if prompts is not None:
         from ..data.folders import load_prompts
 
-        prompt_list = load_prompts(prompts)  # FileNotFoundError / "empty prompt file" ValueError
+        prompt_list = load_prompts(prompts)  # FileNotFoundError / "empty prompt file" DataError
+    if "clip" in metrics:
+        from .clip_score import check_clip_weights
+
+        check_clip_weights(clip_model, clip_pretrained, allow_download)
+    pipeline = _resolve_pipeline(pipeline, allow_download)
+    if any(m in INCEPTION_METRICS for m in metrics):
+        dim = INCEPTION_FEATURE_DIM if feature_extractor is None else getattr(feature_extractor, "num_features", None)
+        _precheck_reference(reference, metrics, num_samples, dim, kid_subset_size, center_crop_size)
     acc = accelerator if accelerator is not None else Accelerator()
     device = acc.device
 
@@ -296,12 +358,14 @@ def run_eval(
         else:
             from .fid import InceptionFeatures
 
-            extractor = InceptionFeatures(inception_weights, allow_download=allow_download).to(device)
+            extractor = InceptionFeatures(inception_weights, allow_download=allow_download, resize=resize).to(device)
     scorer = None
     if "clip" in metrics:
         from .clip_score import CLIPScorer
 
-        scorer = CLIPScorer(clip_model, clip_pretrained, device=device, batch_size=min(batch_size, 64))
+        scorer = CLIPScorer(
+            clip_model, clip_pretrained, device=device, batch_size=min(batch_size, 64), allow_download=allow_download
+        )
     ref_stats, info = None, {}
     if extractor is not None:
 
@@ -316,15 +380,15 @@ def run_eval(
     mode = "L" if "fd_digits" in metrics else "RGB"
     source = _open_source(pipeline, num_samples, mode, center_crop_size, device, seed, batch_size)
     if source.kind == "text" and prompt_list is None:
-        raise ValueError(f"{pipeline} is a text-to-image pipeline: pass a prompt file (prompts=...)")
+        raise ConfigError(f"{pipeline} is a text-to-image pipeline: pass a prompt file (prompts=...)")
     if "fd_digits" in metrics:
         from .fd_digits import load_classifier
 
         if source.kind == "text" or (source.kind != "folder" and source.channels != 1):
-            raise ValueError(f"fd_digits needs 1-channel digit images; {pipeline} produces other images")
+            raise ConfigError(f"fd_digits needs 1-channel digit images; {pipeline} produces other images")
         need = int(load_classifier().num_features) + 1
         if num_samples < need:
-            raise ValueError(f"FD-digits needs at least {need} generated images, got num_samples={num_samples}")
+            raise ConfigError(f"FD-digits needs at least {need} generated images, got num_samples={num_samples}")
 
     # Shard the chunks of sample indices between processes.
     chunks = [(c, s, min(s + batch_size, num_samples)) for c, s in enumerate(range(0, num_samples, batch_size))]
@@ -375,6 +439,8 @@ def run_eval(
         "num_processes": acc.num_processes,
         "sampling_seconds": round(time.perf_counter() - t0, 3),
     }
+    if extractor is not None and feature_extractor is None:
+        header["inception_resize"] = resize
     run = SimpleNamespace(
         out_dir=out_dir,
         prompts=prompts,

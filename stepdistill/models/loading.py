@@ -15,16 +15,68 @@ from .denoiser import SUPPORTED_NETWORKS
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
-def check_model_path(path: str) -> str:
-    """A local folder that exists, or something shaped like a hub id ``org/name``."""
+def looks_like_hub_id(path: str) -> bool:
+    """``org/name`` (two parts, no leading ``.``, ``/`` or ``~``): what a hub id looks like."""
+    path = os.fspath(path)
+    return bool(_HUB_ID.match(path)) and not path.startswith((".", "/", "~"))
+
+
+def hub_offline() -> bool:
+    """True when ``HF_HUB_OFFLINE`` is set to a true value (read now, not at import)."""
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the hub's endpoint accepts a TCP connection within ``timeout`` seconds."""
+    import socket
+    from urllib.parse import urlparse
+
+    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        with socket.create_connection((url.hostname, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def resolve_model_path(path, *, allow_download: bool | None = None, key: str = "model") -> str:
+    """Where to load a model from, decided before anything loads.
+
+    * an existing folder: itself; an existing file: an error (a diffusers folder is expected);
+    * a missing path that is not shaped like a hub id (``org/name``): "path does not exist";
+    * a hub id already in the local hub cache: its cached snapshot folder (no network access at all);
+    * another hub id: the id itself when downloading is allowed (``allow_download`` true, or None = "auto":
+      unless ``HF_HUB_OFFLINE`` is set, when the hub answers within 3 s); otherwise an error that says the
+      local path does not exist AND the hub id is not cached / not reachable, and how to allow the download.
+
+    ``key`` names the setting in messages (e.g. "teacher")."""
+    from ..config import ConfigError
+
     path = os.fspath(path)
     if os.path.isdir(path):
         return path
     if os.path.exists(path):
-        raise ValueError(f"model path {path!r} is a file; expected a diffusers folder or a hub id")
-    if _HUB_ID.match(path) and not path.startswith((".", "/")):
-        return path
-    raise FileNotFoundError(f"model path {path!r} does not exist (and is not a hub id like 'org/name')")
+        raise ConfigError(f"{key}: {path!r} is a file; expected a diffusers folder (model_index.json or config.json)")
+    if not looks_like_hub_id(path):
+        raise FileNotFoundError(f"{key}: path {path!r} does not exist (and is not a hub id like 'org/name')")
+    try:
+        from huggingface_hub import snapshot_download
+
+        return snapshot_download(path, local_files_only=True)
+    except Exception:  # noqa: BLE001 - not cached (or a broken cache entry): decide on downloading below
+        pass
+    where = f"there is no local folder {path!r} and the hub id {path!r} is not in the local hub cache"
+    if allow_download is False:
+        raise FileNotFoundError(f"{key}: {where}; set allow_download: true (or --allow-download) to download it")
+    if hub_offline():
+        raise FileNotFoundError(f"{key}: {where}, and HF_HUB_OFFLINE is set: download it on a machine with access")
+    if allow_download is None and not _hub_reachable():
+        raise FileNotFoundError(
+            f"{key}: {where}, and the hub ({os.environ.get('HF_ENDPOINT', 'https://huggingface.co')}) is not "
+            "reachable from here; download it elsewhere and pass the local folder"
+        )
+    return path
 
 
 def _read_json(path, name, subfolder=None, **hub_kw):
@@ -50,7 +102,7 @@ def load_network(
     """Returns (network, schedule, prediction_type). ``subfolder`` defaults to ``unet`` or ``transformer``
     (whichever the pipeline folder has); a bare model folder (config.json at the top) needs a sibling or
     nested ``scheduler/``."""
-    path = check_model_path(path)
+    path = resolve_model_path(path, allow_download=None if local_files_only is None else not local_files_only)
     hub_kw = {k: v for k, v in dict(revision=revision).items() if v is not None}
     if subfolder is None:
         for cand in ("unet", "transformer"):

@@ -34,7 +34,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from .. import io
-from ..config import ConfigError
+from ..config import ConfigError, UserError, check_ranges
 from .randomness import GlobalBatchRandom
 
 CHECKPOINT_PREFIX = "step_"
@@ -116,7 +116,7 @@ class NetSpec:
     extra: dict = field(default_factory=dict)
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(UserError, RuntimeError):
     pass
 
 
@@ -179,7 +179,7 @@ class InfiniteSampler(torch.utils.data.Sampler):
 
     def __init__(self, n: int, seed: int, rank: int = 0, world: int = 1):
         if n < 1:
-            raise ValueError("the training dataset is empty")
+            raise ConfigError("dataset: the training dataset is empty")
         self.n, self.seed, self.rank, self.world = n, seed, rank, world
         self.consumed = 0  # indices yielded by this process
 
@@ -276,6 +276,7 @@ class DistillTrainer:
             raise ConfigError(f"max_steps must be >= 1, got {c.max_steps}")
         if c.resume and c.overwrite:
             raise ConfigError("resume and overwrite: true exclude each other (overwrite only applies to a fresh run)")
+        check_ranges(c)
         if not 0.0 <= c.ema_decay < 1.0:
             raise ConfigError(f"ema_decay must be in [0, 1), got {c.ema_decay}")
         if c.resume not in ("", "latest") and not os.path.isdir(c.resume):
@@ -750,7 +751,10 @@ class DistillTrainer:
                 count[0] += 1
             if bar is not None:
                 bar.update(1)
-                bar.set_postfix({k.split("/")[0]: f"{v:.4g}" for k, v in logs.items()}, refresh=False)
+                post = {k.split("/")[0]: f"{v:.4g}" for k, v in logs.items()}
+                if self.nonfinite_total:  # skipped steps so far (not counted as steps)
+                    post["nonfinite"] = self.nonfinite_total
+                bar.set_postfix(post, refresh=False)
             if self.global_step % max(c.log_every, 1) == 0 or self.global_step == c.max_steps:
                 if c.report_to and window:
                     acc.log(_window_means(window), step=self.global_step)
@@ -761,6 +765,8 @@ class DistillTrainer:
                 self.save_checkpoint()
         if bar is not None:
             bar.close()
+        if self.nonfinite_total and acc.is_main_process:
+            print(f"{self.nonfinite_total} step(s) skipped for a non-finite loss or gradient (not counted as steps)")
         self.train_seconds = time.time() - t_start
         self._close_log()
         acc.wait_for_everyone()

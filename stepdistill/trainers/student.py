@@ -19,9 +19,11 @@ from functools import partial
 import torch
 
 from ..config import ConfigError
+from ..data.validate import check_dataset_fits_teacher
 from ..models import Generator, Teacher
 from ..models.conditioning import ClassConditioner, Cond, TextConditioner
 from ..models.denoiser import _unwrap
+from ..models.loading import looks_like_hub_id, resolve_model_path
 from .base import DistillTrainer, TrainConfig
 
 TEACHER_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -34,6 +36,8 @@ class StudentConfig(TrainConfig):
 
     > Models
     teacher (`str`, `"digits"`): diffusers folder or hub id of the teacher; "digits" = the bundled teacher.
+    allow_download (`bool | None`, `None`): may a hub-id teacher missing from the local hub cache be downloaded?
+        None: yes unless HF_HUB_OFFLINE is set or the hub does not answer within 3 s; false: local cache only.
     generator_mode (`str`, `"full"`): "full" copy of the teacher or "lora" adapter on it.
     lora_rank (`int`, `64`), lora_alpha (`float`, `64.0`), lora_target_modules (`list[str]`, `[]`: peft's
         attention / conv defaults of :func:`stepdistill.models.adapters.add_lora`).
@@ -65,11 +69,13 @@ class StudentConfig(TrainConfig):
     """
 
     teacher: str = "digits"
+    allow_download: bool | None = None
     generator_mode: str = "full"
     lora_rank: int = 64
     lora_alpha: float = 64.0
     lora_target_modules: list[str] = field(default_factory=list)
     dataset: str = "digits"
+    skip_unreadable_images: bool = False
     resolution: int = 0
     export_dir: str = ""
     gradient_checkpointing: bool = False
@@ -80,8 +86,8 @@ class StudentConfig(TrainConfig):
     def check(self):
         if self.generator_mode not in ("full", "lora"):
             raise ConfigError(f"generator_mode must be 'full' or 'lora', got {self.generator_mode!r}")
-        if self.teacher != "digits" and not os.path.exists(self.teacher) and not _hub_like(self.teacher):
-            raise ConfigError(f"teacher: path {self.teacher!r} does not exist")
+        if self.teacher != "digits" and not os.path.exists(self.teacher) and not looks_like_hub_id(self.teacher):
+            raise ConfigError(f"teacher: path {self.teacher!r} does not exist (and is not a hub id like 'org/name')")
         self.check_memory_options()
 
     def lora_sharing_keys(self) -> list[str]:
@@ -109,11 +115,6 @@ class StudentConfig(TrainConfig):
             )
 
 
-def _hub_like(s: str) -> bool:
-    parts = s.split("/")
-    return len(parts) == 2 and all(parts) and not s.startswith((".", "/", "~"))
-
-
 class StudentTrainer(DistillTrainer):
     """Teacher, conditioning, data, generator and export; methods add losses and update rules.
 
@@ -132,14 +133,14 @@ class StudentTrainer(DistillTrainer):
             from ..assets import digits_teacher_path
 
             return digits_teacher_path()
-        return self.config.teacher
+        return resolve_model_path(self.config.teacher, allow_download=self.config.allow_download, key="teacher")
 
     def validate(self):
         super().validate()
         c = self.config
-        ds = c.dataset
-        if ds != "digits" and not ds.startswith("toy2d:") and not os.path.exists(ds):
-            raise ConfigError(f"dataset: path {ds!r} does not exist (an image folder with captions or a prompt file)")
+        # before anything loads: a missing teacher folder / unreachable hub id, a bad dataset, data that does not
+        # fit the teacher
+        check_dataset_fits_teacher(c.dataset, self._teacher_path())
         c.check_memory_options()
         if self.lora_folds_into_base and c.generator_mode == "lora" and c.teacher_dtype != "fp32":
             raise ConfigError(
@@ -541,17 +542,30 @@ def _dataset_for(c, sample_shape, vae) -> DistillDataset:
     if os.path.isdir(ds):
         # images at the pixel size whose latents (or pixels) have the generator's sample shape
         size = sample_shape[-1] * vae_scale_factor(vae)
+        skip = c.skip_unreadable_images
         classes = _class_folders(ds)
         if classes:  # ImageNet layout: one sub-folder per class, label k = the k-th folder name in sorted order
-            parts = [ImageFolderDataset(os.path.join(ds, d), size, caption_source="none") for d in classes]
+            parts = [
+                ImageFolderDataset(os.path.join(ds, d), size, caption_source="none", skip_unreadable=skip)
+                for d in classes
+            ]
+            _report_skipped(parts)
             images = torch.stack([p[i]["image"] for p in parts for i in range(len(p))])
             labels = torch.cat([torch.full((len(p),), k, dtype=torch.long) for k, p in enumerate(parts)])
             return DistillDataset(labels=labels, images=_encode_images(vae, images))
-        folder = ImageFolderDataset(ds, size)
+        folder = ImageFolderDataset(ds, size, skip_unreadable=skip)
+        _report_skipped([folder])
         images = torch.stack([folder[i]["image"] for i in range(len(folder))])
         captions = [folder[i]["caption"] for i in range(len(folder))]
         return DistillDataset(captions=captions, images=_encode_images(vae, images))
     raise ConfigError(f"dataset: {ds!r} is not 'digits', 'toy2d:<name>', a prompt file or an image folder")
+
+
+def _report_skipped(folders) -> None:
+    skipped = [p for f in folders for p in f.skipped]
+    if skipped:
+        names = ", ".join(str(p) for p in skipped[:3]) + (", ..." if len(skipped) > 3 else "")
+        print(f"skipped {len(skipped)} unreadable image(s) (skip_unreadable_images: true): {names}")
 
 
 def _class_folders(root) -> list[str]:
