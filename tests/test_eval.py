@@ -173,21 +173,54 @@ def test_missing_inception_weights(tmp_path, monkeypatch):
         run_eval(str(folder), str(folder), str(tmp_path / "out"), num_samples=3, metrics=("pr",))
 
 
-def test_inception_from_a_local_weights_file(tmp_path, monkeypatch):
+def random_inception_weights(folder):
+    """Random weights of the right shapes, written as the torch-fidelity file would be (fp16)."""
     import torch_fidelity.feature_extractor_inceptionv3 as tfi
     from torchmetrics.image.fid import NoTrainInceptionV3
 
-    # Random weights of the right shapes, written as the torch-fidelity file would be.
-    with monkeypatch.context() as m:
-        m.setattr(tfi, "load_state_dict_from_url", lambda *a, **k: {})
-        m.setattr(tfi.FeatureExtractorInceptionV3, "load_state_dict", lambda self, *a, **k: None)
+    original = (tfi.load_state_dict_from_url, tfi.FeatureExtractorInceptionV3.load_state_dict)
+    tfi.load_state_dict_from_url = lambda *a, **k: {}
+    tfi.FeatureExtractorInceptionV3.load_state_dict = lambda self, *a, **k: None
+    try:
+        torch.manual_seed(0)
         net = NoTrainInceptionV3(name="inception-v3-compat", features_list=["2048"])
-    path = tmp_path / INCEPTION_WEIGHTS_FILE
+    finally:
+        tfi.load_state_dict_from_url, tfi.FeatureExtractorInceptionV3.load_state_dict = original
+    path = folder / INCEPTION_WEIGHTS_FILE
     torch.save({k: v.half() if v.is_floating_point() else v for k, v in net.state_dict().items()}, path)
+    return path
+
+
+def test_inception_from_a_local_weights_file(tmp_path, monkeypatch):
+    path = random_inception_weights(tmp_path)
+    loads = []
+    real_load = torch.load
+    monkeypatch.setattr(torch, "load", lambda *a, **k: loads.append(k.get("weights_only")) or real_load(*a, **k))
     extractor = InceptionFeatures(path)
+    assert loads == [True]  # opened here without unpickling code; torch-fidelity's weights_only=False load is unused
     feats = extract_features(noise_images(2, size=24), extractor)
     assert feats.shape == (2, 2048) and feats.dtype == torch.float32 and torch.isfinite(feats).all()
     assert extractor.feature_id.startswith("torchmetrics-inception-v3-compat-pool3-antialias-")
+
+
+def test_tf1_resize_equals_torch_fidelity_features(tmp_path):
+    """--resize tf1 gives torch-fidelity's own features (its FeatureExtractorInceptionV3, same weights); the
+    default torchmetrics resize differs from it even when upsampling small images (no TF1 equivalence)."""
+    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+
+    path = random_inception_weights(tmp_path)
+    images = noise_images(3, size=24)
+    u8 = ((images + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+    fidelity = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"], feature_extractor_weights_path=str(path))
+    with torch.no_grad():
+        expected = fidelity(u8)[0].float()
+    tf1 = extract_features(u8, InceptionFeatures(path, resize="tf1"))
+    scale = expected.abs().max()  # random weights: tiny features, so compare relative to their size
+    assert scale > 0 and (tf1 - expected).abs().max() <= 1e-5 * scale
+    default = extract_features(u8, InceptionFeatures(path))
+    assert (default - expected).abs().max() > 1e-3 * scale
+    with pytest.raises(ValueError, match="resize"):
+        InceptionFeatures(path, resize="bicubic")
 
 
 # ----------------------------------------------------------------------------------------------------------
