@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.stepdistill-installed
 
-.PHONY: install test lint demo bench bench-quality bench-kernels clean
+.PHONY: install test test-fast lint demo bench bench-quality bench-kernels clean
 
 install: $(STAMP)
 
@@ -14,8 +14,13 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e ".[dev]"
 	touch $(STAMP)
 
+# every test (the slow end-to-end ones included), then the 15 slowest
 test: install
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=15
+
+# the inner loop: everything but the tests marked slow (see tests/conftest.py)
+test-fast: install
+	$(PY) -m pytest -q -m "not slow" --durations=15
 
 lint: install
 	$(PY) -m ruff check stepdistill tests benchmarks

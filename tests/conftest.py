@@ -28,3 +28,26 @@ def toy_teacher(tmp_path_factory):
     trainer = DSMTrainer(cfg)
     trainer.train()
     return trainer.export()
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The `slow` marker (registered in pyproject.toml): `make test` runs every test, `make test-fast` runs
+# `-m "not slow"`. Whole modules of end-to-end checks, and single tests measured as slow with --durations.
+# ------------------------------------------------------------------------------------------------------------
+
+SLOW_MODULES = {
+    "test_notebooks.py": "executes every notebook in a kernel",
+    "test_real_recipes.py": "every real-model recipe on tiny twins of its networks",
+    "test_ddp.py": "launches 2-process runs",
+    "test_demo.py": "`make demo` end to end",
+}
+SLOW_TESTS = {
+    # "module.py::test_name": why (seconds measured with --durations on the 2-core machine)
+}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        key = f"{item.path.name}::{getattr(item, 'originalname', item.name)}"
+        if item.path.name in SLOW_MODULES or key in SLOW_TESTS:
+            item.add_marker(pytest.mark.slow)

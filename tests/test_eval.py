@@ -500,6 +500,7 @@ def demo(tmp_path_factory):
     return root, run_demo(str(root), max_steps=3, num_samples=100)
 
 
+@pytest.mark.slow
 def test_eval_reproduces_the_demo_fd_digits(demo, tmp_path):
     from accelerate import Accelerator
 
@@ -513,6 +514,7 @@ def test_eval_reproduces_the_demo_fd_digits(demo, tmp_path):
         run_eval(str(root / "pipeline"), "digits", str(tmp_path / "eval2"), num_samples=50)
 
 
+@pytest.mark.slow
 def test_sharded_sampling_matches_one_process(demo):
     """A process whose shard starts later replays the noise stream (here with a 2-step LCM schedule, so the
     scheduler's own noise draws between steps count too) and produces the same samples as one process."""
