@@ -189,11 +189,19 @@ def _load_teacher(args):
 
 def _exported_timesteps(path: str):
     """The trained timesteps of a stepdistill export (``model_index.json``), or None for another folder."""
+    from .config import ConfigError
+
     index = os.path.join(path, "model_index.json")
     if not os.path.isfile(index):
         return None
     with open(index) as f:
-        return json.load(f).get("trained_timesteps")
+        index = json.load(f)
+    if "tokenizer" in index or "text_encoder" in index:
+        raise ConfigError(
+            f"--model {path!r} is a text-to-image pipeline: `stepdistill sample` draws class-conditional and "
+            "unconditional images only; call the pipeline with prompts, or score it with `stepdistill eval --prompts`"
+        )
+    return index.get("trained_timesteps")
 
 
 def cmd_sample(args) -> int:
@@ -212,7 +220,9 @@ def cmd_sample(args) -> int:
 
         pipe = DiffusionPipeline.from_pretrained(path)
         if not hasattr(pipe, "unet"):
-            raise ValueError(f"--model {args.model!r}: `stepdistill sample` draws class-conditional images only")
+            from .config import ConfigError
+
+            raise ConfigError(f"--model {args.model!r}: `stepdistill sample` draws pixel-space UNet exports only")
         kw = {} if args.guidance_scale is None else {"guidance_scale": args.guidance_scale}
         n_classes = getattr(pipe.unet.config, "num_class_embeds", None)
         labels = {"class_labels": torch.arange(args.num) % (n_classes - 1)} if n_classes else {"num_images": args.num}

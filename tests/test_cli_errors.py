@@ -99,6 +99,13 @@ def checkpointed_dsm_run(ws):
     return path
 
 
+def digit_folder_with_a_truncated_file(ws, n=65):
+    for i in range(n):
+        path = write_png(ws / "gen" / f"{i:03d}.png", mode="L", seed=i)
+    truncate(path)
+    return str(ws / "gen")
+
+
 # Each row: (id, setup(ws) -> argv, words the one-line message must contain). A setup may create inputs.
 ROWS = [
     ("recipe missing", lambda ws: ["train", "--config", "nope.yaml"], ["nope.yaml", "does not exist"]),
@@ -190,6 +197,11 @@ ROWS = [
         "eval missing reference",
         lambda ws: ["eval", "--pipeline", str(write_png(ws / "gen" / "a.png").parent), "--reference", "noref"],
         ["--reference", "noref", "does not exist"],
+    ),
+    (
+        "eval truncated image",
+        lambda ws: ["eval", "--pipeline", digit_folder_with_a_truncated_file(ws), "--num-samples", "65"],
+        ["064.png", "cannot read image"],
     ),
     (
         "eval hub-id pipeline offline",

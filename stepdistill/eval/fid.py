@@ -319,6 +319,17 @@ def check_same_size(files) -> tuple[int, int]:
     return first_size
 
 
+def verify_images(files) -> None:
+    """PIL's integrity check (``Image.verify``: no full decode) of every file; a DataError naming the first
+    unreadable one, so that a bad file stops an evaluation before anything is sampled or extracted."""
+    for path in files:
+        with _open_image(path) as im:
+            try:
+                im.verify()
+            except Exception as e:  # noqa: BLE001 - PIL raises assorted types for truncated / corrupt data
+                raise DataError(f"cannot read image {path} ({e}); fix or remove it") from e
+
+
 def _open_image(path):
     from PIL import Image
 

@@ -6,6 +6,8 @@ Sources (``pipeline``):
   class-conditional pipelines (``StepDistillClassPipeline``) get labels ``i % num_classes`` for sample ``i``
   (0..num_classes-1 in turn), unconditional ones no labels, text-to-image ones the prompts of the prompt
   file, cycled (sample ``i`` gets prompt ``i % len(prompts)``);
+* a hub id (``org/name``, not a local path): its snapshot in the local hub cache, used as the folder above; with
+  ``allow_download`` a hub id missing from the cache is downloaded by ``DiffusionPipeline.from_pretrained``;
 * a folder of images without ``model_index.json``: its files sorted by name, the first ``num_samples`` of them
   (fewer is an error); prompts for CLIP are matched to files in that order, cycled.
 
@@ -99,12 +101,13 @@ class _FolderSource:
     kind = "folder"
 
     def __init__(self, folder, num_samples: int, mode: str, center_crop_size):
-        from .fid import check_same_size, list_image_files
+        from .fid import check_same_size, list_image_files, verify_images
 
         files = list_image_files(folder)
         if len(files) < num_samples:
             raise DataError(f"{folder} holds {len(files)} images, fewer than num_samples={num_samples}")
         self.files = files[:num_samples]
+        verify_images(self.files)
         self.mode, self.center_crop_size = mode, center_crop_size
         if center_crop_size is None:
             check_same_size(self.files)
