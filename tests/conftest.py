@@ -42,7 +42,14 @@ SLOW_MODULES = {
     "test_demo.py": "`make demo` end to end",
 }
 SLOW_TESTS = {
-    # "module.py::test_name": why (seconds measured with --durations on the 2-core machine)
+    # "module.py::test_name": why (wall seconds from --durations on the shared 2-core machine, load ~10)
+    "test_consistency.py::test_consistency_distillation_maps_noise_onto_every_mode": "toy quality run, 21 s",
+    "test_dmd2.py::test_dmd2_matches_a_gaussian_mixture": "toy quality run, 24 s",
+    "test_sim_vsd.py::test_matches_a_gaussian_mixture": "toy quality runs, 24-28 s each",
+    "test_progressive.py::test_a_round_halves_the_steps_and_keeps_the_distance": "toy quality run, 17 s",
+    "test_dmd2_sd.py::test_hub_id_teacher_trains_and_exports": "hub-id teacher end to end, 30 s",
+    "test_trainer_base.py::test_cli_train_reports_bad_recipe": "a subprocess that imports the trainers, 26 s",
+    "test_cli.py::test_pipelines_register_in_either_import_order": "two subprocesses that import diffusers",
 }
 
 

@@ -71,7 +71,9 @@ def test_train_help_lists_the_methods_keys(recipe, keys, capsys):
         assert key in out
 
 
-def test_import_stepdistill_is_light_and_registers_pipelines_either_order():
+def test_pipelines_register_in_either_import_order():
+    """`import stepdistill` is light (no torch / diffusers) and still registers the pipeline classes with
+    diffusers, whether diffusers is imported after it or before it."""
     out = run_python(
         "import sys, stepdistill\n"
         "assert 'torch' not in sys.modules and 'diffusers' not in sys.modules\n"
@@ -171,6 +173,7 @@ def test_eval_summary_prints_every_metric(tmp_path, capsys):
     gen = write_pngs(tmp_path / "gen", noise_images(4, seed=1))
     ref = write_pngs(tmp_path / "ref", noise_images(4, seed=2))
     argv = ["eval", "--pipeline", str(gen), "--reference", str(ref), "--metrics", "kid,pr", "--num-samples", "4"]
+    argv += ["--batch-size", "4"]
     argv += ["--kid-subset-size", "2", "--inception-weights", str(weights), "--cache-dir", str(tmp_path / "c")]
     assert main(argv + ["--out", str(tmp_path / "out")]) == 0
     printed = capsys.readouterr().out

@@ -209,7 +209,7 @@ def test_tf1_resize_equals_torch_fidelity_features(tmp_path):
     from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 
     path = random_inception_weights(tmp_path)
-    images = noise_images(3, size=24)
+    images = noise_images(2, size=24)
     u8 = ((images + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
     fidelity = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"], feature_extractor_weights_path=str(path))
     with torch.no_grad():

@@ -19,7 +19,7 @@ from functools import partial
 import torch
 
 from ..config import ConfigError
-from ..data.validate import check_dataset_fits_teacher
+from ..data.validate import check_dataset_fits_teacher, dataset_kind
 from ..models import Generator, Teacher
 from ..models.conditioning import ClassConditioner, Cond, TextConditioner
 from ..models.denoiser import _unwrap
@@ -138,8 +138,9 @@ class StudentTrainer(DistillTrainer):
     def validate(self):
         super().validate()
         c = self.config
-        # before anything loads: a missing teacher folder / unreachable hub id, a bad dataset, data that does not
+        # before anything loads: a bad dataset, a missing teacher folder / unreachable hub id, data that does not
         # fit the teacher
+        dataset_kind(c.dataset)
         check_dataset_fits_teacher(c.dataset, self._teacher_path())
         c.check_memory_options()
         if self.lora_folds_into_base and c.generator_mode == "lora" and c.teacher_dtype != "fp32":
