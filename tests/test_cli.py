@@ -203,3 +203,25 @@ def test_skipped_nonfinite_steps_are_reported_at_the_end(tmp_path, capsys):
     captured = capsys.readouterr()
     assert "2 step(s) skipped for a non-finite loss or gradient" in captured.out
     assert "nonfinite=2" in captured.err  # the progress bar's count
+
+
+def test_hub_id_resolution_distinguishes_missing_path_from_unreachable_hub(tmp_path, monkeypatch):
+    import huggingface_hub.constants as hub_constants
+
+    from stepdistill.models import loading
+
+    monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(tmp_path / "empty_cache"))
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty_cache"))
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    with pytest.raises(FileNotFoundError, match="path './org/name' does not exist"):
+        loading.resolve_model_path("./org/name", key="teacher")
+    monkeypatch.setattr(loading, "_hub_reachable", lambda timeout=3.0: False)
+    with pytest.raises(FileNotFoundError, match="not in the local hub cache.*not reachable"):
+        loading.resolve_model_path("org/name", key="teacher")
+    monkeypatch.setattr(loading, "_hub_reachable", lambda timeout=3.0: True)
+    assert loading.resolve_model_path("org/name") == "org/name"  # downloading is allowed and possible
+    with pytest.raises(FileNotFoundError, match="allow_download: true"):
+        loading.resolve_model_path("org/name", allow_download=False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(FileNotFoundError, match="HF_HUB_OFFLINE"):
+        loading.resolve_model_path("org/name")
