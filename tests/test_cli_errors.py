@@ -168,7 +168,11 @@ ROWS = [
         lambda ws: ["train", "--config", recipe(ws), "resume=latest"],
         ["no checkpoint", "checkpoints"],
     ),
-    ("corrupt checkpoint", lambda ws: ["train", "--config", checkpointed_dsm_run(ws), "resume=latest"], ["corrupt"]),
+    (
+        "corrupt checkpoint",  # (resume=latest would fall back to the intact step 1, and say so)
+        lambda ws: ["train", "--config", checkpointed_dsm_run(ws), "resume=run/checkpoints/step_0000002"],
+        ["step_0000002", "damaged"],
+    ),
     (
         "teacher path missing",
         lambda ws: ["train", "--config", recipe(ws), "teacher=./no_teacher"],
