@@ -20,12 +20,15 @@ import sys
 DESCRIPTION = """stepdistill: distil many-step diffusion models into one- and few-step generators."""
 
 
-def _epilog() -> str:
+def _methods_list() -> str:
     from .train import METHODS
 
-    methods = "\n".join(f"  {name:<12} {desc}" for name, (_, _, desc) in METHODS.items())
+    return "\n".join(f"  {name:<12} {desc}" for name, (_, _, desc) in METHODS.items())
+
+
+def _epilog() -> str:
     return f"""methods (a recipe's `method:` key; `stepdistill train --config <recipe> --help` lists its keys):
-{methods}
+{_methods_list()}
 
 Multi-GPU: accelerate launch -m stepdistill.train --config <recipe.yaml> [key=value ...]
 Errors print one line `error: ...` (exit code 2); add --debug for the traceback."""
@@ -146,9 +149,8 @@ def train_help_epilog(argv) -> str:
             method = a.split("=", 1)[1]
     if method in METHODS:
         return method_keys_help(method)
-    methods = "\n".join(f"  {name:<12} {desc}" for name, (_, _, desc) in METHODS.items())
     return (
-        f"methods (the recipe's `method:` key):\n{methods}\n\n"
+        f"methods (the recipe's `method:` key):\n{_methods_list()}\n\n"
         "`stepdistill train --config <recipe.yaml> --help` lists the keys of that recipe's method."
     )
 

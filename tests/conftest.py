@@ -50,6 +50,10 @@ SLOW_TESTS = {
     "test_dmd2_sd.py::test_hub_id_teacher_trains_and_exports": "hub-id teacher end to end, 30 s",
     "test_trainer_base.py::test_cli_train_reports_bad_recipe": "a subprocess that imports the trainers, 26 s",
     "test_cli.py::test_pipelines_register_in_either_import_order": "two subprocesses that import diffusers",
+    "test_lifecycle.py::test_ddp_with_a_tracker_through_the_command_line_exits_0": "a 2-process launch",
+    "test_lifecycle.py::test_kill_9_during_a_checkpoint_then_resume_is_bit_exact": "subprocess runs, killed, resumed",
+    "test_lifecycle.py::test_cli_refusals_are_one_line_exit_2_and_change_nothing": "one subprocess per refusal",
+    "test_lifecycle.py::test_cli_refuses_a_foreign_export_dir_with_one_line": "a subprocess that imports the trainers",
 }
 
 
