@@ -26,19 +26,28 @@ def _register():
 
 
 class _RegisterAfterDiffusersImport(importlib.abc.MetaPathFinder):
-    """Runs :func:`_register` right after ``diffusers`` itself has been imported."""
+    """Runs :func:`_register` right after ``diffusers`` itself has been imported (and then leaves
+    ``sys.meta_path``). A mere ``importlib.util.find_spec("diffusers")`` (availability checks) imports nothing
+    and leaves the hook in place."""
+
+    _busy = False
 
     def find_spec(self, fullname, path=None, target=None):
-        if fullname != "diffusers":
+        if fullname != "diffusers" or self._busy:
             return None
-        sys.meta_path.remove(self)
-        spec = importlib.util.find_spec("diffusers")
+        self._busy = True
+        try:
+            spec = importlib.util.find_spec("diffusers")  # the other finders' answer
+        finally:
+            self._busy = False
         if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
             return spec
         run = spec.loader.exec_module
 
         def exec_module(module):
             run(module)
+            if self in sys.meta_path:
+                sys.meta_path.remove(self)
             _register()
 
         spec.loader.exec_module = exec_module

@@ -84,6 +84,12 @@ def test_pipelines_register_in_either_import_order():
     assert "StepDistillClassPipeline GuidedUNet2DModel" in out.stdout
     out = run_python("import diffusers, stepdistill\nprint(diffusers.StepDistillClassPipeline.__name__)\n")
     assert out.returncode == 0 and "StepDistillClassPipeline" in out.stdout, out.stderr
+    # an availability check (find_spec, as transformers / accelerate do) before the import keeps the hook
+    out = run_python(
+        "import importlib.util, stepdistill\nassert importlib.util.find_spec('diffusers') is not None\n"
+        "import diffusers\nprint(diffusers.StepDistillClassPipeline.__name__)\n"
+    )
+    assert out.returncode == 0 and "StepDistillClassPipeline" in out.stdout, out.stderr
 
 
 # ----------------------------------------------------------------------------------------------------------
