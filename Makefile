@@ -44,5 +44,11 @@ bench-quality: install
 bench-kernels: install
 	$(PY) benchmarks/bench_kernels.py --out outputs/bench/kernels.md $(ARGS)
 
+# One prepared GPU check (about 10 min on one H200): kernels, CUDA graphs, real-size bf16 training, sampling;
+# writes outputs/gpu/gpu_check.{md,json}, exits 1 if a check failed. ARGS=--dry-run checks the script on CPU.
+.PHONY: gpu-check
+gpu-check: install
+	$(PY) benchmarks/gpu_check.py --out outputs/gpu $(ARGS)
+
 clean:
 	rm -rf outputs
