@@ -495,7 +495,8 @@ def graphs_table(rows: list[dict]) -> list[str]:
 # 3. training at real size
 # --------------------------------------------------------------------------------------------------------
 
-# recipe, per-device batch, extra options, where the per-device batch comes from
+# recipe, per-device batch, extra options, where the per-device batch comes from; in priority order (when the
+# section's time budget runs out, the tail is skipped and listed as such)
 TRAIN_ROWS = [
     ("dmd2/sd15", 32, {}, "recipe: 64 GPUs x 32"),
     ("dmd2/sdxl_4step", 2, {}, "recipe: 64 GPUs x 2"),
