@@ -10,6 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "gpu_check.py"
 sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -32,6 +34,7 @@ def _numbers(x):
             yield from _numbers(v)
 
 
+@pytest.mark.slow  # the whole dry run: about 70 s of CPU, minutes of wall time on a loaded machine
 def test_dry_run_writes_every_section_with_finite_numbers(tmp_path):
     out = tmp_path / "gpu"
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
