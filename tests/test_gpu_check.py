@@ -109,3 +109,11 @@ def test_unknown_section_is_a_one_line_error(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: --sections") and "nope" in err[0]
     assert not (tmp_path / "gpu_check.json").exists()
+
+
+def test_without_cuda_the_real_run_refuses_with_one_line(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(gpu_check.torch.cuda, "is_available", lambda: False)
+    assert gpu_check.main(["--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: no CUDA device") and "--dry-run" in err[0]
+    assert not (tmp_path / "gpu_check.json").exists()
