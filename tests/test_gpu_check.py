@@ -117,3 +117,22 @@ def test_without_cuda_the_real_run_refuses_with_one_line(tmp_path, capsys, monke
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: no CUDA device") and "--dry-run" in err[0]
     assert not (tmp_path / "gpu_check.json").exists()
+
+
+def test_the_written_configs_build_the_published_networks():
+    """The real-size configs in the script give the published parameter counts (built on the meta device)."""
+    import torch
+    from diffusers import AutoencoderKL
+
+    def count(net, skip=()):
+        return sum(p.numel() for n, p in net.named_parameters() if not any(s in n for s in skip))
+
+    expected = {"sd15": 859_520_964, "sd21": 865_910_724, "sdxl": 2_567_463_684}
+    for kind, n in expected.items():
+        assert count(gpu_check.build_net(gpu_check.ARCHS[kind]["net"], "meta")) == n, kind
+    # DiT-XL/2: 675M in the paper; diffusers gives every block its own copy of the timestep / class embedding
+    dit = gpu_check.build_net(gpu_check.ARCHS["dit"]["net"], "meta")
+    one_copy = count(dit, skip=(".norm1.emb.",)) + count(dit.transformer_blocks[0].norm1.emb)
+    assert round(one_copy / 1e6) == 675 and len(dit.transformer_blocks) == 28
+    with torch.device("meta"):
+        assert count(AutoencoderKL(**gpu_check.SDXL_VAE)) == 83_653_863
