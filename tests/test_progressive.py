@@ -195,6 +195,45 @@ def test_lora_rounds_fold_into_one_base(tmp_path):
     assert changed and all(p.requires_grad for p in lora_parameters(net, "generator"))
 
 
+def _eps_digits_teacher(root) -> str:
+    """The digits teacher's folder with its scheduler declaring epsilon prediction (the network is unchanged:
+    read as eps it is another, valid, eps teacher)."""
+    path = os.path.join(root, "eps_teacher")
+    shutil.copytree(digits_teacher_path(), path)
+    cfg_file = os.path.join(path, "scheduler", "scheduler_config.json")
+    with open(cfg_file) as f:
+        cfg = json.load(f)
+    cfg["prediction_type"] = "epsilon"
+    with open(cfg_file, "w") as f:
+        json.dump(cfg, f)
+    return path
+
+
+@pytest.mark.parametrize("mode", ["full", "lora"])
+def test_eps_teacher_next_round_teacher_is_the_student(tmp_path, mode):
+    """An eps teacher gets a v student (student_prediction auto); after round 0 the round teacher (a copy, or the
+    base with the LoRA folded in) must be read as v: its x0 equals the round-0 student's x0."""
+    lora = dict(generator_mode="lora", lora_rank=4, lora_alpha=4.0) if mode == "lora" else {}
+    trainer = _trainer(
+        tmp_path / "run", teacher=_eps_digits_teacher(tmp_path), start_steps=8, steps_per_round=2, **lora
+    )
+    trainer.setup()
+    assert trainer.teacher.prediction_type == "eps" and trainer.generator.prediction_type == "v"
+    trainer.config.max_steps = 2  # exactly round 0
+    trainer.train()
+    x = torch.randn(4, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+    cond = trainer.conditioner(torch.tensor([1, 2, 3, 4]))
+    t = torch.tensor([0.3, 0.6, 0.8, 0.95], dtype=torch.float64)
+    student_x0 = trainer.generator.predict(x, t, cond, target="x0")
+    trainer._finish_stage()
+    trainer._enter_stage(trainer.stage_at(2))
+    teacher_x0 = trainer.round_teacher.predict(x, t, cond, target="x0")
+    torch.testing.assert_close(teacher_x0, student_x0, atol=1e-4, rtol=1e-4)
+    # a resumed run in round 1 reads the folded base the same way
+    trainer._enter_stage(("round", 1))
+    assert trainer.round_teacher.prediction_type == "v"
+
+
 def test_guided_student_costs_one_evaluation_and_follows_w(tmp_path):
     trainer = _trainer(
         tmp_path, guided=True, guided_steps=2, w_min=1.0, w_max=5.0, w_embedding_dim=32, guidance_scale=2.0

@@ -247,10 +247,17 @@ class ProgressiveTrainer(StudentTrainer):
         return self.config.start_steps // 2 ** (r + 1)
 
     def _enter_stage(self, stage):
-        """Set the generator's trained grid for ``stage`` (the round teacher is swapped by ``_finish``)."""
+        """Set the generator's trained grid for ``stage`` (a full round teacher is swapped by
+        ``_finish_stage``). LoRA rounds after the first read the folded base with the student's prediction type:
+        folding the adapter made the base compute the student (an eps teacher's base now outputs v)."""
         self._stage = stage
         n = self.config.start_steps // 2 if stage[0] == "guided" else self.student_steps(stage[1])
         self.generator.timesteps = self.schedule.timesteps(n, "trailing")
+        if self.config.generator_mode == "lora" and stage[0] == "round":
+            self.round_teacher = self.teacher
+            if stage[1] > 0 and self.teacher.prediction_type != self.generator.prediction_type:
+                self.round_teacher = copy.copy(self.teacher)  # the same shared base, read as the student's type
+                self.round_teacher.prediction_type = self.generator.prediction_type
 
     def lr_factor(self, name, step):
         c = self.config
