@@ -136,3 +136,22 @@ def consistency_loss(
     if weight is None:
         return per_sample.mean()
     return (weight.to(per_sample) * per_sample).mean()
+
+
+def hinge_discriminator_loss(logits_real: list[torch.Tensor], logits_fake: list[torch.Tensor]) -> torch.Tensor:
+    """Hinge discriminator loss averaged over heads (PCM's ``Discriminator.d_loss``; Lim & Ye 2017):
+    mean_heads [mean relu(1 + D(fake)) + mean relu(1 - D(real))]."""
+    if len(logits_real) != len(logits_fake) or not logits_real:
+        raise ValueError(f"need the same non-zero number of heads, got {len(logits_real)} and {len(logits_fake)}")
+    terms = [
+        torch.relu(1 + f.float()).mean() + torch.relu(1 - r.float()).mean() for r, f in zip(logits_real, logits_fake)
+    ]
+    return torch.stack(terms).mean()
+
+
+def hinge_generator_loss(logits_fake: list[torch.Tensor]) -> torch.Tensor:
+    """The generator's term against a hinge discriminator, averaged over heads (PCM's ``Discriminator.g_loss``):
+    mean_heads mean relu(1 - D(fake))."""
+    if not logits_fake:
+        raise ValueError("need at least one head")
+    return torch.stack([torch.relu(1 - f.float()).mean() for f in logits_fake]).mean()

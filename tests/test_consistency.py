@@ -29,7 +29,7 @@ from tiny_models import save_tiny_pipeline, tiny_sd_components, tiny_sdxl_compon
 import stepdistill  # noqa: F401  (registers the StepDistill* pipelines with diffusers)
 from stepdistill.config import ConfigError, build_config
 from stepdistill.data import mode_coverage, sample_toy2d, sliced_wasserstein
-from stepdistill.losses import consistency_loss, ict_huber_c
+from stepdistill.losses import consistency_loss, hinge_discriminator_loss, hinge_generator_loss, ict_huber_c
 from stepdistill.models import Teacher
 from stepdistill.sampling import cd_scalings, ddim_step, heun_step, lcm_scalings
 from stepdistill.schedules import EDMSchedule, VPSchedule
@@ -44,6 +44,7 @@ from stepdistill.trainers.consistency import (
     lognormal_index_probs,
     segment_starts,
 )
+from stepdistill.trainers.pcm_adversarial import renoise
 
 ROOT = Path(__file__).resolve().parents[1]
 SD_BETAS = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "num_train_timesteps": 1000}
@@ -372,7 +373,12 @@ CASES = {
     "sd-full-lcm-w": dict(kind="sd", generator_mode="full", w_embedding_dim=32, guidance_scale=3.0),
     "sdxl-lcm-lora": dict(kind="sdxl", generator_mode="lora", w_embedding_dim=0),
     "sd-multiphase-lora": dict(
-        kind="sd", generator_mode="lora", mode="multiphase", multiphase=[4, 2], multiphase_steps=[1, 1]
+        kind="sd",
+        generator_mode="lora",
+        mode="multiphase",
+        multiphase=[4, 2],
+        multiphase_steps=[1, 1],
+        num_ddim_timesteps=40,
     ),
 }
 
@@ -487,7 +493,9 @@ def test_recipe_values(tmp_path, monkeypatch):
     assert (xl.generator_mode, xl.w_embedding_dim, xl.lora_rank, xl.lora_alpha) == ("lora", 0, 64, 64.0)
     assert (xl.w_min, xl.w_max, xl.learning_rate, xl.target_ema_decay) == (4.0, 16.0, 1e-4, 0.0)
     pcm = cfg("pcm_sdxl_4phase.yaml")
-    assert (pcm.mode, pcm.multiphase, pcm.learning_rate, pcm.weight_decay) == ("multiphase", [4], 5e-6, 1e-3)
+    assert (pcm.mode, pcm.multiphase, pcm.learning_rate, pcm.weight_decay) == ("multiphase", [4], 2e-6, 0.0)
+    assert (pcm.w_min, pcm.w_max, pcm.global_batch, pcm.max_steps, pcm.num_ddim_timesteps) == (7.0, 8.0, 10, 20000, 40)
+    assert (pcm.lora_rank, pcm.lora_alpha, pcm.adv_weight, pcm.adv_lr, pcm.loss) == (64, 8.0, 0.1, 1e-5, "huber")
 
 
 def test_bad_input(toy_teacher, tmp_path):
@@ -513,3 +521,198 @@ def test_bad_input(toy_teacher, tmp_path):
         toy(toy_teacher, tmp_path, w_min=2.0, w_max=3.0).setup()
     with pytest.raises(ConfigError, match="w_embedding_dim=64: .* not ToyMLP"):
         toy(toy_teacher, tmp_path, w_embedding_dim=64).setup()
+
+
+# --------------------------------------------------------------------------------------------------------
+# fidelity to PCM (multiphase) and ECT
+# --------------------------------------------------------------------------------------------------------
+
+
+def test_multiphase_edges_are_training_inputs_and_the_export_steps(toy_teacher, tmp_path):
+    trainer = toy(
+        toy_teacher,
+        tmp_path,
+        mode="multiphase",
+        num_ddim_timesteps=40,
+        multiphase=[8, 4],
+        multiphase_steps=[2, 2],
+        max_steps=4,
+        global_batch=256,
+    )
+    trainer.setup()
+    seen = set()
+    student_call = trainer.consistency_fn
+
+    def record(model, x_t, t, *args, **kwargs):
+        if model is trainer.generator:
+            seen.update(round(float(v)) for v in trainer.schedule.t_to_timestep(t))
+        return student_call(model, x_t, t, *args, **kwargs)
+
+    trainer.consistency_fn = record
+    batch = next(iter(trainer.loader))
+    for step in (0, 2):  # a stage-0 (8 segments) and a stage-1 (4 segments) iteration
+        trainer.global_step = step
+        for _ in range(4):
+            trainer.compute_loss(batch, ("generator",))
+    assert seen == {25 * i - 1 for i in range(1, 41)}  # the 40-point solver grid, nothing else
+    for m, edges in zip((8, 4), trainer.stage_edges):
+        steps = [round(float(v)) for v in trainer.schedule.t_to_timestep(edges)]
+        assert steps == [0] + [1000 * j // m - 1 for j in range(1, m)]
+        assert set(steps[1:]) <= seen  # every edge above 0 is a time the student trains at
+    # the exported sampler steps from the top and from each edge of the last stage
+    assert trainer.export_timesteps() == [999, 749, 499, 249]
+    last = [round(float(v)) for v in trainer.schedule.t_to_timestep(trainer.stage_edges[-1])]
+    assert trainer.export_timesteps() == [999] + last[1:][::-1]
+
+
+def test_multiphase_refuses_edges_off_the_solver_grid(toy_teacher, tmp_path):
+    # 50 solver steps (skip 20: 19, 39, ..., 999) do not contain the 4-segment edges 249 and 749 (PCM#14)
+    with pytest.raises(ConfigError, match=r"segment edges \[249.0, 749.0\] are not points of the 50-step solver grid"):
+        toy(toy_teacher, tmp_path, mode="multiphase", multiphase=[4], num_ddim_timesteps=50).setup()
+    with pytest.raises(ConfigError, match=r"edges \[124.0, 374.0, 624.0, 874.0\] .* 20-step .*e\.g\. .*\b40\b"):
+        toy(toy_teacher, tmp_path, mode="multiphase", multiphase=[8, 4], multiphase_steps=[200, 200]).setup()
+
+
+def test_lowest_pcm_segment_jumps_to_alpha_0():
+    """PCM's online prediction is the DDIM jump to the segment start for every segment (c_skip = 0, c_out = 1),
+    the lowest one included: a jump to timestep 0 (alpha_0), not LCM's boundary form."""
+    vp = VPSchedule.from_config(dict(SD_BETAS))
+    out = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(2))
+    tr = _bare_trainer(vp, lambda x_in, time, cond: out, "epsilon")
+    x = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    t = vp.timestep_to_t(torch.tensor([239.0, 99.0, 19.0]))
+    start = torch.zeros(3, dtype=torch.float64)
+    f = tr.consistency_fn(tr.teacher, x, t, None, None, start)
+    x0, eps = vp.to_x0_eps(out, x, t, "eps")
+    jump = ddim_step(vp, x0, eps, t, start)
+    torch.testing.assert_close(f, jump.float())
+    a0 = float(vp.alpha(0.0))
+    assert a0 < 1 and torch.allclose(f, a0 * x0 + float(vp.sigma(0.0)) * eps, atol=1e-5)
+    assert not torch.allclose(f, tr.consistency_fn(tr.teacher, x, t, None), atol=1e-3)  # LCM's boundary form
+
+
+def _edm_toy(toy_teacher, tmp_path, **kw):
+    teacher = _toy_with_scheduler(
+        toy_teacher, tmp_path, {"_class_name": "EDMEulerScheduler", "sigma_min": 0.002, "sigma_max": 80.0}
+    )
+    trainer = toy(teacher, tmp_path / "run", mode="ect", max_steps=8, global_batch=16, **kw)
+    trainer.setup()
+    return trainer
+
+
+def test_ect_defaults_levels_and_mask(toy_teacher, tmp_path):
+    trainer = _edm_toy(toy_teacher, tmp_path)
+    assert trainer.boundary == "none"  # ECT's f is the plain EDM denoiser
+    x = torch.randn(5, 2)
+    t = torch.full((5,), 0.3, dtype=torch.float64)
+    torch.testing.assert_close(
+        trainer.consistency_fn(trainer.generator, x, t, None), trainer.generator.predict(x, t, None, target="x0")
+    )
+    trainer.global_step = 3  # stage 3 (ect_double_every = 8 // 8 = 1): r = t (1 - 2^-4 (1 + 8 sigmoid(-t)))
+    torch.manual_seed(0)
+    sig_t, sig_r, t, r, clean = trainer.ect_levels(200_000)
+    # no clamping to [sigma_min, sigma_max] = [0.002, 80]: the times reproduce every drawn level
+    assert float(sig_t.min()) < 0.002 and float(sig_t.max()) > 80
+    torch.testing.assert_close(trainer.schedule.sigma(t), sig_t, rtol=1e-9, atol=0)
+    expected_r = ect_r(sig_t, 3)
+    torch.testing.assert_close(sig_r, expected_r)
+    # ECT's mask: the clean sample is the target where r = 0 only, not where 0 < r <= sigma_min
+    assert torch.equal(clean, sig_r == 0)
+    small = (sig_r > 0) & (sig_r <= 0.002)
+    assert int(small.sum()) > 100 and not clean[small].any()
+    torch.testing.assert_close(trainer.schedule.sigma(r[small]), sig_r[small], rtol=1e-9, atol=0)
+    # a training step on those levels is finite
+    batch = next(iter(trainer.loader))
+    assert math.isfinite(float(trainer.compute_loss(batch, ("generator",))["loss"].detach()))
+
+
+def test_ect_noise_levels_scale_with_sigma_data(toy_teacher, tmp_path):
+    draws = {}
+    for sd in (0.5, 1.5):
+        trainer = _edm_toy(toy_teacher, tmp_path / str(sd), sigma_data=sd)
+        trainer.global_step = 2
+        torch.manual_seed(0)
+        draws[sd] = trainer.ect_levels(1000)
+    for a, b in zip(draws[0.5][:2], draws[1.5][:2]):  # sigma_t, sigma_r
+        torch.testing.assert_close(b, 3.0 * a)
+    assert torch.equal(draws[0.5][4], draws[1.5][4])
+
+
+def test_ect_on_a_vp_teacher_keeps_the_table_range(toy_teacher, tmp_path):
+    trainer = toy(toy_teacher, tmp_path, mode="ect", max_steps=8, global_batch=16)
+    trainer.setup()
+    lo, hi = trainer.levels
+    trainer.global_step = 3
+    torch.manual_seed(0)
+    sig_t, sig_r, t, r, clean = trainer.ect_levels(100_000)
+    assert float(sig_t.min()) == lo and float(sig_t.max()) <= hi  # a discrete network has no other level
+    assert torch.equal(clean, (sig_r == 0) | (sig_t <= lo))  # r = 0, or r and t collapsed at the lowest level
+    assert ((sig_r > 0) & (sig_r < lo) & ~clean).any()  # r below the table, t above: target f(x at t = 0)
+    assert bool((r[~clean] < t[~clean]).all())
+
+
+def test_hinge_losses_and_renoise_hand_worked():
+    real, fake = torch.tensor([2.0, 0.5]), torch.tensor([-2.0, 0.5])
+    # D: mean relu(1 + fake) + mean relu(1 - real) = (0 + 1.5) / 2 + (0 + 0.5) / 2 = 1; G: mean relu(1 - fake) = 1.75
+    assert float(hinge_discriminator_loss([real], [fake])) == 1.0
+    assert float(hinge_generator_loss([fake])) == 1.75
+    # two heads: averaged
+    assert float(hinge_discriminator_loss([real, real + 10], [fake, fake - 10])) == 0.5
+    assert float(hinge_generator_loss([fake, fake + 10])) == 0.875
+    # PCM's noise_travel: sqrt(a_u / a_s) x_s + sqrt(1 - a_u / a_s) z, a = alpha_bar
+    vp = VPSchedule.from_config(dict(SD_BETAS))
+    s, u = vp.timestep_to_t(torch.tensor([249.0, 0.0])), vp.timestep_to_t(torch.tensor([400.0, 249.0]))
+    x, z = torch.randn(2, 3), torch.randn(2, 3)
+    ab = vp.alphas_cumprod
+    ratio = torch.stack([ab[400] / ab[249], ab[249] / ab[0]]).reshape(2, 1)
+    torch.testing.assert_close(renoise(vp, x, z, s, u), (ratio.sqrt() * x + (1 - ratio).sqrt() * z).float())
+
+
+def test_pcm_adversarial_loss_alternates_and_reaches_the_student(teachers, image_folder, tmp_path):
+    trainer = _t2i(
+        teachers["sd"],
+        image_folder,
+        tmp_path / "run",
+        generator_mode="lora",
+        mode="multiphase",
+        multiphase=[2],
+        adv_weight=0.1,
+        max_steps=2,
+    )
+    trainer.setup()
+    unet = trainer.teacher.net
+    assert len(trainer.disc_heads.heads) == len(unet.down_blocks) + 1  # every down block and the mid block
+    assert [trainer.phase(s) for s in range(4)] == [("discriminator",), ("generator",)] * 2
+    heads = [p.detach().clone() for p in trainer.params["discriminator"]]
+    lora = [p.detach().clone() for p in trainer.params["generator"]]
+    base = _base_weights(unet)
+    trainer.config.max_steps = 1
+    trainer.train()  # iteration 0: the discriminator only
+    assert any(not torch.equal(a, b) for a, b in zip(heads, trainer.params["discriminator"]))
+    assert all(torch.equal(a, b) for a, b in zip(lora, trainer.params["generator"]))
+    heads = [p.detach().clone() for p in trainer.params["discriminator"]]
+    trainer.config.max_steps = 2
+    trainer.train()  # iteration 1: the student only, consistency + 0.1 x the generator's hinge term
+    assert all(torch.equal(a, b) for a, b in zip(heads, trainer.params["discriminator"]))
+    assert any(not torch.equal(a, b) for a, b in zip(lora, trainer.params["generator"]))
+    assert all(torch.equal(v, base[k]) for k, v in _base_weights(unet).items())  # the teacher stays frozen
+    logs = trainer.history
+    assert "loss_adv_d/discriminator" in logs[0] and "loss_adv_g/generator" in logs[1]
+    # the generator term's gradient reaches the student's output through the frozen teacher's encoder
+    pred = torch.randn(2, *trainer.sample_shape, requires_grad=True)
+    start = torch.full((2,), float(trainer.stage_edges[0][1]), dtype=torch.float64)
+    cond = trainer._cond_batch(trainer.dataset.example(2))
+    zero = torch.zeros(())
+    out = trainer.adversarial_loss(pred, torch.randn(2, *trainer.sample_shape), start, cond, zero, ("generator",))
+    torch.testing.assert_close(out["loss"], 0.1 * out["loss_adv_g"])
+    (grad,) = torch.autograd.grad(out["loss"], pred)
+    assert grad.abs().sum() > 0
+    d_out = trainer.adversarial_loss(pred, torch.randn_like(pred), start, cond, zero, ("discriminator",))
+    assert not d_out["loss"].requires_grad or torch.autograd.grad(d_out["loss"], pred, allow_unused=True)[0] is None
+
+
+def test_adversarial_options_are_checked(toy_teacher, tmp_path):
+    with pytest.raises(ConfigError, match="adv_weight=0.1 with mode=lcm"):
+        build_config(ConsistencyConfig, dict(mode="lcm", adv_weight=0.1))
+    with pytest.raises(ConfigError, match="needs a UNet teacher .* not ToyMLP"):
+        toy(toy_teacher, tmp_path, mode="multiphase", multiphase=[2], adv_weight=0.1).setup()

@@ -11,15 +11,17 @@ One config, one trainer; ``mode`` chooses the method:
   student (decay 0.95), or the student itself under no_grad (decay 0: a stop-gradient copy; LCM-LoRA, whose
   teacher is the same network with its adapters off, so one copy of the base weights is held).
 * ``multiphase``: trajectory-segmented consistency distillation (PCM, Wang et al. 2024; Hyper-SD's TSCD): the time
-  axis is cut into M segments at the trailing DDIM grid of M steps; student and target predict the DDIM jump to
-  their segment's start, the target is the solver result itself on the segment edge; ``multiphase: [8, 4, 2, 1]``
+  axis is cut into M segments at the trailing DDIM grid of M steps, whose points must be solver-grid points (the
+  sampler's steps start there); student and target predict the DDIM jump to their segment's start (the lowest
+  segment's to t = 0), the target is the solver result itself on the segment edge; ``multiphase: [8, 4, 2, 1]``
   with ``multiphase_steps`` runs the segment counts as successive stages. Exported as a deterministic
   trailing-DDIM (or TCD) pipeline with M steps.
 * ``ict`` / ``ect``: consistency training without a teacher ODE step (Song & Dhariwal 2023; Geng et al. 2024):
   x_t and x_r share the noise of a real sample, the target is sg f(x_r, r); iCT's lognormal index over a Karras
   grid whose size doubles (N(k) = min(s0 2^floor(k / K'), s1) + 1), weight 1 / (sigma_{i+1} - sigma_i),
   pseudo-Huber c = 0.00054 sqrt(d), random initialisation; ECT's r(t) = t (1 - q^-(stage+1) (1 + k sigmoid(-b t))),
-  weight 1 / (t - r), L2 norm, initialised from the teacher.
+  weight 1 / (t - r), L2 norm, f = the plain denoiser (no boundary form), target the clean sample where r = 0,
+  initialised from the teacher.
 
 Guidance scales are in stepdistill's (diffusers') convention out_u + w (out_c - out_u): LCM's scripts sample
 w_LCM in [5, 15] (SD) / [3, 15] (SDXL) with out_c + w_LCM (out_c - out_u), i.e. w = w_LCM + 1: [6, 16] / [4, 16].
@@ -39,11 +41,19 @@ from dataclasses import dataclass, field
 import torch
 
 from ..config import ConfigError
-from ..losses import consistency_loss, ict_huber_c
+from ..losses import consistency_loss, hinge_discriminator_loss, hinge_generator_loss, ict_huber_c
 from ..models.denoiser import Denoiser, _unwrap
 from ..sampling import cd_scalings, consistency_sample, ddim_step, heun_step, lcm_scalings
 from ..schedules import _bcast
 from .base import NetSpec
+from .pcm_adversarial import (
+    DISCRIMINATOR_BETAS,
+    DISCRIMINATOR_WEIGHT_DECAY,
+    EncoderDiscriminatorHeads,
+    encoder_features,
+    renoise,
+    supports_encoder_features,
+)
 from .student import StudentConfig, StudentTrainer
 
 MODES = ("lcm", "multiphase", "ict", "ect")
@@ -74,9 +84,14 @@ class ConsistencyConfig(StudentConfig):
         w-conditioned student.
     > Consistency function
     boundary (`str`, `"auto"`): "lcm" (c_skip = s_d^2 / ((10 t)^2 + s_d^2), c_out = 10 t / sqrt((10 t)^2 + s_d^2),
-        discrete t; VP teachers), "edm" (CD's sigma_min form on the EDM output; EDM teachers), "none" (x0 itself;
-        flow teachers, where x0 = x_t at t = 0 already).
-    timestep_scaling (`float`, `10.0`), sigma_data (`float`, `0.5`).
+        discrete t; VP teachers), "edm" (CD's sigma_min form on the EDM output; EDM teachers), "none" (x0 itself:
+        the plain denoiser; flow teachers, where x0 = x_t at t = 0 already, and ECT, whose f is the EDM
+        denoiser D(x, t)). auto: none for ect, else lcm / edm / none by the teacher's schedule.
+    timestep_scaling (`float`, `10.0`).
+    sigma_data (`float`, `0.5`): the data's standard deviation: in the lcm / edm boundaries, and for ect the
+        scale of the noise levels (ECT's lognormal(-1.1, 2.0) is set for data of std 0.5; its levels are
+        multiplied by sigma_data / 0.5). For data of another scale set it to the training data's (latents')
+        standard deviation.
     target_ema_decay (`float | None`, `None`): EMA decay of the target network; None = 0.95 for full lcm /
         multiphase students (LCM, CD), 0 (the student under no_grad: a stop-gradient copy) for LoRA students
         (LCM-LoRA), iCT and ECT.
@@ -89,6 +104,12 @@ class ConsistencyConfig(StudentConfig):
     multiphase (`list[int]`, `[4]`): segment counts, one per stage (e.g. [8, 4, 2, 1]).
     multiphase_steps (`list[int]`, `[]`): iterations of each stage (sum = max_steps); empty for one stage.
     multiphase_scheduler (`str`, `"ddim"`): exported scheduler, "ddim" (trailing) or "tcd".
+    adv_weight (`float`, `0.0`: off): PCM's adversarial loss (its SDXL script: 0.1): heads on the frozen teacher's
+        encoder features judge the re-noised consistency target (real) against the student's jump (fake) with
+        hinge losses; even iterations update the discriminator, odd ones the student (consistency +
+        adv_weight x its hinge term). See :mod:`stepdistill.trainers.pcm_adversarial`. Multiphase, VP UNet
+        teachers.
+    adv_lr (`float`, `1e-5`): the discriminator heads' learning rate (PCM's; AdamW betas (0, 0.999), wd 1e-3).
     > Consistency training (ict, ect)
     init (`str`, `"auto"`): "teacher" weights or "scratch" (random); auto: scratch for ict, teacher otherwise.
     p_mean / p_std (`float`, `-1.1` / `2.0`): lognormal noise levels (iCT, ECT).
@@ -119,6 +140,8 @@ class ConsistencyConfig(StudentConfig):
     multiphase: list[int] = field(default_factory=lambda: [4])
     multiphase_steps: list[int] = field(default_factory=list)
     multiphase_scheduler: str = "ddim"
+    adv_weight: float = 0.0
+    adv_lr: float = 1e-5
     init: str = "auto"
     p_mean: float = -1.1
     p_std: float = 2.0
@@ -188,6 +211,13 @@ class ConsistencyConfig(StudentConfig):
                         f"multiphase_steps={steps} must give the iterations of each stage of multiphase="
                         f"{self.multiphase} (one positive count per stage) and sum to max_steps={self.max_steps}"
                     )
+        if self.adv_weight < 0 or self.adv_lr <= 0:
+            raise ConfigError(f"need adv_weight >= 0 and adv_lr > 0, got {self.adv_weight}, {self.adv_lr}")
+        if self.adv_weight > 0 and self.mode != "multiphase":
+            raise ConfigError(
+                f"adv_weight={self.adv_weight} with mode={self.mode}: PCM's adversarial loss re-noises from the "
+                "segment starts of mode: multiphase"
+            )
         if self.inference_steps < 1:
             raise ConfigError(f"inference_steps must be >= 1, got {self.inference_steps}")
         if self.init == "scratch" and self.generator_mode == "lora":
@@ -274,6 +304,18 @@ class ConsistencyTrainer(StudentTrainer):
     def method_name(self) -> str:  # the model card's tag
         return f"consistency-{self.config.mode}"
 
+    @property
+    def adversarial(self) -> bool:
+        return self.config.adv_weight > 0
+
+    @property
+    def trains_several_networks(self) -> bool:  # the PCM discriminator heads (DeepSpeed check)
+        return self.adversarial
+
+    @property
+    def find_unused_parameters(self) -> bool:  # alternating student / discriminator updates (DDP)
+        return self.adversarial
+
     # ---------------------------------------------------------------- setup
     def build(self):
         c = self.config
@@ -281,7 +323,8 @@ class ConsistencyTrainer(StudentTrainer):
         sched = self.schedule
         self.kind = sched.kind
         self.pred_type = self.teacher.prediction_type
-        self.boundary = c.boundary if c.boundary != "auto" else {"vp": "lcm", "edm": "edm"}.get(self.kind, "none")
+        auto_boundary = "none" if c.mode == "ect" else {"vp": "lcm", "edm": "edm"}.get(self.kind, "none")
+        self.boundary = c.boundary if c.boundary != "auto" else auto_boundary
         if self.boundary == "lcm" and self.kind != "vp":
             raise ConfigError(f"boundary=lcm needs a discrete (VP) teacher, this one is {self.kind}; use edm or none")
         if self.boundary == "edm" and self.kind != "edm":
@@ -330,6 +373,7 @@ class ConsistencyTrainer(StudentTrainer):
                         "use at most one segment per solver step"
                     )
             self.stage_edges = [self._edges(m) for m in c.multiphase]
+            self._check_edges_on_grid()
             self.stage_ends = torch.tensor(c.multiphase_steps or [c.max_steps]).cumsum(0).tolist()
             infer = sched.timesteps(c.multiphase[-1], "trailing")
         elif c.mode == "lcm":
@@ -357,6 +401,23 @@ class ConsistencyTrainer(StudentTrainer):
         if self.target_decay > 0:
             net = copy.deepcopy(_unwrap(self.generator.net)).requires_grad_(False)
             self.target = Denoiser(net, sched, self.pred_type, cfg_convention=self.generator.cfg_convention)
+        if self.adversarial:
+            self.disc_heads = self._build_discriminator()
+
+    def _build_discriminator(self) -> EncoderDiscriminatorHeads:
+        """PCM's discriminator heads, one per encoder feature map of the frozen teacher."""
+        if self.kind != "vp":
+            raise ConfigError(f"adv_weight > 0 needs a discrete (VP) teacher (PCM re-noises); this one is {self.kind}")
+        if not supports_encoder_features(self.teacher.net):
+            name = type(_unwrap(self.teacher.net)).__name__
+            raise ConfigError(
+                f"adv_weight > 0 needs a UNet teacher (down blocks, a mid block) for its features, not {name}"
+            )
+        device = self.accelerator.device
+        with torch.no_grad():
+            x = torch.zeros(1, *self.sample_shape, device=device)
+            feats = encoder_features(self.teacher, x, 0.5, self._cond_batch(self.dataset.example(1)))
+        return EncoderDiscriminatorHeads([f.shape[1] for f in feats]).to(device)
 
     def _reinitialise(self, net):
         """Random weights of the same architecture (iCT trains from scratch)."""
@@ -366,6 +427,18 @@ class ConsistencyTrainer(StudentTrainer):
     def _solver_grid(self) -> torch.Tensor:
         """Continuous times g_0 = 0 < g_1 < ... < g_N = 1 of the solver: LCM's DDIM timesteps k i - 1 (and 0) on
         a discrete teacher, N + 1 uniform times otherwise (the Karras grid of an EDM teacher)."""
+        return self._grid_of(self._num_solver_steps())
+
+    def _grid_of(self, n: int) -> torch.Tensor:
+        """The solver grid of ``n`` steps (see :meth:`_solver_grid`)."""
+        if self.kind == "vp":
+            k = self.schedule.num_train_timesteps // n
+            steps = torch.tensor([0] + [k * i - 1 for i in range(1, n + 1)], dtype=torch.float64)
+            return self.schedule.timestep_to_t(steps)
+        return torch.linspace(0.0, 1.0, n + 1, dtype=torch.float64)
+
+    def _num_solver_steps(self) -> int:
+        """N: num_ddim_timesteps, or T / skip_step, validated against the teacher."""
         c = self.config
         T = getattr(self.schedule, "num_train_timesteps", None)
         if self.kind == "vp":
@@ -388,13 +461,34 @@ class ConsistencyTrainer(StudentTrainer):
                         f"num_ddim_timesteps={n} does not divide the teacher's {T} timesteps (skip step T / N must be "
                         "an integer, or the grid never reaches the noisiest timestep); choose a divisor such as 50"
                     )
-            k = T // n
-            steps = torch.tensor([0] + [k * i - 1 for i in range(1, n + 1)], dtype=torch.float64)
-            return self.schedule.timestep_to_t(steps)
+            return n
         if c.skip_step:
             raise ConfigError(f"skip_step needs a discrete teacher; this one is {self.kind}: use num_ddim_timesteps")
-        n = c.num_ddim_timesteps or 50
-        return torch.linspace(0.0, 1.0, n + 1, dtype=torch.float64)
+        return c.num_ddim_timesteps or 50
+
+    def _check_edges_on_grid(self):
+        """Every segment edge must be a solver-grid point: the exported sampler starts its steps at the edges
+        (and the top), so each of them must be a time the student is trained at (PCM's edges are grid
+        points by construction; its trailing-DDIM inference grid is not, PCM#14)."""
+
+        def missing(grid):
+            return [float(e) for edges in self.stage_edges for e in edges if not torch.isclose(grid, e).any()]
+
+        off = missing(self.grid)
+        if not off:
+            return
+        T = getattr(self.schedule, "num_train_timesteps", None)
+        ns = [n for n in range(max(self.config.multiphase), 1001) if self.kind != "vp" or T % n == 0]
+        fits = [n for n in ns if not missing(self._grid_of(n))]
+        n_now = len(self.grid) - 1
+        fits = sorted(fits, key=lambda n: (abs(n - n_now), n))[:4]
+        shown = [round(float(self.schedule.t_to_timestep(e)), 3) for e in torch.tensor(off)] if T else off
+        raise ConfigError(
+            f"multiphase={self.config.multiphase}: segment edges {sorted(set(shown))} are not points of the "
+            f"{n_now}-step solver grid (num_ddim_timesteps={n_now}), so the exported sampler would start steps "
+            f"at times the student never trained at; choose num_ddim_timesteps so that every edge is on the grid "
+            f"(e.g. {', '.join(map(str, sorted(fits)))}; PCM's SDXL script uses 40)"
+        )
 
     def _edges(self, m: int) -> torch.Tensor:
         """Segment starts of an m-segment split: 0 and the trailing DDIM grid of m steps without its top."""
@@ -402,12 +496,31 @@ class ConsistencyTrainer(StudentTrainer):
         return torch.cat([torch.zeros(1, dtype=torch.float64), trailing[1:].flip(0)])
 
     def networks(self):
-        return {"generator": NetSpec(self.generator.net, params=self.generator_params())}
+        nets = {"generator": NetSpec(self.generator.net, params=self.generator_params())}
+        if self.adversarial:
+            nets["discriminator"] = NetSpec(
+                self.disc_heads,
+                lr=self.config.adv_lr,
+                betas=DISCRIMINATOR_BETAS,
+                weight_decay=DISCRIMINATOR_WEIGHT_DECAY,
+            )
+        return nets
 
     def on_prepared(self):
         self.generator.net = self.specs["generator"].module
+        if self.adversarial:
+            self.disc_heads = self.specs["discriminator"].module
+
+    def ema_networks(self):
+        return ("generator",)
 
     # ---------------------------------------------------------------- schedules of the run
+    def phase(self, step):
+        """PCM with its adversarial loss: the discriminator on even iterations, the student on odd ones."""
+        if self.adversarial:
+            return ("discriminator",) if step % 2 == 0 else ("generator",)
+        return ("generator",)
+
     def stage(self, step: int) -> int:
         """Multiphase stage index at ``step`` (0 for a single stage)."""
         return next((i for i, end in enumerate(self.stage_ends) if step < end), len(self.stage_ends) - 1)
@@ -418,12 +531,15 @@ class ConsistencyTrainer(StudentTrainer):
 
     # ---------------------------------------------------------------- the consistency function
     def consistency_fn(self, model: Denoiser, x_t, t, cond, w=None, start=None):
-        """f(x_t, t): the boundary form (c_skip x_t + c_out x0_hat) or, for multiphase times whose segment start
-        ``start`` is above 0, the DDIM jump of the model's (x0, eps) to that start."""
+        """f(x_t, t): the boundary form (c_skip x_t + c_out x0_hat) or, for multiphase (``start`` given), the
+        DDIM jump of the model's (x0, eps) to the segment start (PCM's ``ddim_style_multiphase`` with c_skip = 0,
+        c_out = 1), the lowest segment included: its jump lands at t = 0 (alpha_0 on a VP teacher)."""
         raw = model.raw(x_t, t, cond, w if model.w_conditioned else None).float()
         x_t = x_t.float()
         sched = self.schedule
         x0, eps = sched.to_x0_eps(raw, x_t, t, self.pred_type)
+        if start is not None:
+            return ddim_step(sched, x0, eps, t, start)
         if self.boundary == "lcm":
             c_skip, c_out = lcm_scalings(sched, t, self.config.sigma_data, self.config.timestep_scaling)
             f = _bcast(c_skip, x_t) * x_t + _bcast(c_out, x_t) * x0
@@ -433,10 +549,7 @@ class ConsistencyTrainer(StudentTrainer):
             f = _bcast(c_skip, x_t) * x_t + _bcast(c_out, x_t) * F
         else:
             f = x0
-        if start is None:
-            return f
-        jump = ddim_step(sched, x0, eps, t, start)
-        return torch.where(_mask(start > 0, x_t), jump, f)
+        return f
 
     @torch.no_grad()
     def solver_step(self, x_t, t, s, cond, w):
@@ -458,7 +571,7 @@ class ConsistencyTrainer(StudentTrainer):
     # ---------------------------------------------------------------- the losses
     def compute_loss(self, batch, phase):
         if self.config.mode in ("lcm", "multiphase"):
-            return self.distillation_loss(batch)
+            return self.distillation_loss(batch, phase)
         return self.training_loss(batch)
 
     def _sample_w(self, n, device):
@@ -467,7 +580,7 @@ class ConsistencyTrainer(StudentTrainer):
             return None
         return (lo + (hi - lo) * torch.rand(n)).to(device)
 
-    def distillation_loss(self, batch):
+    def distillation_loss(self, batch, phase=("generator",)):
         """LCM / CD (and PCM's segment jumps): d(f(x_{t_n}, t_n, w), sg f_target(x_hat_{t_{n-1}}, t_{n-1}, w))."""
         device = self.accelerator.device
         x = batch["image"].to(device)
@@ -478,8 +591,7 @@ class ConsistencyTrainer(StudentTrainer):
         t, s = grid[idx], grid[idx - 1]
         start = None
         if self.config.mode == "multiphase":
-            start = segment_starts(t, self.stage_edges[self.stage(self.global_step)])
-            s = torch.maximum(s, start)
+            start = segment_starts(t, self.stage_edges[self.stage(self.global_step)])  # edges are grid points
         noise = torch.randn_like(x)
         x_t = self.schedule.add_noise(x, noise, t)
         w = self._sample_w(n, device)
@@ -490,7 +602,32 @@ class ConsistencyTrainer(StudentTrainer):
             on_edge = s <= (start if start is not None else torch.zeros_like(s))
             target = torch.where(_mask(on_edge, x_s), x_s, target)
         loss = consistency_loss(pred, target.detach(), self.metric, self.huber_c)
+        if self.adversarial:
+            return self.adversarial_loss(pred, target.detach(), start, cond, loss, phase)
         return {"loss": loss}
+
+    def adversarial_loss(self, pred, target, start, cond, consistency, phase):
+        """PCM's adversarial terms: real = the target, fake = the student's jump, both re-noised from their
+        segment start s to u ~ U{s, ..., s + T / M - 1} (timesteps). Discriminator phase: the hinge loss of the
+        heads; student phase: the consistency loss + adv_weight x the generator's hinge term."""
+        sched, n = self.schedule, pred.shape[0]
+        T = sched.num_train_timesteps
+        m = self.config.multiphase[self.stage(self.global_step)]
+        s_steps = sched.t_to_timestep(start).round()
+        u_steps = (s_steps + torch.randint(T // m, (n,), dtype=torch.float64)).clamp(max=T - 1)
+        u = sched.timestep_to_t(u_steps)
+        real = renoise(sched, target, torch.randn_like(target), start, u)
+        fake = renoise(sched, pred, torch.randn_like(pred), start, u)
+        if "discriminator" in phase:
+            logits_real, logits_fake = self._discriminate(real, u, cond), self._discriminate(fake.detach(), u, cond)
+            d_loss = hinge_discriminator_loss(logits_real, logits_fake)
+            return {"loss": d_loss, "loss_adv_d": d_loss.detach()}
+        g_loss = hinge_generator_loss(self._discriminate(fake, u, cond))
+        loss = consistency + self.config.adv_weight * g_loss
+        return {"loss": loss, "loss_consistency": consistency.detach(), "loss_adv_g": g_loss.detach()}
+
+    def _discriminate(self, x, u, cond):
+        return self.disc_heads(encoder_features(self.teacher, x, u, cond))
 
     def training_loss(self, batch):
         """iCT / ECT: d(f(x + t z, t), sg f(x + r z, r)) weighted by 1 / (t - r) (noise levels), no teacher."""
@@ -499,33 +636,60 @@ class ConsistencyTrainer(StudentTrainer):
         x = batch["image"].to(device)
         cond = self._cond_batch(batch)
         n = x.shape[0]
-        lo, hi = self.levels
         if c.mode == "ict":
+            lo, hi = self.levels
             sigmas = karras_sigmas(ict_num_scales(self.global_step, c.max_steps, c.ict_s0, c.ict_s1), lo, hi, c.rho)
             i = torch.multinomial(lognormal_index_probs(sigmas, c.p_mean, c.p_std), n, replacement=True)
             sig_t, sig_r = sigmas[i + 1], sigmas[i]
+            t = self.schedule.t_from_noise_level(sig_t)
+            r = torch.where(sig_r <= lo, torch.zeros_like(sig_r), self.schedule.t_from_noise_level(sig_r))
+            clean = None
         else:
-            sig_t = torch.exp(c.p_mean + c.p_std * torch.randn(n, dtype=torch.float64)).clamp(lo, hi)
-            sig_r = ect_r(sig_t, self.ect_stage(self.global_step), c.ect_q, c.ect_k, c.ect_b)
-        t = self.schedule.t_from_noise_level(sig_t)
-        at_min = sig_r <= lo
-        r = torch.where(at_min, torch.zeros_like(sig_r), self.schedule.t_from_noise_level(sig_r.clamp_min(lo)))
+            sig_t, sig_r, t, r, clean = self.ect_levels(n)
         noise = torch.randn_like(x)
         x_t = self.schedule.add_noise(x, noise, t)
         x_r = self.schedule.add_noise(x, noise, r)
         pred = self.consistency_fn(self.generator, x_t, t, cond)
         with torch.no_grad():
             target = self.consistency_fn(self._target_model(), x_r, r, cond)
-            if c.mode == "ect":  # ECT: r = 0 means the clean sample itself
-                target = torch.where(_mask(at_min, x), x.float(), target)
+            if clean is not None:  # ECT: r = 0 means the clean sample itself
+                target = torch.where(_mask(clean, x), x.float(), target)
         weight = 1.0 / (sig_t - sig_r).clamp_min(1e-12)
         loss = consistency_loss(pred, target.detach(), self.metric, self.huber_c, weight.float().to(device))
         return {"loss": loss}
 
+    def ect_levels(self, n: int):
+        """ECT's noise levels (locuslab/ect ``ECMLoss``): t ~ lognormal(P_mean, P_std), r = t_to_r(t), both times
+        sigma_data / 0.5 (ECT's distribution is set for data of std 0.5: scaling the levels with the data is
+        training ECT on data rescaled to std 0.5). Returns (sigma_t, sigma_r, t, r, clean): ``clean`` marks the
+        samples whose target is the clean sample, ECT's r = 0 only. Nothing is clamped where the teacher's
+        schedule has the level (EDM: any sigma > 0, extrapolating its Karras map; flow: any level); a discrete VP
+        network has inputs only for its table's levels [sigma(0), sigma(1)]: sigma_t and sigma_r are clamped into
+        it, and where that makes r = t (sigma_t at the table's lowest level) the target is the clean sample."""
+        c = self.config
+        scale = c.sigma_data / 0.5
+        sig_t = scale * torch.exp(c.p_mean + c.p_std * torch.randn(n, dtype=torch.float64))
+        if self.kind == "vp":
+            sig_t = sig_t.clamp(*self.levels)
+        sig_r = scale * ect_r(sig_t / scale, self.ect_stage(self.global_step), c.ect_q, c.ect_k, c.ect_b)
+        t, r = self._t_of_level(sig_t), self._t_of_level(sig_r)
+        clean = (sig_r <= 0) | (r >= t)
+        return sig_t, sig_r, t, torch.where(clean, torch.zeros_like(r), r), clean
+
+    def _t_of_level(self, s: torch.Tensor) -> torch.Tensor:
+        """t with noise_level(t) = s, without clamping s to the schedule's [sigma_min, sigma_max] where the
+        schedule extends past it (EDM's sigma(t) is defined for every t with sigma > 0)."""
+        sched = self.schedule
+        if self.kind == "edm":
+            p = sched.p
+            lo, hi = p.sigma_min ** (1 / p.rho), p.sigma_max ** (1 / p.rho)
+            return (s.double().clamp_min(0) ** (1 / p.rho) - lo) / (hi - lo)
+        return sched.t_from_noise_level(s)
+
     # ---------------------------------------------------------------- the target network
     @torch.no_grad()
     def on_step_end(self, step):
-        if self.target is None:
+        if self.target is None or "generator" not in self.phase(step):
             return
         mu = self.target_decay
         student = self._inner("generator").state_dict()

@@ -92,7 +92,8 @@ class ProgressiveConfig(StudentConfig):
         the student of round r takes start_steps / 2^(r+1) steps (paper: 8192 -> 1 CIFAR, 1024 -> 1 ImageNet).
     final_steps (`int`, `1`): the last round's student step count; start_steps / final_steps must be a
         power of two.
-    steps_per_round (`int`, `500`): updates per halving (paper: 50k); ``max_steps`` 0 = derived.
+    steps_per_round (`int`, `50000`): updates per halving (the paper's CIFAR-10 / ImageNet configs; the digits
+        recipes use 250); ``max_steps`` 0 = derived.
     weighting (`str`, `"snr_trunc"`): snr_trunc | snr | constant | v_mse.
     student_prediction (`str`, `"auto"`): the student's output type: "auto" keeps the teacher's, except
         that an eps teacher gets a v-prediction student (eps cannot express x0 at the last, noisiest step).
@@ -111,7 +112,7 @@ class ProgressiveConfig(StudentConfig):
 
     start_steps: int = 64
     final_steps: int = 1
-    steps_per_round: int = 500
+    steps_per_round: int = 50000
     weighting: str = "snr_trunc"
     student_prediction: str = "auto"
     anneal_lr: bool = True
