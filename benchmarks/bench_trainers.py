@@ -29,7 +29,25 @@ ROWS = [
     ("vsd", "full", "lora"),
     ("progressive", "full", "-"),
     ("progressive", "lora", "-"),
+    ("sdxl_twin", "lcm_lora", "-"),
+    ("sdxl_twin", "dmd2", "full"),
 ]
+
+# the evaluations each algorithm needs per iteration (B = batch): what the trainer's counts are compared with
+_DMD_FAMILY = "generator 1 x B; teacher 1 x B; fake 1 x B (no grad, the DM / SiD score) + 1 x B (DSM)"
+MINIMUM = {
+    ("dmd2", "full", "full"): _DMD_FAMILY,
+    ("dmd2", "lora", "lora"): _DMD_FAMILY,
+    ("sim", "full", "full"): _DMD_FAMILY,
+    ("sim", "lora", "lora"): _DMD_FAMILY,
+    ("vsd", "full", "lora"): _DMD_FAMILY,
+    ("progressive", "full", "-"): "round teacher 2 x B (two DDIM steps); generator 1 x B",
+    ("progressive", "lora", "-"): "round teacher 2 x B (two DDIM steps); generator 1 x B",
+    ("sdxl_twin", "lcm_lora", "-"): "generator 1 x B; teacher 1 x 2B (CFG); target (the LoRA net, no grad) 1 x B",
+    ("sdxl_twin", "dmd2", "full"): "generator 1 x B + k x B no grad (backward simulation, k uniform in 0..3: "
+    "1.5 on average); teacher 1 x 2B (CFG 8); fake 1 x B (DM, no grad) + 1 x B (DSM) + 2 to the GAN layer "
+    "(generator's GAN loss 1 x B, discriminator real + fake batched 1 x 2B)",
+}
 
 
 def count_saved_bytes(trainer, key=lambda group: "generator" if "generator" in group else None) -> dict:
@@ -60,6 +78,46 @@ def count_saved_bytes(trainer, key=lambda group: "generator" if "generator" in g
     return saved
 
 
+NETWORK_NAMES = ("teacher", "round_teacher", "generator", "fake", "target")
+
+
+def count_evaluations(trainer) -> dict:
+    """Count the network evaluations of ``trainer``: every ``Denoiser._forward`` (each call of a teacher, generator,
+    fake score or target network, classifier-free guidance's doubled batch being one call) and every truncated
+    feature forward (``FakeScore.bottleneck``, the GAN head's input), per network and per kind. Returns a dict
+    ``label -> [calls, rows]`` filled as the trainer runs (reset it between iterations); a trainable network
+    called under no_grad (a generator's backward simulation, LCM-LoRA's target) is labelled ``... (no grad)``."""
+    import torch
+
+    from stepdistill.models import fake_score as fake_module
+    from stepdistill.models.denoiser import Denoiser
+
+    names = {id(getattr(trainer, n)): n for n in NETWORK_NAMES if getattr(trainer, n, None) is not None}
+    counts: dict = {}
+
+    def label(obj, suffix=""):
+        name = names.get(id(obj), type(obj).__name__) + suffix
+        if name not in ("teacher", "round_teacher") and not torch.is_grad_enabled():
+            name += " (no grad)"
+        return name
+
+    def wrap(owner, attr, suffix):
+        fn = getattr(owner, attr)
+
+        def counted(self, x_t, *args, **kwargs):
+            entry = counts.setdefault(label(self, suffix), [0, 0])
+            entry[0] += 1
+            entry[1] += x_t.shape[0]
+            return fn(self, x_t, *args, **kwargs)
+
+        setattr(owner, attr, counted)
+
+    wrap(Denoiser, "_forward", "")
+    if hasattr(fake_module.FakeScore, "bottleneck"):
+        wrap(fake_module.FakeScore, "bottleneck", " to the GAN layer")
+    return counts
+
+
 def model_state_bytes(trainer) -> int:
     """Unique weight storage of every network the trainer holds + grads and AdamW state of trainable params."""
     import torch
@@ -82,15 +140,17 @@ def model_state_bytes(trainer) -> int:
     return total
 
 
-def child(method: str, gen: str, fake: str, steps: int, batch: int) -> dict:
-    import resource
-    import time
-
-    import torch
-
+def _make(method, gen, fake, steps, batch, fixtures):
     from stepdistill.train import make_trainer
 
-    recipe = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "recipes", method, "digits.yaml")
+    here = os.path.dirname(os.path.abspath(__file__))
+    if method == "sdxl_twin":  # the tiny SDXL twin configurations of bench_speed.py (gen = its config name)
+        sys.path.insert(0, here)
+        from bench_speed import CONFIGS, overrides
+
+        recipe = os.path.join(here, "..", "recipes", CONFIGS[gen][0])
+        return make_trainer(recipe, overrides(gen, *fixtures, steps, batch, "outputs/bench/tmp"))
+    recipe = os.path.join(here, "..", "recipes", method, "digits.yaml")
     if method == "progressive":  # one round of `steps` updates (64 -> 32 steps), no per-round export
         per_method = ["start_steps=64", "final_steps=32", f"steps_per_round={steps}", "save_rounds=false"]
     else:
@@ -105,28 +165,49 @@ def child(method: str, gen: str, fake: str, steps: int, batch: int) -> dict:
         "output_dir=outputs/bench/tmp",
         "lora_rank=16",
     ]
-    trainer = make_trainer(recipe, overrides)
+    return make_trainer(recipe, overrides)
+
+
+def child(method: str, gen: str, fake: str, steps: int, batch: int, fixtures=None) -> dict:
+    import resource
+    import statistics
+    import time
+
+    import torch
+
+    torch.set_num_threads(1)
+    trainer = _make(method, gen, fake, steps, batch, fixtures)
     trainer.setup()
     cuda = torch.cuda.is_available()
-    times = []
+    times, cpu, snapshots = [], [], []
     orig = trainer.on_step_end
+    counts = count_evaluations(trainer)
 
     def stamp(step):
         if cuda:
             torch.cuda.synchronize()
         times.append(time.perf_counter())
+        cpu.append(time.process_time())
+        snapshots.append({k: list(v) for k, v in counts.items()})
         orig(step)
 
     trainer.on_step_end = stamp
     saved = count_saved_bytes(trainer)  # the generator step's activation memory
     trainer.train()
     per_iter = (times[-1] - times[1]) / (len(times) - 2)  # skip the first (warm-up) iterations
+    n = len(cpu) - 2
+    evals = {
+        k: [(v[0] - snapshots[1].get(k, [0, 0])[0]) / n, (v[1] - snapshots[1].get(k, [0, 0])[1]) / n]
+        for k, v in counts.items()
+    }
     peak = (
         torch.cuda.max_memory_allocated() / 2**20 if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     )
     n_params = sum(p.numel() for n in trainer.params.values() for p in n)
     return {
         "seconds_per_iteration": per_iter,
+        "cpu_seconds_per_iteration": statistics.median(b - a for a, b in zip(cpu[1:], cpu[2:])),
+        "evaluations": {k: v for k, v in evals.items() if v[0] > 0},
         "peak_mb": peak,
         "trainable_params": n_params,
         "generator_saved_mb": saved.get("generator", 0) / 2**20,
@@ -134,59 +215,64 @@ def child(method: str, gen: str, fake: str, steps: int, batch: int) -> dict:
     }
 
 
+def _evals(e: dict) -> str:
+    return ", ".join(f"{k} {c:g} x {r / c:g}" for k, (c, r) in sorted(e.items()) if c)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--out", default="outputs/bench/trainers.md")
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--twin-batch", type=int, default=4, help="batch of the tiny SDXL twin rows")
+    p.add_argument("--rows", default="", help="comma-separated method:generator:fake subset (default: all)")
     p.add_argument("--child", nargs=3, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--fixtures", nargs=2, default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
-        print(json.dumps(child(*args.child, args.steps, args.batch)))
+        print(json.dumps(child(*args.child, args.steps, args.batch, args.fixtures)))
         return
+    rows = [r for r in ROWS if not args.rows or ":".join(r) in args.rows.split(",")]
+    fixtures = []
+    if any(m == "sdxl_twin" for m, _, _ in rows):
+        import tempfile
+
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        from bench_speed import _fixtures
+
+        fixtures = ["--fixtures", *_fixtures(tempfile.mkdtemp(prefix="bench_trainers_"))]
     results = []
-    for method, gen, fake in ROWS:
-        out = subprocess.run(
-            [
-                sys.executable,
-                __file__,
-                "--child",
-                method,
-                gen,
-                fake,
-                "--steps",
-                str(args.steps),
-                "--batch",
-                str(args.batch),
-            ],
-            capture_output=True,
-            text=True,
-            check=True,
-        )
+    for method, gen, fake in rows:
+        batch = args.twin_batch if method == "sdxl_twin" else args.batch
+        cmd = [sys.executable, __file__, "--child", method, gen, fake, "--steps", str(args.steps)]
+        cmd += ["--batch", str(batch), *(fixtures if method == "sdxl_twin" else [])]
+        env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+        out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env)
         results.append(((method, gen, fake), json.loads(out.stdout.strip().splitlines()[-1])))
         print(method, gen, fake, results[-1][1], flush=True)
-    base = dict(results)[("dmd2", "full", "full")]
     import torch
 
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({platform.machine()})"
     lines = [
-        f"# Trainers: digits teacher, batch {args.batch}, {device}",
+        f"# Trainers: digits teacher batch {args.batch}, tiny SDXL twin batch {args.twin_batch}, {device}, 1 thread",
         "",
         "DMD2 / SIM / VSD iteration = one generator update + one fake-score update; progressive iteration = two "
-        "teacher DDIM steps + one student update. Peak MB: "
-        + ("CUDA peak allocated" if torch.cuda.is_available() else "peak RSS of the process (runtime included)"),
+        "teacher DDIM steps + one student update; LCM-LoRA iteration = one student update. Evaluations: forward "
+        "calls per iteration x rows per call, per network (CFG's doubled batch is one call; 'to the GAN layer': "
+        "the fake score run only as far as the GAN head reads). CPU s: median process CPU time per iteration. "
+        "Peak MB: " + ("CUDA peak allocated" if torch.cuda.is_available() else "peak RSS of the process"),
         "",
-        "| method | generator | fake score | trainable params | s / iteration | vs DMD2 full "
-        "| generator-step activations MB | vs DMD2 full | model state MB | LoRA / full | peak MB |",
+        "| method | generator | fake score | evaluations / iteration (calls x rows) | algorithm's minimum "
+        "| CPU s / iteration | wall s / iteration | trainable params | generator-step activations MB "
+        "| model state MB | peak MB |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    full_state = {m: r["model_state_mb"] for (m, g, f), r in results if g == "full"}
     for (m, g, f), r in results:
         lines.append(
-            f"| {m} | {g} | {f} | {r['trainable_params'] / 1e6:.2f} M | {r['seconds_per_iteration']:.3f} | "
-            f"{r['seconds_per_iteration'] / base['seconds_per_iteration']:.2f}x | {r['generator_saved_mb']:.0f} | "
-            f"{r['generator_saved_mb'] / base['generator_saved_mb']:.2f}x | {r['model_state_mb']:.1f} | "
-            f"{r['model_state_mb'] / full_state[m]:.2f}x | {r['peak_mb']:.0f} |"
+            f"| {m} | {g} | {f} | {_evals(r['evaluations'])} | {MINIMUM[(m, g, f)]} "
+            f"| {r['cpu_seconds_per_iteration']:.3f} | {r['seconds_per_iteration']:.3f} "
+            f"| {r['trainable_params'] / 1e6:.2f} M | {r['generator_saved_mb']:.0f} | {r['model_state_mb']:.1f} "
+            f"| {r['peak_mb']:.0f} |"
         )
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out, "w") as f:

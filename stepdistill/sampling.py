@@ -9,6 +9,7 @@ from collections.abc import Callable
 import torch
 
 from .schedules import NoiseSchedule, _bcast
+from .trainers import randomness as rnd
 
 
 def ddim_step(
@@ -116,7 +117,7 @@ def sample(
             eps = schedule.to_x0_eps(x0, x, t, "x0")[1]
         z = None
         if eta > 0 and t_prev is not None:
-            z = torch.randn(
+            z = rnd.randn(
                 x.shape,
                 generator=generator,
                 dtype=x.dtype,
@@ -178,7 +179,7 @@ def consistency_sample(
     for i in range(len(ts)):
         t = ts[i].expand(x.shape[0])
         if i > 0:
-            z = torch.randn(
+            z = rnd.randn(
                 x.shape,
                 generator=generator,
                 dtype=x.dtype,

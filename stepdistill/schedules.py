@@ -23,6 +23,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .trainers import randomness as rnd
+
 __all__ = [
     "PREDICTION_TYPES",
     "NoiseSchedule",
@@ -198,14 +200,14 @@ class NoiseSchedule:
         if not 0.0 <= t_min <= t_max <= 1.0:
             raise ValueError(f"need 0 <= t_min <= t_max <= 1, got t_min={t_min}, t_max={t_max}")
         if dist == "uniform":
-            u = torch.rand(n, generator=generator, dtype=torch.float64)
+            u = rnd.rand(n, generator=generator, dtype=torch.float64)
             t = t_min + (t_max - t_min) * u
             t = self._quantize(t)
         elif dist == "lognormal":
-            z = torch.randn(n, generator=generator, dtype=torch.float64)
+            z = rnd.randn(n, generator=generator, dtype=torch.float64)
             t = self.t_from_noise_level(torch.exp(p_mean + p_std * z)).clamp(t_min, t_max)
         elif dist == "logit_normal":
-            z = torch.randn(n, generator=generator, dtype=torch.float64)
+            z = rnd.randn(n, generator=generator, dtype=torch.float64)
             t = torch.sigmoid(p_mean + p_std * z).clamp(t_min, t_max)
         else:
             raise ValueError(f"unknown time distribution {dist!r}; use uniform, lognormal or logit_normal")

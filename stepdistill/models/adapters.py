@@ -6,6 +6,7 @@ the flags it found, so the trainer's per-phase freezing is never undone by a tea
 
 from __future__ import annotations
 
+import weakref
 from contextlib import contextmanager
 
 import torch
@@ -85,6 +86,7 @@ def add_lora(
     )
     flags = {p: p.requires_grad for p in net.parameters()}
     inject_adapter_in_model(config, net, adapter_name=adapter_name)
+    _forget(net)
     set_active_adapter(net, adapter_name)
     # peft's layer toggles freeze every other adapter: put back the flags of everything that was already there
     # (the base and earlier adapters); the new adapter's weights are trainable
@@ -96,51 +98,96 @@ def add_lora(
     return net
 
 
-def _grad_flags(net):
-    return [(p, p.requires_grad) for p in net.parameters()]
+class _AdapterState:
+    """What the switches below need of a network, gathered once: its LoRA layers, their adapter weights (the only
+    parameters peft's toggles touch), and the state the switches last set (active adapter, adapters off)."""
+
+    def __init__(self, net: torch.nn.Module):
+        self.layers = tuner_layers(net)
+        self.params = [
+            p for m in self.layers for n in m.adapter_layer_names for p in getattr(m, n).parameters()
+        ]
+        active = {tuple(m.active_adapters) for m in self.layers}
+        self.active = next(iter(active)) if len(active) == 1 else None  # None: mixed, unknown
+        off = {m.disable_adapters for m in self.layers}
+        self.disabled = next(iter(off)) if len(off) == 1 else None
 
 
-def _restore(flags):
-    for p, f in flags:
-        p.requires_grad_(f)
+_STATES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _state(net: torch.nn.Module) -> _AdapterState:
+    st = _STATES.get(net)
+    if st is None:
+        st = _STATES[net] = _AdapterState(net)
+    return st
+
+
+def _forget(net: torch.nn.Module) -> None:
+    """Drop the cached state of ``net`` (call after adding, merging or removing adapter layers)."""
+    _STATES.pop(net, None)
+
+
+def _flags(st: _AdapterState):
+    return [p.requires_grad for p in st.params]
+
+
+def _restore(st: _AdapterState, flags) -> None:
+    for p, f in zip(st.params, flags):
+        if p.requires_grad != f:
+            p.requires_grad_(f)
 
 
 def set_active_adapter(net: torch.nn.Module, name: str) -> None:
     if name not in adapter_names(net):
         raise ValueError(f"no adapter named {name!r} on {type(net).__name__}; have {sorted(adapter_names(net))}")
-    for m in tuner_layers(net):
+    st = _state(net)
+    for m in st.layers:
         m.set_adapter(name)
+    st.active = (name,)
 
 
 @contextmanager
 def adapters_disabled(net: torch.nn.Module):
-    """Run the bare base network: every LoRA adapter off (exactly the base's outputs), flags restored."""
-    layers = tuner_layers(net)
-    flags = _grad_flags(net)
-    before = [m.disable_adapters for m in layers]
+    """Run the bare base network: every LoRA adapter off (exactly the base's outputs), flags restored. Switches
+    nothing when the adapters are off already."""
+    st = _state(net)
+    if st.disabled is True or not st.layers:
+        yield net
+        return
+    flags = _flags(st)
+    before = [m.disable_adapters for m in st.layers]
     try:
-        for m in layers:
+        for m in st.layers:
             m.enable_adapters(False)
+        st.disabled = True
         yield net
     finally:
-        for m, was_disabled in zip(layers, before):
+        for m, was_disabled in zip(st.layers, before):
             m.enable_adapters(not was_disabled)
-        _restore(flags)
+        st.disabled = before[0] if len(set(before)) == 1 else None
+        _restore(st, flags)
 
 
 @contextmanager
 def adapter_active(net: torch.nn.Module, name: str):
-    """Make ``name`` the active adapter inside the block (grad flags and previous adapter restored)."""
-    layers = tuner_layers(net)
-    flags = _grad_flags(net)
-    previous = [list(m.active_adapters) for m in layers]
+    """Make ``name`` the active adapter inside the block (grad flags and previous adapter restored). Switches
+    nothing when ``name`` is the active adapter already."""
+    st = _state(net)
+    if st.active == (name,):
+        yield net
+        return
+    flags = _flags(st)
+    previous = [list(m.active_adapters) for m in st.layers]
+    prev_state = st.active
     try:
         set_active_adapter(net, name)
         yield net
     finally:
-        for m, prev in zip(layers, previous):
+        for m, prev in zip(st.layers, previous):
             m.set_adapter(prev)
-        _restore(flags)
+        st.active = prev_state
+        _restore(st, flags)
 
 
 def lora_state_dict(net: torch.nn.Module, adapter_name: str = "default") -> dict[str, torch.Tensor]:
@@ -180,6 +227,7 @@ def merge_lora(net: torch.nn.Module, adapter_name: str | None = None) -> torch.n
         if isinstance(target, BaseTunerLayer):
             parent = net.get_submodule(parent_key) if parent_key else net
             setattr(parent, child, target.get_base_layer())
+    _forget(net)
     for attr in ("peft_config",):
         if hasattr(net, attr):
             delattr(net, attr)

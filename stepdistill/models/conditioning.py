@@ -24,6 +24,8 @@ from typing import Any
 
 import torch
 
+from ..trainers import randomness as rnd
+
 __all__ = ["TEXT_KINDS", "ClassConditioner", "Cond", "TextConditioner", "cat_kwargs"]
 
 
@@ -230,7 +232,7 @@ class Cond:
         null = self._require_null("drop conditioning (no null rows to drop to)")
         n = len(self)
         gen_device = generator.device if generator is not None else torch.device("cpu")
-        mask = torch.rand(n, generator=generator, device=gen_device) < p
+        mask = rnd.rand(n, generator=generator, device=gen_device) < p
 
         def pick(c: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
             if c.shape != u.shape:

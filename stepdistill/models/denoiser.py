@@ -16,6 +16,7 @@ from torch import nn
 
 from ..guidance import CFG_COND, CFG_UNCOND, cfg_combine, guidance_scale_embedding, to_convention
 from ..schedules import NoiseSchedule
+from ..trainers import randomness as rnd
 from .conditioning import Cond
 
 _UNET_CLASSES = ("UNet2DModel", "UNet2DConditionModel", "GuidedUNet2DModel")
@@ -193,7 +194,7 @@ class Denoiser(nn.Module):
             t = self.schedule.sample_t(x0.shape[0], t_dist, t_min=t_min, t_max=t_max, **t_kwargs)
         t = self._time(t, x0).to(x0.device)
         if noise is None:
-            noise = torch.randn_like(x0)
+            noise = rnd.randn_like(x0)
         x_t = self.schedule.add_noise(x0, noise, t)
         out = self._forward(x_t, t, cond.kwargs if cond is not None else {})
         space = self.prediction_type if weighting == "native" else weighting

@@ -8,6 +8,7 @@ import torch
 
 from ..sampling import ddim_step, initial_noise_scale
 from ..schedules import NoiseSchedule
+from ..trainers import randomness as rnd
 from .adapters import adapter_active, add_lora
 from .conditioning import Cond
 from .denoiser import Denoiser, _unwrap
@@ -159,7 +160,7 @@ class Generator(Denoiser):
                 return x0
             t_next = ts[i + 1].expand(x.shape[0])
             if self.sampler == "consistency":
-                z = torch.randn(
+                z = rnd.randn(
                     x.shape,
                     generator=generator,
                     dtype=x.dtype,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import weakref
 from contextlib import contextmanager, nullcontext
 
 import torch
@@ -165,13 +166,16 @@ class Teacher(Denoiser):
         if not self.shares_base:
             return super()._forward(x_t, t, kwargs)
         inner = _unwrap(self.net)
-        was_training = inner.training
-        inner.eval()
+        modes = _mode_modules(inner)  # eval for the teacher's call: only the modules whose forward reads it
+        was = [m.training for m in modes]
+        for m in modes:
+            m.training = False
         try:
             with adapters_disabled(inner):
                 return super()._forward(x_t, t, kwargs)
         finally:
-            inner.train(was_training)
+            for m, w in zip(modes, was):
+                m.training = w
 
     def raw(self, *args, **kwargs):
         with torch.no_grad():
@@ -188,3 +192,21 @@ class Teacher(Denoiser):
             out = Denoiser.raw(self, x_t, t, cond, guidance_scale)
             t = self._time(t, x_t)
             return self.schedule.convert(out, x_t, t, self.prediction_type, target)
+
+
+_MODE_TYPES = (torch.nn.modules.dropout._DropoutNd, torch.nn.modules.batchnorm._BatchNorm)
+_MODES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _mode_modules(net: torch.nn.Module) -> list[torch.nn.Module]:
+    """The submodules of ``net`` whose forward depends on train / eval (dropout with p > 0, batch norm, blocks
+    with a gradient-checkpointing switch), found once per network: ``net.eval()`` on every teacher call walks the
+    whole module tree to change nothing else."""
+    found = _MODES.get(net)
+    if found is None:
+        found = _MODES[net] = [
+            m
+            for m in net.modules()
+            if (isinstance(m, _MODE_TYPES) and getattr(m, "p", 1.0) != 0.0) or hasattr(m, "gradient_checkpointing")
+        ]
+    return found

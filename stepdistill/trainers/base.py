@@ -26,6 +26,7 @@ import random
 import shutil
 import time
 import uuid
+import weakref
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -643,11 +644,18 @@ class DistillTrainer:
 
     # ------------------------------------------------------------------ loop
     def _set_phase(self, active):
+        """Trainable flags of the active group on, the others off; the active networks in train mode (a whole-tree
+        ``train()`` the first time a network is active or when something left it in eval, not every call)."""
+        trained = self.__dict__.setdefault("_trained", weakref.WeakSet())
         for name, params in self.params.items():
             on = name in active
             for p in params:
-                p.requires_grad_(on)
-            self.specs[name].module.train(on or self.specs[name].module.training)
+                if p.requires_grad is not on:
+                    p.requires_grad_(on)
+            module = self.specs[name].module
+            if on and (module not in trained or not module.training):
+                module.train(True)
+                trained.add(module)
 
     def _all_finite(self, x: torch.Tensor) -> bool:
         """True when ``x`` is finite on every process (a sum of non-finite counts, reduced across processes)."""

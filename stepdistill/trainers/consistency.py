@@ -45,6 +45,7 @@ from ..losses import consistency_loss, hinge_discriminator_loss, hinge_generator
 from ..models.denoiser import Denoiser, _unwrap
 from ..sampling import cd_scalings, consistency_sample, ddim_step, heun_step, lcm_scalings
 from ..schedules import _bcast
+from . import randomness as rnd
 from .base import NetSpec
 from .pcm_adversarial import (
     DISCRIMINATOR_BETAS,
@@ -578,7 +579,7 @@ class ConsistencyTrainer(StudentTrainer):
         lo, hi = self.w_range
         if (lo, hi) == (1.0, 1.0):
             return None
-        return (lo + (hi - lo) * torch.rand(n)).to(device)
+        return (lo + (hi - lo) * rnd.rand(n)).to(device)
 
     def distillation_loss(self, batch, phase=("generator",)):
         """LCM / CD (and PCM's segment jumps): d(f(x_{t_n}, t_n, w), sg f_target(x_hat_{t_{n-1}}, t_{n-1}, w))."""
@@ -587,12 +588,12 @@ class ConsistencyTrainer(StudentTrainer):
         cond = self._cond_batch(batch)
         n = x.shape[0]
         grid = self.grid
-        idx = torch.randint(1, len(grid), (n,))
+        idx = rnd.randint(1, len(grid), (n,))
         t, s = grid[idx], grid[idx - 1]
         start = None
         if self.config.mode == "multiphase":
             start = segment_starts(t, self.stage_edges[self.stage(self.global_step)])  # edges are grid points
-        noise = torch.randn_like(x)
+        noise = rnd.randn_like(x)
         x_t = self.schedule.add_noise(x, noise, t)
         w = self._sample_w(n, device)
         pred = self.consistency_fn(self.generator, x_t, t, cond, w, start)
@@ -614,10 +615,10 @@ class ConsistencyTrainer(StudentTrainer):
         T = sched.num_train_timesteps
         m = self.config.multiphase[self.stage(self.global_step)]
         s_steps = sched.t_to_timestep(start).round()
-        u_steps = (s_steps + torch.randint(T // m, (n,), dtype=torch.float64)).clamp(max=T - 1)
+        u_steps = (s_steps + rnd.randint(T // m, (n,), dtype=torch.float64)).clamp(max=T - 1)
         u = sched.timestep_to_t(u_steps)
-        real = renoise(sched, target, torch.randn_like(target), start, u)
-        fake = renoise(sched, pred, torch.randn_like(pred), start, u)
+        real = renoise(sched, target, rnd.randn_like(target), start, u)
+        fake = renoise(sched, pred, rnd.randn_like(pred), start, u)
         if "discriminator" in phase:
             logits_real, logits_fake = self._discriminate(real, u, cond), self._discriminate(fake.detach(), u, cond)
             d_loss = hinge_discriminator_loss(logits_real, logits_fake)
@@ -639,14 +640,14 @@ class ConsistencyTrainer(StudentTrainer):
         if c.mode == "ict":
             lo, hi = self.levels
             sigmas = karras_sigmas(ict_num_scales(self.global_step, c.max_steps, c.ict_s0, c.ict_s1), lo, hi, c.rho)
-            i = torch.multinomial(lognormal_index_probs(sigmas, c.p_mean, c.p_std), n, replacement=True)
+            i = rnd.multinomial(lognormal_index_probs(sigmas, c.p_mean, c.p_std), n, replacement=True)
             sig_t, sig_r = sigmas[i + 1], sigmas[i]
             t = self.schedule.t_from_noise_level(sig_t)
             r = torch.where(sig_r <= lo, torch.zeros_like(sig_r), self.schedule.t_from_noise_level(sig_r))
             clean = None
         else:
             sig_t, sig_r, t, r, clean = self.ect_levels(n)
-        noise = torch.randn_like(x)
+        noise = rnd.randn_like(x)
         x_t = self.schedule.add_noise(x, noise, t)
         x_r = self.schedule.add_noise(x, noise, r)
         pred = self.consistency_fn(self.generator, x_t, t, cond)
@@ -668,7 +669,7 @@ class ConsistencyTrainer(StudentTrainer):
         it, and where that makes r = t (sigma_t at the table's lowest level) the target is the clean sample."""
         c = self.config
         scale = c.sigma_data / 0.5
-        sig_t = scale * torch.exp(c.p_mean + c.p_std * torch.randn(n, dtype=torch.float64))
+        sig_t = scale * torch.exp(c.p_mean + c.p_std * rnd.randn(n, dtype=torch.float64))
         if self.kind == "vp":
             sig_t = sig_t.clamp(*self.levels)
         sig_r = scale * ect_r(sig_t / scale, self.ect_stage(self.global_step), c.ect_q, c.ect_k, c.ect_b)

@@ -37,6 +37,7 @@ from ..models import Teacher
 from ..models.adapters import fold_lora_into_base
 from ..models.denoiser import _unwrap
 from ..schedules import _bcast
+from . import randomness as rnd
 from .base import NetSpec
 from .student import StudentConfig, StudentTrainer
 
@@ -326,7 +327,7 @@ class ProgressiveTrainer(StudentTrainer):
         c = self.config
         if not c.guided:
             return None
-        return (c.w_min + (c.w_max - c.w_min) * torch.rand(n)).to(device)
+        return (c.w_min + (c.w_max - c.w_min) * rnd.rand(n)).to(device)
 
     def compute_loss(self, batch, phase):
         c = self.config
@@ -339,7 +340,7 @@ class ProgressiveTrainer(StudentTrainer):
         stage = self.stage_at(self.global_step)
         if stage != self._stage:  # e.g. right after a resume
             self._enter_stage(stage)
-        noise = torch.randn_like(x)
+        noise = rnd.randn_like(x)
         if stage[0] == "guided":
             t = sched.sample_t(n, "uniform").to(device)
             z = sched.add_noise(x, noise, t)
@@ -357,7 +358,7 @@ class ProgressiveTrainer(StudentTrainer):
         sched, teacher = self.schedule, self.round_teacher
         grid = sched.timesteps(2 * n_student, "trailing").to(x.device)  # the round teacher's grid
         b = x.shape[0]
-        i = torch.randint(n_student, (b,)).to(x.device)
+        i = rnd.randint(n_student, (b,)).to(x.device)
         t, t_mid = grid[2 * i], grid[2 * i + 1]
         last = 2 * i + 2 >= len(grid)
         t_next = grid[(2 * i + 2).clamp(max=len(grid) - 1)]

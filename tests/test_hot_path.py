@@ -1,0 +1,230 @@
+"""The training hot path does no per-step Python work that changes nothing (issue 17): random draws through
+explicit generators (no torch-function interception), adapter and train/eval switches only on a change, and the
+draws of a step served by the step's global-batch generator, never by torch's global one."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from peft.tuners.tuners_utils import BaseTunerLayer
+
+from stepdistill.config import build_config
+from stepdistill.models.adapters import adapter_active, adapters_disabled, add_lora
+from stepdistill.models.teacher import Teacher
+from stepdistill.models.toy import ToyMLP
+from stepdistill.schedules import VPSchedule
+from stepdistill.train import trainer_classes
+from stepdistill.trainers import randomness as rnd
+from stepdistill.trainers.randomness import GlobalBatchRandom
+
+
+# ------------------------------------------------------------------------------------------------ random draws
+def _draws():
+    x = torch.zeros(3, 5, dtype=torch.float64)
+    probs = torch.tensor([0.1, 0.2, 0.3, 0.4])
+    return [
+        rnd.randn(3, 4),
+        rnd.rand((3, 2), dtype=torch.float64),
+        rnd.randint(7, (3,)),
+        rnd.randint(2, 9, size=(3, 2)),
+        rnd.randn_like(x),
+        rnd.rand_like(x),
+        rnd.multinomial(probs, 3, replacement=True),
+        rnd.rand(()),  # shared: not a per-sample draw
+        rnd.randint(5, (2,)),  # shared: first dimension is not the per-process batch
+    ]
+
+
+def test_global_batch_draws_give_each_process_its_rows_of_the_global_draw():
+    with GlobalBatchRandom(11, 0, 1, 6):  # one process holding the global batch of 6
+        one = [rnd.randn(6, 4), rnd.rand((6, 2), dtype=torch.float64), rnd.randint(7, (6,))]
+    for rank in range(2):
+        with GlobalBatchRandom(11, rank, 2, 3):
+            two = [rnd.randn(3, 4), rnd.rand((3, 2), dtype=torch.float64), rnd.randint(7, (3,))]
+        for a, b in zip(one, two):
+            assert torch.equal(a[rank::2], b)
+    # every process draws the same shared values, and the sequence is reproducible
+    runs = []
+    for rank in range(2):
+        with GlobalBatchRandom(5, rank, 2, 3):
+            runs.append(_draws())
+    for a, b in zip(runs[0][-2:], runs[1][-2:]):
+        assert torch.equal(a, b)
+    with GlobalBatchRandom(5, 0, 2, 3):
+        again = _draws()
+    assert all(torch.equal(a, b) for a, b in zip(runs[0], again))
+    assert runs[0][4].dtype == torch.float64 and runs[0][0].shape == (3, 4) and runs[0][6].shape == (3,)
+
+
+def test_draws_outside_a_step_are_torchs_own():
+    g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    assert rnd.active() is None
+    assert torch.equal(rnd.randn(2, 3, generator=g1), torch.randn(2, 3, generator=g2))
+    assert torch.equal(rnd.randint(1, 9, (4,), generator=g1), torch.randint(1, 9, (4,), generator=g2))
+    torch.manual_seed(0)
+    a = rnd.rand(4)
+    torch.manual_seed(0)
+    assert torch.equal(a, torch.rand(4))
+    # an explicit generator wins inside a step too, and the step's generator is restored when nested blocks end
+    with GlobalBatchRandom(1, 0, 1, 2) as outer:
+        with GlobalBatchRandom(2, 0, 1, 2):
+            pass
+        assert rnd.active() is outer
+        assert torch.equal(rnd.randn(2, generator=g1), torch.randn(2, generator=g2))
+    assert rnd.active() is None
+
+
+# ------------------------------------------------------------------------------------------------ trainers
+def _trainer(method, teacher, tmp_path, **extra):
+    cls = trainer_classes()[method]
+    config = dict(
+        teacher=teacher,
+        dataset="toy2d:gmm8",
+        output_dir=str(tmp_path / method),
+        max_steps=3,
+        global_batch=8,
+        checkpoint_every=0,
+        progress=False,
+    )
+    config.update(extra)
+    return cls(build_config(cls.config_class, config))
+
+
+CASES = [
+    ("dmd2", dict(dfake_gen_update_ratio=1, denoising_timesteps=[999, 499])),
+    ("sim", dict(dfake_gen_update_ratio=1)),
+    ("vsd", dict(dfake_gen_update_ratio=1)),
+    ("progressive", dict(start_steps=4, final_steps=2, steps_per_round=3, max_steps=0)),
+    ("consistency", dict(mode="lcm", num_ddim_timesteps=10)),
+    ("consistency", dict(mode="lcm", num_ddim_timesteps=10, generator_mode="lora", lora_rank=4)),
+    ("consistency", dict(mode="ict", init="teacher", loss="pseudo_huber", huber_c="ict")),
+    ("consistency", dict(mode="ect", init="teacher", loss="pseudo_huber", huber_c="ict")),
+]
+
+
+@pytest.mark.parametrize("method,extra", CASES, ids=[f"{m}-{i}" for i, (m, _) in enumerate(CASES)])
+def test_a_training_step_draws_from_the_step_generator_only(method, extra, toy_teacher, tmp_path):
+    """Every draw of a step goes through the step's generator (what makes a DDP run equal a 1-process run):
+    torch's global generator is left untouched, and no torch-function mode intercepts the step's torch calls."""
+    trainer = _trainer(method, toy_teacher, tmp_path, **extra)
+    trainer.setup()
+    modes = []
+    compute = trainer.compute_loss
+
+    def spy(batch, group):
+        modes.append(torch._C._is_torch_function_mode_enabled())
+        assert rnd.active() is not None
+        return compute(batch, group)
+
+    trainer.compute_loss = spy
+    state = torch.get_rng_state()
+    trainer.train()
+    assert modes and not any(modes)
+    assert torch.equal(torch.get_rng_state(), state), "a step drew from torch's global generator"
+
+
+def test_lora_student_steps_switch_nothing_that_is_already_set(toy_teacher, tmp_path, monkeypatch):
+    """LCM-LoRA on a shared base: after the first step no module-tree train() / eval() walk, and the student's
+    adapter is not re-selected (it is the only one, already active); the teacher's adapters-off switch happens
+    (that is a real change) and puts every flag back."""
+    trainer = _trainer(
+        "consistency", toy_teacher, tmp_path, mode="lcm", num_ddim_timesteps=10, generator_mode="lora", lora_rank=4
+    )
+    trainer.setup()
+    calls = {"train": 0, "set_adapter": 0}
+    steps = []
+    module_train, set_adapter = torch.nn.Module.train, BaseTunerLayer.set_adapter
+
+    def count(name, fn):
+        def wrapped(self, *a, **k):
+            if len(steps) > 1:
+                calls[name] += 1
+            return fn(self, *a, **k)
+
+        return wrapped
+
+    monkeypatch.setattr(torch.nn.Module, "train", count("train", module_train))
+    monkeypatch.setattr(BaseTunerLayer, "set_adapter", count("set_adapter", set_adapter))
+    end = trainer.on_step_end
+    trainer.on_step_end = lambda step: (steps.append(step), end(step))
+    flags = {n: [p.requires_grad for p in ps] for n, ps in trainer.params.items()}
+    trainer.train()
+    assert len(steps) == 3
+    assert calls["train"] == 0, "train() / eval() walked a module tree in a step"
+    # enable_adapters(True) re-selects through set_adapter once per LoRA layer per teacher call: nothing else
+    layers = [m for m in trainer.generator.net.modules() if isinstance(m, BaseTunerLayer)]
+    assert calls["set_adapter"] == len(layers)
+    assert {n: [p.requires_grad for p in ps] for n, ps in trainer.params.items()} == flags
+
+
+# ------------------------------------------------------------------------------------------------ adapters
+def _lora_net():
+    torch.manual_seed(0)
+    net = ToyMLP(dim=2, hidden=16, layers=2, time_dim=8)
+    net.requires_grad_(False)
+    targets = ["inp", "time_proj", "blocks.0.1", "blocks.1.1", "out.1"]
+    add_lora(net, 4, adapter_name="a", target_modules=targets)
+    add_lora(net, 4, adapter_name="b", target_modules=targets)
+    with torch.no_grad():
+        for name, p in net.named_parameters():
+            if "lora_B" in name:
+                p.normal_()
+    return net
+
+
+def _flags(net):
+    return {n: p.requires_grad for n, p in net.named_parameters()}
+
+
+def test_adapter_switches_only_when_the_state_changes(monkeypatch):
+    net = _lora_net()
+    x, t = torch.randn(4, 2), torch.full((4,), 500.0)
+    with adapter_active(net, "a"):
+        out_a = net(x, t)
+    with adapter_active(net, "b"):
+        out_b = net(x, t)
+    with adapters_disabled(net):
+        out_0 = net(x, t)
+    assert not torch.allclose(out_a, out_b) and not torch.allclose(out_a, out_0)
+    active = [list(m.active_adapters) for m in net.modules() if isinstance(m, BaseTunerLayer)]
+    flags = _flags(net)
+
+    calls = []
+    for name in ("set_adapter", "enable_adapters"):
+        fn = getattr(BaseTunerLayer, name)
+        monkeypatch.setattr(BaseTunerLayer, name, lambda self, *a, _fn=fn, _n=name, **k: (calls.append(_n), _fn(self, *a, **k))[1])
+    with adapter_active(net, "b"):  # "b" is active (the last one added)
+        assert torch.equal(net(x, t), out_b)
+        with adapter_active(net, "b"):
+            pass
+    assert calls == []
+    with adapters_disabled(net):
+        n_off = len(calls)
+        with adapters_disabled(net):  # off already: no switch
+            assert torch.equal(net(x, t), out_0)
+        assert len(calls) == n_off
+    assert calls  # a real change switches
+    with adapter_active(net, "a"):  # a real change, undone on exit
+        assert torch.equal(net(x, t), out_a)
+    assert torch.equal(net(x, t), out_b)
+    assert [list(m.active_adapters) for m in net.modules() if isinstance(m, BaseTunerLayer)] == active
+    assert _flags(net) == flags
+
+
+def test_shared_base_teacher_runs_dropout_in_eval_and_restores_modes():
+    net = _lora_net()
+    net.blocks[0].append(torch.nn.Dropout(0.5))
+    net.train()
+    schedule = VPSchedule(torch.linspace(0.999, 0.01, 1000))
+    teacher = Teacher(net, schedule, "eps", shares_base=True)
+    x, t = torch.randn(64, 2), torch.full((64,), 0.5)
+    a, b = teacher.raw(x, t), teacher.raw(x, t)
+    assert torch.equal(a, b)  # dropout off for the teacher's call
+    net.eval()
+    with adapters_disabled(net):
+        ref = teacher.net(schedule.model_input(x, t), schedule.model_time(t))
+    net.train()
+    torch.testing.assert_close(a, ref)
+    assert all(m.training for m in net.modules())
+    with torch.no_grad():  # and the student still runs its dropout in train mode
+        assert not torch.equal(net(x, schedule.model_time(t)), net(x, schedule.model_time(t)))
