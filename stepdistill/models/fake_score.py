@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import copy
+from contextlib import nullcontext
+
+import torch
 
 from .adapters import adapter_active, add_lora
 from .denoiser import Denoiser, _unwrap
+from .features import can_stop_early, run_to
 from .teacher import Teacher
 
 
@@ -57,3 +61,25 @@ class FakeScore(Denoiser):
             return super()._forward(x_t, t, kwargs)
         with adapter_active(_unwrap(self.net), self.adapter_name):
             return super()._forward(x_t, t, kwargs)
+
+    def bottleneck(self, x_t, t, cond=None, module=None):
+        """The output of ``module`` (a layer of the network: the GAN head's input) for ``x_t`` at ``t``: the
+        network runs only as far as that layer (:func:`~stepdistill.models.features.run_to`), no classifier-free
+        guidance. Under a sharded wrapper the full forward runs and the layer's output is read."""
+        inner = _unwrap(self.net)
+        t = self._time(t, x_t)
+        time = self.schedule.model_time(t).to(device=x_t.device, dtype=torch.float32)
+        x_in = self.schedule.model_input(x_t, t).to(x_t.dtype)
+        kwargs = cond.kwargs if cond is not None else {}
+        net = inner if can_stop_early(self.net) else self.net
+        ctx = adapter_active(inner, self.adapter_name) if self.adapter_name is not None else nullcontext()
+        with ctx:
+            if net is inner:
+                return run_to(module, lambda: self._call(net, x_in, time, kwargs))
+            seen = []
+            handle = module.register_forward_hook(lambda m, a, out: seen.append(out))
+            try:
+                self._call(net, x_in, time, kwargs)
+            finally:
+                handle.remove()
+            return seen[-1]
