@@ -136,14 +136,22 @@ def main(argv=None):
         )
         if sha.returncode != 0:
             sys.exit(f"error: --against: {args.against!r} is not a commit of this repository")
-        subprocess.run(["git", "worktree", "add", "--detach", before, sha.stdout.strip()], cwd=ROOT, check=True,
-                       capture_output=True)
+        subprocess.run(
+            ["git", "worktree", "add", "--detach", before, sha.stdout.strip()],
+            cwd=ROOT,
+            check=True,
+            capture_output=True,
+        )
         here = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
-                               capture_output=True, text=True).stdout.strip()
-        print(f"A = {args.against} ({sha.stdout.strip()[:10]}), B = this checkout ({here.stdout.strip()}"
-              f"{' + uncommitted changes' if dirty else ''}); batch {args.batch}, {args.steps} iterations per run, "
-              f"1 thread, process CPU s per iteration (median)", flush=True)
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True, text=True
+        ).stdout.strip()
+        print(
+            f"A = {args.against} ({sha.stdout.strip()[:10]}), B = this checkout ({here.stdout.strip()}"
+            f"{' + uncommitted changes' if dirty else ''}); batch {args.batch}, {args.steps} iterations per run, "
+            f"1 thread, process CPU s per iteration (median)",
+            flush=True,
+        )
         fixtures = _fixtures(os.path.join(tmp, "fixtures"))
         summary = {}
         for config in configs:

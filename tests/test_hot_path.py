@@ -93,7 +93,7 @@ def _trainer(method, teacher, tmp_path, **extra):
 CASES = [
     ("dmd2", dict(dfake_gen_update_ratio=1, denoising_timesteps=[999, 499])),
     ("sim", dict(dfake_gen_update_ratio=1)),
-    ("vsd", dict(dfake_gen_update_ratio=1)),
+    ("vsd", dict(dfake_gen_update_ratio=1, real_guidance_scale=1.0, fake_score_mode="full")),
     ("progressive", dict(start_steps=4, final_steps=2, steps_per_round=3, max_steps=0)),
     ("consistency", dict(mode="lcm", num_ddim_timesteps=10)),
     ("consistency", dict(mode="lcm", num_ddim_timesteps=10, generator_mode="lora", lora_rank=4)),
@@ -192,7 +192,9 @@ def test_adapter_switches_only_when_the_state_changes(monkeypatch):
     calls = []
     for name in ("set_adapter", "enable_adapters"):
         fn = getattr(BaseTunerLayer, name)
-        monkeypatch.setattr(BaseTunerLayer, name, lambda self, *a, _fn=fn, _n=name, **k: (calls.append(_n), _fn(self, *a, **k))[1])
+        monkeypatch.setattr(
+            BaseTunerLayer, name, lambda self, *a, _fn=fn, _n=name, **k: (calls.append(_n), _fn(self, *a, **k))[1]
+        )
     with adapter_active(net, "b"):  # "b" is active (the last one added)
         assert torch.equal(net(x, t), out_b)
         with adapter_active(net, "b"):
@@ -237,13 +239,22 @@ def _backbones():
     b = 2
     text = torch.randn(b, 5, 64)
     yield "unet2d", tm.tiny_unet2d(), {"class_labels": torch.tensor([1, 3])}, 3
-    yield "sdxl", tm.tiny_sdxl_unet(), dict(
-        encoder_hidden_states=text, added_cond_kwargs={"text_embeds": torch.randn(b, 32), "time_ids": torch.rand(b, 6)}
-    ), 4
+    yield (
+        "sdxl",
+        tm.tiny_sdxl_unet(),
+        dict(
+            encoder_hidden_states=text,
+            added_cond_kwargs={"text_embeds": torch.randn(b, 32), "time_ids": torch.rand(b, 6)},
+        ),
+        4,
+    )
     yield "dit", tm.tiny_dit(), {"class_labels": torch.tensor([0, 2])}, 4
-    yield "sd3", tm.tiny_sd3_transformer(), dict(
-        encoder_hidden_states=torch.randn(b, 5, 96), pooled_projections=torch.randn(b, 64)
-    ), 4
+    yield (
+        "sd3",
+        tm.tiny_sd3_transformer(),
+        dict(encoder_hidden_states=torch.randn(b, 5, 96), pooled_projections=torch.randn(b, 64)),
+        4,
+    )
 
 
 def test_gan_features_stop_at_the_tapped_layer_and_equal_the_full_forwards_tap():

@@ -35,6 +35,7 @@ from ..losses import (
 from ..models import FakeScore
 from ..models.denoiser import _unwrap
 from ..ops import fused_dmd_gradient, resolve_backend, step_coefficients
+from . import randomness as rnd
 from .base import NetSpec
 from .student import (  # noqa: F401  (re-exported: the family's helpers used to live here)
     DistillDataset,
@@ -314,7 +315,7 @@ class DMD2Trainer(StudentTrainer):
         (backward simulation, no grad), or a noised real image."""
         device = self.accelerator.device
         n = len(batch["_n"])
-        noise = torch.randn(n, *self.sample_shape, device=device)
+        noise = rnd.randn(n, *self.sample_shape, device=device)
         x = self.generator.initial_noise(noise)
         if k == 0:
             return x
@@ -323,10 +324,10 @@ class DMD2Trainer(StudentTrainer):
             with torch.no_grad():
                 for i in range(k):
                     x0 = self.generator(x, cond, self.gen_times[i].expand(n))
-                    x = self.schedule.add_noise(x0, torch.randn_like(x0), self.gen_times[i + 1].expand(n))
+                    x = self.schedule.add_noise(x0, rnd.randn_like(x0), self.gen_times[i + 1].expand(n))
             return x
         real = batch["image"].to(device)
-        return self.schedule.add_noise(real, torch.randn_like(real), t_k)
+        return self.schedule.add_noise(real, rnd.randn_like(real), t_k)
 
     def generate(self, batch, cond, step: int, grad: bool):
         k = self.shared_step_index(step) if len(self.gen_times) > 1 else 0
@@ -335,22 +336,29 @@ class DMD2Trainer(StudentTrainer):
         with torch.set_grad_enabled(grad):
             return self.generator(x_t, cond, t)
 
-    def gan_logits(self, x, cond):
-        """Head logits on the fake score's bottleneck for x noised at t ~ U[0, gan_max_timestep)."""
+    def _gan_input(self, x):
+        """x noised at t ~ U[0, gan_max_timestep)."""
         T = self.schedule.num_train_timesteps
         hi = min(self.config.gan_max_timestep, T) - 1
         t = self.schedule.sample_t(x.shape[0], "uniform", t_min=0.0, t_max=hi / (T - 1)).to(x.device)
-        x_t = self.schedule.add_noise(x, torch.randn_like(x), t)
-        with FeatureTap(self.fake.net) as tap:
-            self.fake.raw(x_t, t, cond)
-            h = _as_map(tap.value)
-        return self.head(h.float())
+        return self.schedule.add_noise(x, rnd.randn_like(x), t), t
+
+    def gan_logits(self, xs, cond):
+        """Head logits on the fake score's bottleneck for each batch in ``xs`` (noised by ``_gan_input``, drawn
+        batch by batch): one fake-score call for all of them, run only as far as the bottleneck."""
+        drawn = [self._gan_input(x) for x in xs]
+        k = len(drawn)
+        x_t = torch.stack([d[0] for d in drawn], 1).flatten(0, 1)  # rows interleaved: cond.repeat(k) matches
+        t = torch.stack([d[1] for d in drawn], 1).flatten(0, 1)
+        h = self.fake.bottleneck(x_t, t, cond.repeat(k) if cond is not None else None, bottleneck_module(self.fake.net))
+        logits = self.head(_as_map(h).float())
+        return [logits[i::k] for i in range(k)]
 
     def dm_loss(self, x, cond):
         c = self.config
         t = self.schedule.sample_t(x.shape[0], "uniform", t_min=c.min_step_percent, t_max=c.max_step_percent)
         t = t.to(x.device)
-        x_t = self.schedule.add_noise(x.detach(), torch.randn_like(x), t)
+        x_t = self.schedule.add_noise(x.detach(), rnd.randn_like(x), t)
         if resolve_backend(None, x) == "triton":  # CUDA: CFG'd teacher + fake -> x0 -> g in two fused passes
             with torch.no_grad():
                 real = self.teacher.raw(x_t, t, cond, c.real_guidance_scale)
@@ -395,7 +403,7 @@ class DMD2Trainer(StudentTrainer):
             self._cache = (x.detach(), cond)
             loss, out = self.generator_loss(x, cond)
             if self.use_gan:
-                loss_g = gan_generator_loss(self.gan_logits(x, cond))
+                loss_g = gan_generator_loss(self.gan_logits([x], cond)[0])
                 loss = loss + c.gan_generator_weight * loss_g
                 out["loss_gan_g"] = loss_g.detach()
             if self.pairs is not None:
@@ -413,7 +421,7 @@ class DMD2Trainer(StudentTrainer):
         out = {"loss_fake": loss_fake.detach()}
         if self.use_gan:
             real = batch["image"].to(x.device)
-            loss_d = gan_discriminator_loss(self.gan_logits(real, cond), self.gan_logits(x.detach(), cond))
+            loss_d = gan_discriminator_loss(*self.gan_logits([real, x.detach()], cond))
             loss = loss + c.gan_discriminator_weight * loss_d
             out["loss_gan_d"] = loss_d.detach()
         return {"loss": loss, **out}
@@ -446,7 +454,7 @@ class DMD2Trainer(StudentTrainer):
 
     def regression_loss(self):
         noise, images, batch = self.pairs
-        idx = torch.randint(len(noise), (min(self.config.regression_batch, len(noise)),))
+        idx = rnd.randint(len(noise), (min(self.config.regression_batch, len(noise)),))
         cond = self._cond_batch(
             {k: (v[idx] if torch.is_tensor(v) else [v[i] for i in idx]) for k, v in batch.items() if k != "_n"}
         )

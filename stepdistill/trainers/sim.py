@@ -18,10 +18,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
 from ..config import ConfigError
 from ..losses import sid_loss, sim_loss
+from . import randomness as rnd
 from .dmd2 import DMD2Config, DMD2Trainer
 
 
@@ -62,7 +61,7 @@ class SIMTrainer(DMD2Trainer):
         c = self.config
         t = self.schedule.sample_t(x.shape[0], "uniform", t_min=c.min_step_percent, t_max=c.max_step_percent)
         t = t.to(x.device)
-        x_t = self.schedule.add_noise(x, torch.randn_like(x), t)  # no detach: gradients reach x through x_t
+        x_t = self.schedule.add_noise(x, rnd.randn_like(x), t)  # no detach: gradients reach x through x_t
         d_real = self.teacher.predict_with_input_grad(x_t, t, cond, target="x0", guidance_scale=c.real_guidance_scale)
         d_fake = self.fake.predict(x_t, t, cond, target="x0")  # fake-score weights are frozen in this group
         if c.distance == "pseudo_huber":

@@ -18,6 +18,7 @@ import torch
 
 from ..config import ConfigError
 from ..losses import distribution_matching_loss, vsd_gradient
+from . import randomness as rnd
 from .dmd2 import DMD2Config, DMD2Trainer
 
 
@@ -68,7 +69,7 @@ class VSDTrainer(DMD2Trainer):
         c = self.config
         t = self.schedule.sample_t(x.shape[0], "uniform", t_min=c.min_step_percent, t_max=c.max_step_percent)
         t = t.to(x.device)
-        x_t = self.schedule.add_noise(x.detach(), torch.randn_like(x), t)
+        x_t = self.schedule.add_noise(x.detach(), rnd.randn_like(x), t)
         w = c.real_guidance_scale
         eps_real = self.teacher.predict(x_t, t, cond, target="eps", guidance_scale=w, float64=True)
         with torch.no_grad():
