@@ -34,12 +34,13 @@ ROWS = [
 ]
 
 # the evaluations each algorithm needs per iteration (B = batch): what the trainer's counts are compared with
-_DMD_FAMILY = "generator 1 x B; teacher 1 x B; fake 1 x B (no grad, the DM / SiD score) + 1 x B (DSM)"
+_DMD_FAMILY = "generator 1 x B; teacher 1 x B; fake 1 x B (no grad, the DM / VSD score) + 1 x B (DSM)"
+_SIM = "generator 1 x B; teacher 1 x B (input grad); fake 1 x B (input grad, the SiD score) + 1 x B (DSM)"
 MINIMUM = {
     ("dmd2", "full", "full"): _DMD_FAMILY,
     ("dmd2", "lora", "lora"): _DMD_FAMILY,
-    ("sim", "full", "full"): _DMD_FAMILY,
-    ("sim", "lora", "lora"): _DMD_FAMILY,
+    ("sim", "full", "full"): _SIM,
+    ("sim", "lora", "lora"): _SIM,
     ("vsd", "full", "lora"): _DMD_FAMILY,
     ("progressive", "full", "-"): "round teacher 2 x B (two DDIM steps); generator 1 x B",
     ("progressive", "lora", "-"): "round teacher 2 x B (two DDIM steps); generator 1 x B",

@@ -233,61 +233,56 @@ def test_shared_base_teacher_runs_dropout_in_eval_and_restores_modes():
 
 
 # ------------------------------------------------------------------------------------------------ GAN features
-def _backbones():
+def _backbone(name):
     import tiny_models as tm
 
     b = 2
-    text = torch.randn(b, 5, 64)
-    yield "unet2d", tm.tiny_unet2d(), {"class_labels": torch.tensor([1, 3])}, 3
-    yield (
-        "sdxl",
-        tm.tiny_sdxl_unet(),
-        dict(
-            encoder_hidden_states=text,
-            added_cond_kwargs={"text_embeds": torch.randn(b, 32), "time_ids": torch.rand(b, 6)},
-        ),
-        4,
-    )
-    yield "dit", tm.tiny_dit(), {"class_labels": torch.tensor([0, 2])}, 4
-    yield (
-        "sd3",
+    if name == "unet2d":
+        return tm.tiny_unet2d(), {"class_labels": torch.tensor([1, 3])}, 3
+    if name == "sdxl":
+        added = {"text_embeds": torch.randn(b, 32), "time_ids": torch.rand(b, 6)}
+        return tm.tiny_sdxl_unet(), dict(encoder_hidden_states=torch.randn(b, 5, 64), added_cond_kwargs=added), 4
+    if name == "dit":
+        return tm.tiny_dit(), {"class_labels": torch.tensor([0, 2])}, 4
+    return (
         tm.tiny_sd3_transformer(),
         dict(encoder_hidden_states=torch.randn(b, 5, 96), pooled_projections=torch.randn(b, 64)),
         4,
     )
 
 
-def test_gan_features_stop_at_the_tapped_layer_and_equal_the_full_forwards_tap():
+@pytest.mark.parametrize("name", ["unet2d", "sdxl", "dit", "sd3"])
+def test_gan_features_stop_at_the_tapped_layer_and_equal_the_full_forwards_tap(name):
     from types import SimpleNamespace
 
     from stepdistill.models.fake_score import FakeScore
     from stepdistill.trainers.dmd2 import bottleneck_module
 
     schedule = VPSchedule(torch.linspace(0.999, 0.01, 1000))
-    for name, net, kwargs, ch in _backbones():
-        fake = FakeScore(net.eval(), schedule, "eps")  # eval: DiT's label dropout draws at random in train mode
-        module = bottleneck_module(net)
-        cond = SimpleNamespace(kwargs=kwargs)
-        x = torch.randn(2, ch, 8, 8, requires_grad=True)
-        t = torch.tensor([0.3, 0.8])
-        seen = []
-        handle = module.register_forward_hook(lambda m, a, out: seen.append(out))
-        out = fake.raw(x, t, cond)  # the full forward and its tap
-        handle.remove()
-        full = seen[-1][-1] if isinstance(seen[-1], tuple) else seen[-1]
-        (g_full,) = torch.autograd.grad(full.square().sum(), x)
+    net, kwargs, ch = _backbone(name)
+    fake = FakeScore(net.eval(), schedule, "eps")  # eval: DiT's label dropout draws at random in train mode
+    module = bottleneck_module(net)
+    cond = SimpleNamespace(kwargs=kwargs)
+    x = torch.randn(2, ch, 8, 8, requires_grad=True)
+    t = torch.tensor([0.3, 0.8])
+    seen = []
+    handle = module.register_forward_hook(lambda m, a, out: seen.append(out))
+    out = fake.raw(x, t, cond)  # the full forward and its tap
+    handle.remove()
+    full = seen[-1][-1] if isinstance(seen[-1], tuple) else seen[-1]
+    (g_full,) = torch.autograd.grad(full.square().sum(), x)
 
-        ran_after = []
-        tail = [m for m in net.modules() if m is not module and m is not net and not _inside(m, module)][-1]
-        hook = tail.register_forward_hook(lambda *a: ran_after.append(1))
-        got = fake.bottleneck(x, t, cond, module)
-        hook.remove()
-        got = got[-1] if isinstance(got, tuple) else got
-        assert torch.equal(got, full), name
-        (g_got,) = torch.autograd.grad(got.square().sum(), x)
-        assert torch.equal(g_got, g_full), name
-        assert not ran_after, f"{name}: the forward ran past the tapped layer"
-        assert out.shape == x.shape
+    ran_after = []  # the network's last layer (after the tapped one) must not run
+    tail = [m for m in net.modules() if m is not module and m is not net and not _inside(m, module)][-1]
+    hook = tail.register_forward_hook(lambda *a: ran_after.append(1))
+    got = fake.bottleneck(x, t, cond, module)
+    hook.remove()
+    got = got[-1] if isinstance(got, tuple) else got
+    assert torch.equal(got, full)
+    (g_got,) = torch.autograd.grad(got.square().sum(), x)
+    assert torch.equal(g_got, g_full)
+    assert not ran_after, "the forward ran past the tapped layer"
+    assert out.shape == x.shape
 
 
 def _inside(m, module):
