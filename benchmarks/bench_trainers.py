@@ -247,7 +247,9 @@ def main(argv=None):
         batch = args.twin_batch if method == "sdxl_twin" else args.batch
         cmd = [sys.executable, __file__, "--child", method, gen, fake, "--steps", str(args.steps)]
         cmd += ["--batch", str(batch), *(fixtures if method == "sdxl_twin" else [])]
-        env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+        root = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")  # this checkout's stepdistill
+        path = os.pathsep.join(p for p in (os.path.abspath(root), os.environ.get("PYTHONPATH", "")) if p)
+        env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONPATH=path)
         out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env)
         results.append(((method, gen, fake), json.loads(out.stdout.strip().splitlines()[-1])))
         print(method, gen, fake, results[-1][1], flush=True)
