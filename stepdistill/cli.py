@@ -203,7 +203,7 @@ def _exported_timesteps(path: str):
             f"--model {path!r} is a text-to-image pipeline: `stepdistill sample` draws class-conditional and "
             "unconditional images only; call the pipeline with prompts, or score it with `stepdistill eval --prompts`"
         )
-    return index.get("trained_timesteps")
+    return (index.get("_stepdistill") or {}).get("trained_timesteps") or index.get("trained_timesteps")
 
 
 def cmd_sample(args) -> int:
@@ -212,6 +212,10 @@ def cmd_sample(args) -> int:
     from .utils import save_image_grid
 
     path = _model_path(args)
+    from .pipelines import sample_toy, toy_model_kind
+
+    if toy_model_kind(path):  # a 2-D toy teacher or exported toy generator: a scatter plot (+ the points)
+        return sample_toy(path, args.num, args.steps or 50, args.seed, args.out)
     trained = _exported_timesteps(path)
     g = torch.Generator().manual_seed(args.seed)
     if trained and args.steps is None:

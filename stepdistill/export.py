@@ -25,38 +25,61 @@ import copy
 import os
 
 import torch
+import yaml
 
 from .io import begin_export, finish_export
 from .models.denoiser import _unwrap
+from .models.loading import _HUB_ID
 from .schedules import normalize_prediction_type
 
 _DIFFUSERS_PREDICTION = {"eps": "epsilon", "x0": "sample", "v": "v_prediction"}
 
+# The model card (README.md of the folder): hub metadata, then the call that needs stock diffusers classes only
+# (first, so that a user without stepdistill starts there), then the call through our pipeline class. Every
+# snippet is seeded with the same generator and gives the same images as the others (tests/test_export_stock.py).
 CARD = """---
-library_name: diffusers
-tags: [stepdistill, distillation, {method}]
----
+{front_matter}---
 # {title}
 
-Distilled with [stepdistill](https://github.com/) ({method}) from `{teacher}`: **{n} network evaluation(s)**
-per sample at timesteps {timesteps}.
+Distilled with stepdistill ({method}) from `{teacher}`: **{n} network evaluation(s)** per sample at timesteps
+{timesteps}.
 
-## With stepdistill installed
+{sections}"""
 
-```python
-import stepdistill  # registers {pipeline_class} with diffusers
-from diffusers import DiffusionPipeline
+STOCK_SECTION = """## With stock diffusers classes only
 
-pipe = DiffusionPipeline.from_pretrained("{folder}")
-{plain_call}
-```
-
-## With stock diffusers classes only
+No stepdistill needed: {stock_note}
 
 ```python
 {stock_call}
 ```
-{lora_section}"""
+
+## With stepdistill installed
+
+`import stepdistill` registers `{pipeline_class}` (the `_class_name` of `model_index.json`) with diffusers; its
+plain call samples at the trained timesteps without guidance.
+
+```python
+{plain_call}
+```
+"""
+
+NEEDS_SECTION = """## With stepdistill installed (required)
+
+{needs_note}
+
+```python
+{plain_call}
+```
+"""
+
+LOOP_SECTION = """
+## The sampling loop, step by step
+
+```python
+{loop}
+```
+"""
 
 LORA_SECTION = """
 ## The LoRA on the original teacher
@@ -68,23 +91,27 @@ LORA_SECTION = """
 ```
 """
 
-_STOCK_PIXEL = """import torch
+_LABELS = "[0, 1, 2, 3, 4, 5, 6, 7, 8, 9]"
+
+_PIXEL_LOOP = """import torch
 from diffusers import {imports}
 
 unet = {unet_class}.from_pretrained("{folder}", subfolder="unet").eval()
 scheduler = {scheduler_class}.from_pretrained("{folder}", subfolder="scheduler")
 scheduler.set_timesteps({set_timesteps})
-labels = torch.tensor([0, 1, 2, 3, 4, 5, 6, 7, 8, 9])
-x = torch.randn(len(labels), unet.config.in_channels, unet.config.sample_size, unet.config.sample_size,
-                generator=torch.Generator().manual_seed(0)){w_setup}
+{batch}
+generator = torch.Generator().manual_seed(0)
+size = unet.config.sample_size
+x = torch.randn(n, unet.config.in_channels, size, size, generator=generator){w_setup}
 with torch.no_grad():
     for t in scheduler.timesteps:
-        x = scheduler.step(unet(x, t, class_labels=labels{w_arg}).sample, t, x).prev_sample
+        out = unet(x, t{unet_args}).sample
+        x = scheduler.step(out, t, x, generator=generator).prev_sample  # generator: the seeded re-noising
 images = (x / 2 + 0.5).clamp(0, 1)  # (N, C, H, W) in [0, 1]"""
 
 _W_SETUP = """
 # a w-conditioned student: the guidance scale is an input (one network evaluation per step)
-w_emb = guidance_scale_embedding(torch.full((len(labels),), {w} - 1.0), unet.config.time_cond_proj_dim)"""
+w_emb = guidance_scale_embedding(torch.full((n,), {w} - 1.0), unet.config.time_cond_proj_dim)"""
 
 _STOCK_DIT = """import torch
 from diffusers import AutoencoderKL, DiTTransformer2DModel, {scheduler_class}
@@ -105,17 +132,30 @@ with torch.no_grad():
     images = vae.decode(x / vae.config.scaling_factor + (vae.config.shift_factor or 0.0)).sample
 images = (images / 2 + 0.5).clamp(0, 1)  # (N, 3, H, W) in [0, 1]"""
 
-_STOCK_TEXT = """from diffusers import {stock_class}
+_BIND_GENERATOR = """
+# StableDiffusion3Pipeline does not pass `generator` to the scheduler's step, whose re-noising would then draw from
+# torch's global RNG: bind it, so that the seeded call is reproducible (stepdistill's pipeline does the same)
+pipe.scheduler.step = functools.partial(pipe.scheduler.step, generator=generator)"""
 
-pipe = {stock_class}.from_pretrained("{folder}")
-image = pipe("a photo of a cat", {steps_args}, guidance_scale={w}).images[0]"""
+_STOCK_TEXT = """{imports}from diffusers import {stock_class}
 
-_STOCK_LORA = """from diffusers import {scheduler_class}, {stock_class}
+pipe = {stock_class}.from_pretrained("{folder}"{load_args})
+generator = torch.Generator().manual_seed(0){bind}
+image = pipe("a photo of a cat", {steps_args}, guidance_scale={w}, generator=generator).images[0]"""
 
-pipe = {stock_class}.from_pretrained("{teacher}")
+_STOCK_LORA = """{imports}from diffusers import {scheduler_class}, {stock_class}
+
+pipe = {stock_class}.from_pretrained("{teacher}"{load_args})
 pipe.load_lora_weights("{folder}/lora")
 pipe.scheduler = {scheduler_class}.from_pretrained("{folder}", subfolder="scheduler")
-image = pipe("a photo of a cat", {steps_args}, guidance_scale={w}).images[0]"""
+generator = torch.Generator().manual_seed(0){bind}
+image = pipe("a photo of a cat", {steps_args}, guidance_scale={w}, generator=generator).images[0]"""
+
+_PLAIN = """import torch
+{imports}from diffusers import DiffusionPipeline
+
+pipe = DiffusionPipeline.from_pretrained("{folder}")
+{call}"""
 
 SCHEDULERS = ("lcm", "ddim", "tcd")
 FLOW_SCHEDULERS = ("lcm", "ddim")
@@ -280,45 +320,25 @@ def export_generator(trainer, path: str) -> str:
         w = 1.0
     tmp = begin_export(path)  # beside path: a previous export stays until this one is complete
     if name in ("UNet2DModel", "GuidedUNet2DModel"):
-        from .pipelines import StepDistillClassPipeline
-
-        pipe = StepDistillClassPipeline(
-            unet=net, scheduler=scheduler, trained_timesteps=timesteps, default_guidance_scale=w
-        )
-        plain = (
-            "images = pipe(class_labels=[0, 1, 2, 3]).images"
-            if net.config.num_class_embeds
-            else "images = pipe(num_images=4).images"
-        )
-        stock = _STOCK_PIXEL.format(
-            folder=path,
-            scheduler_class=type(scheduler).__name__,
-            imports=type(scheduler).__name__ + ("" if w_cond else ", UNet2DModel"),
-            unet_class="UNet2DModel" if not w_cond else "GuidedUNet2DModel",
-            set_timesteps=_set_timesteps_arg(kind, timesteps),
-            w_setup=_W_SETUP.format(w=w) if w_cond else "",
-            w_arg=", timestep_cond=w_emb" if w_cond else "",
-        )
-        if w_cond:
-            stock = (
-                "# GuidedUNet2DModel is UNet2DModel plus the guidance input; it ships with stepdistill\n"
-                "from stepdistill import GuidedUNet2DModel\n"
-                "from stepdistill.guidance import guidance_scale_embedding\n" + stock
-            )
+        card = _pixel_pipeline(net, scheduler, timesteps, path, kind, w)
     elif name == "UNet2DConditionModel":
-        pipe, plain, stock = _text_pipeline(teacher_path, net, scheduler, timesteps, path, kind, w)
+        card = _text_pipeline(teacher_path, net, scheduler, timesteps, path, kind, w)
     elif name == "DiTTransformer2DModel":
-        pipe, plain, stock = _dit_pipeline(teacher_path, net, scheduler, timesteps, path, kind)
+        card = _dit_pipeline(teacher_path, net, scheduler, timesteps, path, kind)
     elif name == "SD3Transformer2DModel":
-        pipe, plain, stock = _sd3_pipeline(teacher_path, net, scheduler, timesteps, path, w)
+        card = _sd3_pipeline(teacher_path, net, scheduler, timesteps, path, w)
+    elif name == "ToyMLP":
+        card = _toy_pipeline(net, scheduler, timesteps, path)
     else:
         raise ValueError(
             f"export of a {name} generator is not supported (UNet2DModel, UNet2DConditionModel, "
-            "DiTTransformer2DModel, SD3Transformer2DModel)"
+            "DiTTransformer2DModel, SD3Transformer2DModel, ToyMLP)"
         )
+    pipe = card["pipe"]
     pipe.save_pretrained(tmp, safe_serialization=True)
     lora_call = ""
-    if getattr(trainer.generator, "adapter_name", None) is not None:
+    lora = getattr(trainer.generator, "adapter_name", None) is not None
+    if lora:
         if getattr(pipe, "_stock_class", None) is None:
             import warnings
 
@@ -329,22 +349,137 @@ def export_generator(trainer, path: str) -> str:
             )
         else:
             lora_call = _save_lora(trainer, pipe, tmp, path, timesteps, kind, w)
-    card = CARD.format(
-        method=getattr(trainer, "method_name", type(trainer).__name__),
-        title=f"{len(timesteps)}-step distilled generator",
-        teacher=trainer.config.teacher,
-        n=len(timesteps),
-        timesteps=timesteps,
-        pipeline_class=type(pipe).__name__,
-        folder=path,
-        plain_call=plain,
-        stock_call=stock,
-        lora_section=LORA_SECTION.format(lora_call=lora_call) if lora_call else "",
-    )
     with open(os.path.join(tmp, "README.md"), "w") as f:
-        f.write(card)
+        f.write(model_card(trainer, card, timesteps, teacher_path, lora_call))
     finish_export(tmp, path, "pipeline")  # fsync, then swap in
     return path
+
+
+def model_card(trainer, card: dict, timesteps, teacher_path, lora_call: str = "") -> str:
+    """README.md of an exported folder: hub metadata (library, base model, license from the teacher's card,
+    pipeline tag, tags), then the stock-diffusers call (when one exists), then stepdistill's pipeline call."""
+    method = getattr(trainer, "method_name", type(trainer).__name__)
+    teacher = trainer.config.teacher
+    meta = {"library_name": "diffusers"}
+    if isinstance(teacher, str) and _HUB_ID.match(teacher) and not teacher.startswith(("outputs/", "./")):
+        meta["base_model"] = teacher
+    meta.update(_teacher_license(teacher_path))
+    if card.get("pipeline_tag"):
+        meta["pipeline_tag"] = card["pipeline_tag"]
+    meta["tags"] = ["stepdistill", "distillation", str(method).lower()] + (["lora"] if lora_call else [])
+    if card.get("stock_call"):
+        sections = STOCK_SECTION.format(
+            stock_note=card["stock_note"],
+            stock_call=card["stock_call"],
+            pipeline_class=type(card["pipe"]).__name__,
+            plain_call=card["plain_call"],
+        )
+    else:
+        sections = NEEDS_SECTION.format(needs_note=card["needs_note"], plain_call=card["plain_call"])
+    if card.get("loop"):
+        sections += LOOP_SECTION.format(loop=card["loop"])
+    if lora_call:
+        sections += LORA_SECTION.format(lora_call=lora_call)
+    return CARD.format(
+        front_matter=yaml.safe_dump(meta, sort_keys=False),
+        title=f"{len(timesteps)}-step distilled generator",
+        method=method,
+        teacher=teacher,
+        n=len(timesteps),
+        timesteps=list(timesteps),
+        sections=sections,
+    )
+
+
+def _teacher_license(teacher_path) -> dict:
+    """``license`` (and ``license_name`` / ``license_link`` for "other") from the YAML front matter of the
+    teacher's README.md (a local folder, or a hub id through the hub cache); empty when unknown."""
+    text = None
+    if os.path.isdir(teacher_path):
+        file = os.path.join(teacher_path, "README.md")
+        if os.path.isfile(file):
+            with open(file, encoding="utf-8") as f:
+                text = f.read()
+    else:
+        try:
+            from huggingface_hub import hf_hub_download
+
+            with open(hf_hub_download(teacher_path, "README.md"), encoding="utf-8") as f:
+                text = f.read()
+        except Exception:  # noqa: BLE001 - no card (or offline without it in the cache): license unknown
+            text = None
+    if not text or not text.startswith("---"):
+        return {}
+    try:
+        front = yaml.safe_load(text.split("---", 2)[1]) or {}
+    except yaml.YAMLError:
+        return {}
+    if not isinstance(front, dict):
+        return {}
+    return {k: front[k] for k in ("license", "license_name", "license_link") if isinstance(front.get(k), str)}
+
+
+def _pixel_pipeline(net, scheduler, timesteps, path, kind, w):
+    """StepDistillClassPipeline; the stock path is a loop over UNet2DModel + the scheduler, except for
+    w-conditioned students (GuidedUNet2DModel has no stock diffusers class)."""
+    from .pipelines import StepDistillClassPipeline
+
+    w_cond = bool(getattr(net.config, "time_cond_proj_dim", None))
+    pipe = StepDistillClassPipeline(
+        unet=net, scheduler=scheduler, trained_timesteps=timesteps, default_guidance_scale=w
+    )
+    labelled = bool(net.config.num_class_embeds)
+    seeded = 'generator=torch.Generator().manual_seed(0), output_type="pt"'
+    call = f"pipe(class_labels={_LABELS}, {seeded})" if labelled else f"pipe(num_images=4, {seeded})"
+    unet_args = ", class_labels=labels" if labelled else ""
+    if w_cond:
+        unet_args += ", timestep_cond=w_emb"
+    loop = _PIXEL_LOOP.format(
+        folder=path,
+        scheduler_class=type(scheduler).__name__,
+        imports=type(scheduler).__name__ + ("" if w_cond else ", UNet2DModel"),
+        unet_class="GuidedUNet2DModel" if w_cond else "UNet2DModel",
+        set_timesteps=_set_timesteps_arg(kind, timesteps),
+        batch=f"labels = torch.tensor({_LABELS})\nn = len(labels)" if labelled else "n = 4",
+        w_setup=_W_SETUP.format(w=w) if w_cond else "",
+        unet_args=unet_args,
+    )
+    plain = _plain(path, f"images = {call}.images  # (N, C, H, W) in [0, 1]: the same images as the loop")
+    card = {"pipe": pipe, "plain_call": plain, "pipeline_tag": "unconditional-image-generation"}
+    if not w_cond:
+        card["stock_call"] = loop
+        card["stock_note"] = (
+            "a loop over the `UNet2DModel` and the scheduler that reproduces the trained steps (diffusers has no "
+            "class-conditional pipeline for `UNet2DModel`)."
+        )
+        return card
+    card["needs_note"] = (
+        f"This student takes the guidance scale as an input (default {w}, one network evaluation per step): its "
+        "network is `GuidedUNet2DModel`, diffusers' `UNet2DModel` plus a guidance-embedding projection, which "
+        "ships with stepdistill (`pip install stepdistill`). No stock diffusers class has that input, so this "
+        "folder does not load without stepdistill."
+    )
+    card["loop"] = (
+        "# GuidedUNet2DModel is UNet2DModel plus the guidance input; it ships with stepdistill\n"
+        "from stepdistill import GuidedUNet2DModel\n"
+        "from stepdistill.guidance import guidance_scale_embedding\n" + loop
+    )
+    return card
+
+
+def _toy_pipeline(net, scheduler, timesteps, path):
+    """StepDistillToyPipeline: the ToyMLP (safetensors + config.json) and the student scheduler."""
+    from .pipelines import StepDistillToyPipeline
+
+    pipe = StepDistillToyPipeline(unet=net, scheduler=scheduler, trained_timesteps=timesteps)
+    plain = _plain(
+        path, "points = pipe(num_samples=1000, generator=torch.Generator().manual_seed(0)).samples  # (N, 2)"
+    )
+    needs = (
+        "A toy 2-D generator: its network is stepdistill's `ToyMLP` (`unet/`: config.json + safetensors), which "
+        "has no stock diffusers class. `stepdistill sample --model <this folder>` draws a scatter plot."
+    )
+    return {"pipe": pipe, "plain_call": plain, "needs_note": needs}
 
 
 def _teacher_json(teacher_path, name, subfolder=None) -> dict:
@@ -356,6 +491,26 @@ def _teacher_json(teacher_path, name, subfolder=None) -> dict:
         where = os.path.join(teacher_path, subfolder or "", name)
         raise FileNotFoundError(f"cannot export: the teacher has no {where!r}")
     return data
+
+
+def _plain(folder, call: str) -> str:
+    return _PLAIN.format(folder=folder, imports="import stepdistill  # registers the pipeline class\n", call=call)
+
+
+def _text_call(stock_class, folder, steps_args, w, stochastic_multistep: bool, teacher=None, scheduler_class=None):
+    """The stock text-to-image snippet (the exported folder, or the teacher + ``lora/`` when ``teacher``)."""
+    # SDXL: stepdistill's pipeline adds no invisible watermark (stock adds one when the package is installed)
+    load_args = ", add_watermarker=False" if stock_class == "StableDiffusionXLPipeline" else ""
+    bind = _BIND_GENERATOR if stochastic_multistep else ""
+    imports = "import functools\n\nimport torch\n" if bind else "import torch\n"
+    common = dict(stock_class=stock_class, folder=folder, load_args=load_args, bind=bind, imports=imports)
+    common.update(steps_args=steps_args, w=0.0 if w is None else w)
+    if teacher is None:
+        return _STOCK_TEXT.format(**common)
+    return _STOCK_LORA.format(**common, teacher=teacher, scheduler_class=scheduler_class)
+
+
+_TEXT_PLAIN = 'image = pipe("a photo of a cat", generator=torch.Generator().manual_seed(0)).images[0]'
 
 
 def _text_pipeline(teacher_path, net, scheduler, timesteps, path, kind="lcm", w=None):
@@ -375,12 +530,16 @@ def _text_pipeline(teacher_path, net, scheduler, timesteps, path, kind="lcm", w=
     comps = {k: v for k, v in base.components.items() if k in cls.__init__.__code__.co_varnames}
     comps.update(unet=net, scheduler=scheduler)
     pipe = cls(**comps, trained_timesteps=timesteps, default_guidance_scale=w)
-    plain = 'image = pipe("a photo of a cat").images[0]'
-    stock = _STOCK_TEXT.format(
-        stock_class=stock_class, folder=path, steps_args=_steps_args(kind, timesteps), w=0.0 if w is None else w
-    )
     pipe._stock_class = stock_class
-    return pipe, plain, stock
+    # stock SD / SDXL pipelines pass `generator` to the scheduler's step themselves
+    stock = _text_call(stock_class, path, _steps_args(kind, timesteps), w, False)
+    return {
+        "pipe": pipe,
+        "stock_call": stock,
+        "stock_note": f"`{stock_class}` with the trained timesteps and guidance off.",
+        "plain_call": _plain(path, _TEXT_PLAIN),
+        "pipeline_tag": "text-to-image",
+    }
 
 
 def _dit_pipeline(teacher_path, net, scheduler, timesteps, path, kind="lcm"):
@@ -395,11 +554,20 @@ def _dit_pipeline(teacher_path, net, scheduler, timesteps, path, kind="lcm"):
     pipe = StepDistillDiTPipeline(
         transformer=net, vae=vae, scheduler=scheduler, id2label=index.get("id2label"), trained_timesteps=timesteps
     )
-    plain = "images = pipe(class_labels=[0, 1, 2, 3]).images"
     stock = _STOCK_DIT.format(
         folder=path, scheduler_class=type(scheduler).__name__, set_timesteps=_set_timesteps_arg(kind, timesteps)
     )
-    return pipe, plain, stock
+    call = 'images = pipe(class_labels=[0, 1, 2, 3], generator=torch.Generator().manual_seed(0), output_type="pt")'
+    return {
+        "pipe": pipe,
+        "stock_call": stock,
+        "stock_note": (
+            "a loop over the stock components (`DiTPipeline`'s own call runs 50 steps with classifier-free "
+            "guidance on ImageNet's null class and does not seed its scheduler's re-noising)."
+        ),
+        "plain_call": _plain(path, call + ".images  # (N, 3, H, W) in [0, 1]: the same images as the loop"),
+        "pipeline_tag": "unconditional-image-generation",
+    }
 
 
 def _sd3_pipeline(teacher_path, net, scheduler, timesteps, path, w=None):
@@ -413,16 +581,21 @@ def _sd3_pipeline(teacher_path, net, scheduler, timesteps, path, w=None):
     comps = {k: v for k, v in base.components.items() if k in init}
     comps.update(transformer=net, scheduler=scheduler)
     pipe = StepDistillSD3Pipeline(**comps, trained_timesteps=timesteps, default_guidance_scale=w)
-    plain = 'image = pipe("a photo of a cat").images[0]'
-    T = scheduler.config.num_train_timesteps
-    stock = _STOCK_TEXT.format(
-        stock_class="StableDiffusion3Pipeline",
-        folder=path,
-        steps_args=_steps_args("lcm", timesteps, flow_T=T),
-        w=0.0 if w is None else w,
-    )
     pipe._stock_class = "StableDiffusion3Pipeline"
-    return pipe, plain, stock
+    T = scheduler.config.num_train_timesteps
+    steps_args = _steps_args("lcm", timesteps, flow_T=T)
+    stock = _text_call("StableDiffusion3Pipeline", path, steps_args, w, _sd3_needs_bind(scheduler, timesteps))
+    return {
+        "pipe": pipe,
+        "stock_call": stock,
+        "stock_note": "`StableDiffusion3Pipeline` with the trained sigmas (timesteps / T) and guidance off.",
+        "plain_call": _plain(path, _TEXT_PLAIN),
+        "pipeline_tag": "text-to-image",
+    }
+
+
+def _sd3_needs_bind(scheduler, timesteps) -> bool:
+    return bool(scheduler.config.get("stochastic_sampling", False)) and len(timesteps) > 1
 
 
 def _save_lora(trainer, pipe, tmp, path, timesteps, kind="lcm", w=None) -> str:
@@ -450,11 +623,14 @@ def _save_lora(trainer, pipe, tmp, path, timesteps, kind="lcm", w=None) -> str:
         safe_serialization=True,
     )
     flow_T = pipe.scheduler.config.num_train_timesteps if prefix == "transformer" else None
-    return _STOCK_LORA.format(
-        stock_class=stock_class,
-        scheduler_class=type(pipe.scheduler).__name__,
+    bind = prefix == "transformer" and _sd3_needs_bind(pipe.scheduler, timesteps)
+    steps_args = _steps_args(kind, timesteps, flow_T=flow_T)
+    return _text_call(
+        stock_class,
+        path,
+        steps_args,
+        w,
+        bind,
         teacher=trainer.config.teacher,
-        folder=path,
-        steps_args=_steps_args(kind, timesteps, flow_T=flow_T),
-        w=0.0 if w is None else w,
+        scheduler_class=type(pipe.scheduler).__name__,
     )

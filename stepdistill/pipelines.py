@@ -13,6 +13,9 @@ from __future__ import annotations
 
 import functools
 import inspect
+import json
+import os
+from dataclasses import dataclass
 
 import torch
 from diffusers import (
@@ -23,10 +26,44 @@ from diffusers import (
     StableDiffusionXLPipeline,
 )
 from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
+from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
+# diffusers loads a component of another library only if its module is already imported: exported folders name
+# ["stepdistill.models.toy", "ToyMLP"] (and stepdistill.models.guided_unet, imported by stepdistill/__init__)
+from .models import toy as _toy_module  # noqa: F401
 
-class StepDistillClassPipeline(DiffusionPipeline):
+# model_index.json keeps stepdistill's own settings under this private key: diffusers drops keys that start with
+# "_" without a word, so a stock class (StableDiffusionXLPipeline.from_pretrained(folder)) loads the folder without
+# "config attributes ... are not expected" warnings, and our classes read them back (extract_init_dict below)
+META_KEY = "_stepdistill"
+META_FIELDS = ("trained_timesteps", "default_guidance_scale")
+
+
+class _PrivateSettings:
+    """Writes ``trained_timesteps`` / ``default_guidance_scale`` (plus export metadata registered as ``_stepdistill``)
+    under the private ``_stepdistill`` key of model_index.json, and reads them back when loading. Folders written
+    before this keep them as plain keys, which still load."""
+
+    @classmethod
+    def extract_init_dict(cls, config_dict, **kwargs):
+        meta = config_dict.get(META_KEY) or {}
+        for key in META_FIELDS:
+            if key in meta and key not in kwargs:
+                kwargs[key] = meta[key]
+        return super().extract_init_dict(config_dict, **kwargs)
+
+    def to_json_string(self) -> str:
+        data = json.loads(super().to_json_string())
+        meta = dict(data.get(META_KEY) or {})
+        for key in META_FIELDS:
+            if key in data:
+                meta[key] = data.pop(key)
+        data[META_KEY] = meta
+        return json.dumps(data, indent=2, sort_keys=True) + "\n"
+
+
+class StepDistillClassPipeline(_PrivateSettings, DiffusionPipeline):
     """Class-conditional (or unconditional) pixel-space generator: ``pipe(class_labels=[3, 1, 4])``.
 
     Components: ``unet`` (UNet2DModel, or GuidedUNet2DModel for w-conditioned students) and ``scheduler``
@@ -111,7 +148,7 @@ class StepDistillClassPipeline(DiffusionPipeline):
         return ImagePipelineOutput(images=images)
 
 
-class StepDistillDiTPipeline(DiTPipeline):
+class StepDistillDiTPipeline(_PrivateSettings, DiTPipeline):
     """Class-conditional latent transformer (DiT) generator: ``pipe(class_labels=[207, 360])``.
 
     Components as ``DiTPipeline`` (``transformer``, ``vae``, ``scheduler``, ``id2label``); the scheduler is
@@ -191,6 +228,121 @@ class StepDistillDiTPipeline(DiTPipeline):
         return ImagePipelineOutput(images=images)
 
 
+@dataclass
+class PointsPipelineOutput(BaseOutput):
+    """``samples``: (N, dim) points; a torch tensor for ``output_type="pt"``, a numpy array for ``"np"``."""
+
+    samples: object
+
+
+class StepDistillToyPipeline(_PrivateSettings, DiffusionPipeline):
+    """A toy (2-D) generator: ``pipe(num_samples=1000, generator=g).samples`` is an (N, dim) tensor of points.
+
+    Components: ``unet`` (stepdistill's ToyMLP: ``unet/config.json`` + safetensors weights; loading it needs
+    stepdistill, there is no stock diffusers class for it) and ``scheduler`` (as StepDistillClassPipeline: the
+    one that reproduces the trained steps). ``stepdistill sample --model <folder>`` draws a scatter plot."""
+
+    model_cpu_offload_seq = "unet"
+
+    def __init__(self, unet, scheduler, trained_timesteps=None):
+        super().__init__()
+        self.register_modules(unet=unet, scheduler=scheduler)
+        self.register_to_config(trained_timesteps=list(trained_timesteps or [scheduler.config.num_train_timesteps - 1]))
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        num_samples: int = 1,
+        generator=None,
+        num_inference_steps: int | None = None,
+        timesteps=None,
+        output_type: str = "pt",
+        return_dict: bool = True,
+    ):
+        set_scheduler_timesteps(
+            self.scheduler, self.config.trained_timesteps, num_inference_steps, timesteps, self.device
+        )
+        shape = (int(num_samples), self.unet.config.dim)
+        x = randn_tensor(shape, generator=generator, device=self.device, dtype=self.unet.dtype)
+        for t in self.progress_bar(self.scheduler.timesteps):
+            out = self.unet(x, torch.as_tensor(t, device=self.device, dtype=torch.float32))
+            x = self.scheduler.step(out, t, x, generator=generator).prev_sample
+        samples = x if output_type == "pt" else x.cpu().float().numpy()
+        if not return_dict:
+            return (samples,)
+        return PointsPipelineOutput(samples=samples)
+
+
+def toy_model_kind(path) -> str | None:
+    """Returns "pipeline" for an exported toy generator (StepDistillToyPipeline folder), "network" for a folder whose
+    ``unet/`` is a ToyMLP (a toy teacher from ``recipes/teacher/toy2d.yaml``), None otherwise (local folders)."""
+    if path is None or not os.path.isdir(path):
+        return None
+    for name, kind in (("model_index.json", "pipeline"), (os.path.join("unet", "config.json"), "network")):
+        file = os.path.join(path, name)
+        if os.path.isfile(file):
+            with open(file) as f:
+                cls = json.load(f).get("_class_name")
+            if cls in ("StepDistillToyPipeline", "ToyMLP"):
+                return kind
+    return None
+
+
+def sample_toy(path: str, num: int, steps: int, seed: int, out: str) -> int:
+    """``stepdistill sample`` for toy folders: an exported generator samples its trained steps (``steps`` is
+    ignored), a toy teacher samples ``steps`` trailing DDIM steps. Writes a scatter plot PNG to ``out`` and the
+    points to ``<out without .png>.npy``."""
+    import numpy as np
+
+    generator = torch.Generator().manual_seed(seed)
+    if toy_model_kind(path) == "pipeline":
+        pipe = DiffusionPipeline.from_pretrained(path)
+        pipe.set_progress_bar_config(disable=True)
+        points = pipe(num_samples=num, generator=generator).samples
+        how = f"{len(pipe.config.trained_timesteps)} trained step(s) at timesteps {list(pipe.config.trained_timesteps)}"
+    else:
+        from .models import Teacher
+        from .sampling import sample
+
+        teacher = Teacher.from_pretrained(path)
+        noise = torch.randn(num, teacher.net.config.dim, generator=generator)
+        points = sample(
+            lambda x, t: teacher.raw(x, t), teacher.schedule, noise, steps, pred_type=teacher.prediction_type
+        )
+        how = f"{steps} DDIM steps"
+    points = points.detach().cpu().float()
+    save_points_png(points, out)
+    stem = out[:-4] if out.lower().endswith(".png") else out
+    tmp = stem + ".tmp.npy"
+    np.save(tmp, points.numpy())
+    os.replace(tmp, stem + ".npy")
+    print(f"wrote {out} and {stem}.npy: {len(points)} points, {how}")
+    return 0
+
+
+def save_points_png(points: torch.Tensor, path: str, size: int = 400) -> str:
+    """A scatter plot of 2-D points (the first two coordinates), axes through the origin, drawn with PIL."""
+    from PIL import Image, ImageDraw
+
+    pts = points[:, :2].double()
+    finite = pts[torch.isfinite(pts).all(dim=1)]
+    bound = float(finite.abs().quantile(0.995)) * 1.1 if len(finite) else 1.0
+    bound = bound if bound > 0 else 1.0
+    img = Image.new("RGB", (size, size), "white")
+    draw = ImageDraw.Draw(img)
+    mid = size // 2
+    draw.line([(0, mid), (size, mid)], fill=(200, 200, 200))
+    draw.line([(mid, 0), (mid, size)], fill=(200, 200, 200))
+    for x, y in ((finite + bound) / (2 * bound) * (size - 1)).tolist():
+        py = size - 1 - y
+        draw.ellipse([x - 1, py - 1, x + 1, py + 1], fill=(30, 90, 200))
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = path + ".tmp.png"
+    img.save(tmp)
+    os.replace(tmp, path)
+    return path
+
+
 def set_scheduler_timesteps(scheduler, trained, num_inference_steps=None, timesteps=None, device=None):
     """The trained timesteps by default; a scheduler without custom timesteps (DDIM) gets the step count."""
     trained = list(trained)
@@ -226,7 +378,7 @@ class _TrainedStepsMixin:
         return kwargs
 
 
-class StepDistillSDPipeline(_TrainedStepsMixin, StableDiffusionPipeline):
+class StepDistillSDPipeline(_PrivateSettings, _TrainedStepsMixin, StableDiffusionPipeline):
     """StableDiffusionPipeline whose plain call samples with the trained timesteps and no CFG."""
 
     def __init__(
@@ -262,7 +414,7 @@ class StepDistillSDPipeline(_TrainedStepsMixin, StableDiffusionPipeline):
         return super().__call__(*args, **self._defaults(kwargs))
 
 
-class StepDistillSDXLPipeline(_TrainedStepsMixin, StableDiffusionXLPipeline):
+class StepDistillSDXLPipeline(_PrivateSettings, _TrainedStepsMixin, StableDiffusionXLPipeline):
     """StableDiffusionXLPipeline whose plain call samples with the trained timesteps and no CFG."""
 
     def __init__(
@@ -302,7 +454,7 @@ class StepDistillSDXLPipeline(_TrainedStepsMixin, StableDiffusionXLPipeline):
         return super().__call__(*args, **self._defaults(kwargs))
 
 
-class StepDistillSD3Pipeline(StableDiffusion3Pipeline):
+class StepDistillSD3Pipeline(_PrivateSettings, StableDiffusion3Pipeline):
     """StableDiffusion3Pipeline whose plain call samples at the trained sigmas (trained timesteps / T) without CFG.
 
     The scheduler is ``FlowMatchEulerDiscreteScheduler`` with ``shift=1`` (the trained sigmas are used as they
@@ -368,6 +520,7 @@ class StepDistillSD3Pipeline(StableDiffusion3Pipeline):
 
 PIPELINES = (
     StepDistillClassPipeline,
+    StepDistillToyPipeline,
     StepDistillDiTPipeline,
     StepDistillSDPipeline,
     StepDistillSDXLPipeline,
