@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.stepdistill-installed
 
-.PHONY: install test test-fast lint demo bench bench-quality bench-kernels clean
+.PHONY: install test test-fast lint demo bench bench-quality bench-kernels check-docs clean
 
 install: $(STAMP)
 
@@ -49,6 +49,11 @@ bench-kernels: install
 .PHONY: gpu-check
 gpu-check: install
 	$(PY) benchmarks/gpu_check.py --out outputs/gpu $(ARGS)
+
+# Every command in README.md's code blocks and in the recipes' header comments, with tiny budgets, in a scratch copy
+# of the repository (real-model recipes are skipped with the reason printed). ARGS=--list prints the plan only.
+check-docs: install
+	$(PY) scripts/check_docs.py $(ARGS)
 
 clean:
 	rm -rf outputs

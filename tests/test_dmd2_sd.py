@@ -149,7 +149,7 @@ def _run_card(code):
     """Execute a model-card snippet as written (it seeds its own generator with 0), except that its call returns
     arrays."""
     call = 'pipe("a photo of a cat", '
-    assert code.count(call) == 1 and "generator=torch.Generator().manual_seed(0)" in code, code
+    assert code.count(call) == 1 and "generator = torch.Generator().manual_seed(0)" in code, code
     code = code.replace(call, call + 'output_type="np", ')
     ns = {}
     exec(compile(code, "<model card>", "exec"), ns)
