@@ -1,12 +1,14 @@
 """diffusers pipelines for distilled generators: a plain call samples with the trained timesteps.
 
 Pixel-space class-conditional UNets (StepDistillClassPipeline), SD / SDXL UNets (StepDistillSD[XL]Pipeline), DiT
-(StepDistillDiTPipeline, a DiTPipeline) and SD3 transformers (StepDistillSD3Pipeline, a StableDiffusion3Pipeline).
-diffusers' stock pipelines default to 28-50 steps with CFG, which is wrong for a one- or few-step student.
-These subclasses store the trained timesteps in the pipeline config (``model_index.json``) and use them,
-with guidance off, unless the caller says otherwise. ``import stepdistill`` registers them with diffusers,
-so ``DiffusionPipeline.from_pretrained(folder)`` finds them. The model card of every exported folder also
-gives the call that works with stock diffusers classes alone.
+(StepDistillDiTPipeline, a DiTPipeline), SD3 transformers (StepDistillSD3Pipeline, a StableDiffusion3Pipeline) and
+toy 2-D MLPs (StepDistillToyPipeline). diffusers' stock pipelines default to 28-50 steps with CFG, which is wrong
+for a one- or few-step student. These subclasses store the trained timesteps in the pipeline config and use them,
+with guidance off, unless the caller says otherwise; ``model_index.json`` keeps them under the private key
+``_stepdistill``, which stock classes skip without a warning. ``import stepdistill`` registers the classes with
+diffusers, so ``DiffusionPipeline.from_pretrained(folder)`` finds them. The model card of every exported folder
+starts with the call that works with stock diffusers classes alone (except where none exists: w-conditioned and
+toy students).
 """
 
 from __future__ import annotations
