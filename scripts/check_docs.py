@@ -15,7 +15,8 @@ A launcher line for any recipe (``accelerate launch ... --config <recipe>``) run
 processes (``ACCELERATE_USE_CPU=1``, ``--num_processes 2``) with the documented launcher flags / config file.
 
 Skipped, with the reason printed: commands with other placeholders, real-model recipes (a hub-id teacher:
-tests/test_real_recipes.py runs each on a tiny twin of its teacher), and ``make test`` (the test suite itself).
+tests/test_real_recipes.py runs each on a tiny twin of its teacher), FSDP launcher configs (accelerate needs an
+accelerator for FSDP) and ``make test`` (the test suite itself).
 Exit status 1 if any command fails; ``--list`` prints the plan without running anything.
 """
 
@@ -200,6 +201,10 @@ def plan(cmd: Command, root: Path = ROOT) -> Command:
         if cmd.skip:
             return cmd
         tiny = tiny_train_overrides(_recipe_values(root / config))
+        fsdp = _launcher_config(words, root).get("distributed_type") == "FSDP"
+        if words[0] == "accelerate" and fsdp:
+            cmd.skip = "an FSDP launcher config: accelerate refuses FSDP without an accelerator (CUDA, XPU, ...)"
+            return cmd
         if words[0] == "accelerate":  # on CPU (2 processes): the launcher and its config file, not the GPUs
             cmd.env = {"ACCELERATE_USE_CPU": "1"}
             cmd.argv = ["accelerate", "launch", "--num_processes", "2", *_drop_num_processes(words[2:]), *tiny]
@@ -230,6 +235,14 @@ def dedupe(commands: list[Command]) -> list[Command]:
             seen.add((c.kind, c.text))
             out.append(c)
     return out
+
+
+def _launcher_config(words: list[str], root: Path) -> dict:
+    """The accelerate config file a launch line names (``--config_file``), read as YAML; {} without one."""
+    for i, w in enumerate(words[:-1]):
+        if w == "--config_file" and (root / words[i + 1]).is_file():
+            return _recipe_values(root / words[i + 1])
+    return {}
 
 
 def _config_arg(words: list[str]) -> str | None:

@@ -92,6 +92,10 @@ def test_plan_gives_tiny_budgets_and_reasons(check_docs):
     ddp = plans["accelerate launch --config_file recipes/accelerate/ddp.yaml -m stepdistill.train --config <recipe>"]
     assert ddp.argv[:4] == ["accelerate", "launch", "--num_processes", "2"] and ddp.env == {"ACCELERATE_USE_CPU": "1"}
     assert "recipes/dmd2/digits.yaml" in ddp.argv
+    fsdp1 = plans[
+        "accelerate launch --config_file recipes/accelerate/fsdp1.yaml -m stepdistill.train --config <recipe>"
+    ]
+    assert "FSDP" in fsdp1.skip  # accelerate refuses FSDP on a machine without an accelerator
     placeholder = [c for c in plans.values() if "<folder or hub id>" in c.text]
     assert placeholder and "placeholder" in placeholder[0].skip
     # every command either runs or says why not; identical commands run once

@@ -268,7 +268,7 @@ def test_dmd2_text_to_image_train_export_reload(
     keys = load_file(lora_file).keys()
     assert keys and all(k.startswith("unet.") and "lora_" in k and "fake_score" not in k for k in keys)
     code = _card_block(folder, "The LoRA on the original teacher")
-    assert f'from_pretrained("{teacher}")' in code and f'load_lora_weights("{folder}/lora")' in code
+    assert f'from_pretrained("{teacher}"' in code and f'load_lora_weights("{folder}/lora")' in code
     ns = _run_card(code)
     assert type(ns["pipe"]) is stock_cls and isinstance(ns["pipe"].scheduler, LCMScheduler)
     assert ns["pipe"].get_list_adapters().get("unet"), "load_lora_weights loaded nothing into the UNet"
