@@ -48,11 +48,11 @@ Distilled with stepdistill ({method}) from `{teacher}`: **{n} network evaluation
 
 STOCK_SECTION = """## With stock diffusers classes only
 
-No stepdistill needed: {stock_note}
-
 ```python
 {stock_call}
 ```
+
+No stepdistill needed: {stock_note}
 
 ## With stepdistill installed
 
