@@ -1,8 +1,10 @@
 """Write a distilled generator as a diffusers pipeline folder (and a LoRA file for LoRA students).
 
 The folder loads with ``DiffusionPipeline.from_pretrained(folder)`` (after ``import stepdistill``) and a
-plain call samples with the trained timesteps; its README.md gives the call that needs stock diffusers
-classes only. The scheduler reproduces the trained update rule (the trainer's ``export_scheduler``):
+plain call samples with the trained timesteps; its README.md (the model card: hub metadata, then code) starts
+with the seeded call that needs stock diffusers classes only and gives the same images, where one exists (not
+for w-conditioned ``GuidedUNet2DModel`` students nor toy ``ToyMLP`` generators, whose cards say that they need
+stepdistill). The scheduler reproduces the trained update rule (the trainer's ``export_scheduler``):
 
 * ``"lcm"``: ``LCMScheduler`` whose own grid is the trained timesteps: predict x0, then re-noise with fresh
   noise to the next trained timestep (DMD2, LCM / consistency students);
@@ -15,8 +17,8 @@ sigmas (timesteps / T) as call arguments: ``stochastic_sampling=True`` for "lcm"
 fresh noise to the next sigma) and plain Euler for "ddim" (the deterministic DDIM step of a flow model).
 
 Generators: ``UNet2DModel`` (StepDistillClassPipeline), ``UNet2DConditionModel`` (SD / SDXL pipelines),
-``DiTTransformer2DModel`` (StepDistillDiTPipeline, a DiTPipeline) and ``SD3Transformer2DModel``
-(StepDistillSD3Pipeline, a StableDiffusion3Pipeline).
+``DiTTransformer2DModel`` (StepDistillDiTPipeline, a DiTPipeline), ``SD3Transformer2DModel``
+(StepDistillSD3Pipeline, a StableDiffusion3Pipeline) and ``ToyMLP`` (StepDistillToyPipeline).
 """
 
 from __future__ import annotations
