@@ -43,9 +43,9 @@ META_FIELDS = ("trained_timesteps", "default_guidance_scale")
 
 
 class _PrivateSettings:
-    """Writes ``trained_timesteps`` / ``default_guidance_scale`` (plus export metadata registered as ``_stepdistill``)
-    under the private ``_stepdistill`` key of model_index.json, and reads them back when loading. Folders written
-    before this keep them as plain keys, which still load."""
+    """Writes ``trained_timesteps`` / ``default_guidance_scale`` under the private ``_stepdistill`` key of
+    model_index.json and reads them back when loading (in memory they stay plain config keys:
+    ``pipe.config.trained_timesteps``). Folders written before this hold them as plain keys, which still load."""
 
     @classmethod
     def extract_init_dict(cls, config_dict, **kwargs):

@@ -92,6 +92,24 @@ def test_toy_recipe_exits_0_and_its_export_reloads_and_samples(recipe, teacher, 
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_settings_sit_under_a_private_key_and_old_folders_still_load(teacher, tmp_path):
+    recipe = str(ROOT / "recipes" / "dmd2" / "toy2d.yaml")
+    overrides = [f"teacher={teacher}", f"output_dir={tmp_path}", "max_steps=1", "denoising_timesteps=[999, 499]"]
+    trainer = make_trainer(recipe, overrides + ["checkpoint_every=0", "progress=false"])
+    trainer.train()
+    folder = Path(trainer.export())
+    index = json.loads((folder / "model_index.json").read_text())
+    assert index["_stepdistill"] == {"trained_timesteps": [999, 499]} and "trained_timesteps" not in index
+    # a folder written before the private key (plain config key) loads the same
+    index["trained_timesteps"] = index.pop("_stepdistill")["trained_timesteps"]
+    (folder / "model_index.json").write_text(json.dumps(index))
+    pipe = DiffusionPipeline.from_pretrained(str(folder))
+    assert list(pipe.config.trained_timesteps) == [999, 499]
+    pipe.save_pretrained(str(tmp_path / "again"))  # ... and is written back under the private key
+    again = json.loads((tmp_path / "again" / "model_index.json").read_text())
+    assert again["_stepdistill"] == {"trained_timesteps": [999, 499]} and "trained_timesteps" not in again
+
+
 def test_sample_command_draws_a_toy_teacher(teacher, tmp_path):
     png = tmp_path / "teacher.png"
     assert main(["sample", "--model", teacher, "--num", "30", "--steps", "5", "--out", str(png)]) == 0
