@@ -41,7 +41,7 @@ HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 MAKE_TARGETS = re.findall(r"^([\w-]+):", (ROOT / "Makefile").read_text(), re.M) if (ROOT / "Makefile").is_file() else []
 # where a command starts inside a line of prose (recipe headers) or of a shell block
 COMMAND_START = re.compile(
-    r"(?<![\w/.-])(stepdistill (?:train|eval|sample|demo|fd-digits)\b|accelerate launch\b"
+    r"(?<![\w/.-])(stepdistill (?:train|eval|sample|demo|fd-digits|--help|--version)\b|accelerate launch\b"
     r"|python (?:-m )?[\w./-]+|cp -r " + "".join(f"|make {re.escape(t)}\\b" for t in MAKE_TARGETS) + ")"
 )
 SAMPLE_RECIPE = "recipes/dmd2/digits.yaml"  # what a launcher line's "<recipe>" runs
@@ -50,7 +50,7 @@ TINY_FLAGS = {
     "demo": ["--max-steps", "2", "--num-samples", "128"],
     "eval": ["--num-samples", "128", "--batch-size", "128"],
     "fd-digits": ["--steps", "1", "2", "--num-samples", "128"],
-    "sample": ["--steps", "2", "--num", "8"],
+    "sample": ["--num", "8"],  # no --steps: an export samples with its own timesteps unless --steps is given
 }
 
 
