@@ -32,7 +32,9 @@ from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
 # diffusers loads a component of another library only if its module is already imported: exported folders name
-# ["stepdistill.models.toy", "ToyMLP"] (and stepdistill.models.guided_unet, imported by stepdistill/__init__)
+# ["stepdistill.models.guided_unet", "GuidedUNet2DModel"] (w-conditioned students) and ["stepdistill.models.toy",
+# "ToyMLP"]; this module is imported when the pipeline classes are registered (stepdistill/__init__.py)
+from .models import guided_unet as _guided_unet_module  # noqa: F401
 from .models import toy as _toy_module  # noqa: F401
 
 # model_index.json keeps stepdistill's own settings under this private key: diffusers drops keys that start with

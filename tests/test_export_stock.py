@@ -245,6 +245,17 @@ def test_guided_student_card_says_it_needs_stepdistill(guided_export, stock_run)
     assert "does not load without stepdistill" in card and "With stock diffusers classes only" not in card
     failed = [e for tag, e in stock_run["events"] if tag == "FAILED" and e["name"] == "guided"]
     assert len(failed) == 1 and "StepDistillClassPipeline" in failed[0]["error"]
+    # with stepdistill, in a fresh process (only `import stepdistill` and diffusers imported, as the card does): the
+    # GuidedUNet2DModel and ToyMLP components resolve (diffusers imports no component module by itself)
+    code = (
+        "import sys, stepdistill\nfrom diffusers import DiffusionPipeline\n"
+        "print(type(DiffusionPipeline.from_pretrained(sys.argv[1]).unet).__name__)"
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    r = subprocess.run(
+        [sys.executable, "-c", code, guided_export], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert r.returncode == 0 and r.stdout.strip().endswith("GuidedUNet2DModel"), r.stderr[-3000:]
     # with stepdistill, the card's block runs and the loop block gives the same images
     ours = _ours("guided", guided_export)
     ns: dict = {}
