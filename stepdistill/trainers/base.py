@@ -66,7 +66,9 @@ class TrainConfig:
     grad_accum (`int`, defaults to `1`): micro-batches accumulated per optimiser step.
     > Optimisation
     learning_rate (`float`, defaults to `1e-4`), adam_beta1 / adam_beta2 (`0.9` / `0.999`), weight_decay (`0.0`),
-    warmup_steps (`int`, `0`): linear warm-up; max_grad_norm (`float`, `1.0`; 0 disables clipping);
+    warmup_steps (`int`, `0`): linear warm-up; warmup_unit (`str`, `"iteration"`): what the warm-up counts:
+    "iteration" (training steps, as DMD2 steps every schedule once per iteration) or "update" (each network's
+    own optimiser steps: a network updated every k-th iteration warms up k times slower); max_grad_norm (`float`, `1.0`; 0 disables clipping);
     ema_decay (`float`, `0.0`: off): EMA of the networks named by ``ema_networks``.
     mixed_precision (`str`, `"no"`): "no" or "bf16" (autocast; weights and optimiser stay fp32).
     > Checkpoints and logging
@@ -91,6 +93,7 @@ class TrainConfig:
     adam_beta2: float = 0.999
     weight_decay: float = 0.0
     warmup_steps: int = 0
+    warmup_unit: str = "iteration"
     max_grad_norm: float = 1.0
     ema_decay: float = 0.0
     mixed_precision: str = "no"
@@ -238,7 +241,8 @@ class DistillTrainer:
         """Called when a step is skipped for a non-finite loss or gradient (drop any per-step state)."""
 
     def lr_factor(self, name: str, step: int) -> float:
-        """Multiplier of network ``name``'s learning rate at its ``step``-th optimiser step (after warm-up);
+        """Multiplier of network ``name``'s learning rate at its ``step``-th schedule step (an iteration, or its
+        own optimiser step with ``warmup_unit: update``) after warm-up;
         default 1 (constant). Progressive distillation anneals it to 0 within each round."""
         return 1.0
 
@@ -271,6 +275,8 @@ class DistillTrainer:
         c = self.config
         if c.mixed_precision not in ("no", "bf16"):
             raise ConfigError(f"mixed_precision must be 'no' or 'bf16', got {c.mixed_precision!r}")
+        if c.warmup_unit not in ("iteration", "update"):
+            raise ConfigError(f"warmup_unit must be 'iteration' or 'update', got {c.warmup_unit!r}")
         if c.grad_accum < 1:
             raise ConfigError(f"grad_accum must be >= 1, got {c.grad_accum}")
         if c.max_steps < 1:
@@ -726,6 +732,8 @@ class DistillTrainer:
                             break
                         for n in active:
                             self.opts[n].step()
+                        # warmup_unit "iteration": every schedule advances once per step, updated or not
+                        for n in active if c.warmup_unit == "update" else self.specs:
                             self.lr_scheds[n].step()
                     for n in self.specs:  # every network: no gradient leaks into a later group or step
                         if acc.sync_gradients:
