@@ -182,12 +182,14 @@ class Denoiser(nn.Module):
         t_max: float = 1.0,
         weighting: str = "native",
         weight_fn=None,
+        guidance_scale=None,
         **t_kwargs,
     ):
         """Denoising score matching (Ho et al. 2020; Vincent 2011): noise x0 to x_t at t ~ t_dist and regress
         the network's own parameterisation onto its target (``weighting="native"``), or compare x0 / eps
-        (``weighting="x0"`` / ``"eps"``), optionally with a per-sample weight ``weight_fn(t)``. Returns the
-        scalar loss."""
+        (``weighting="x0"`` / ``"eps"``), optionally with a per-sample weight ``weight_fn(t)``. A
+        ``guidance_scale`` fits the guided output (SiD-LSG's kappa1: cond and uncond both get gradients).
+        Returns the scalar loss."""
         from ..losses import denoising_loss
 
         if t is None:
@@ -196,7 +198,10 @@ class Denoiser(nn.Module):
         if noise is None:
             noise = rnd.randn_like(x0)
         x_t = self.schedule.add_noise(x0, noise, t)
-        out = self._forward(x_t, t, cond.kwargs if cond is not None else {})
+        if self._is_plain(guidance_scale):
+            out = self._forward(x_t, t, cond.kwargs if cond is not None else {})
+        else:
+            out = self.raw(x_t, t, cond, guidance_scale)
         space = self.prediction_type if weighting == "native" else weighting
         if space != self.prediction_type:
             out = self.schedule.convert(out, x_t, t, self.prediction_type, space)

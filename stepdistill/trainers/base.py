@@ -791,9 +791,13 @@ class DistillTrainer:
                 tracker.finish()
         return self.history
 
+    def ema_decay_now(self) -> float:
+        """The EMA decay of this step's update (default: the constant ``ema_decay``)."""
+        return self.config.ema_decay
+
     @torch.no_grad()
     def _update_ema(self, active):
-        d = self.config.ema_decay
+        d = self.ema_decay_now()
         for name, shadow in self.ema.items():
             if name not in active:
                 continue

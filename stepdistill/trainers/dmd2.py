@@ -35,6 +35,7 @@ from ..losses import (
 from ..models import FakeScore
 from ..models.denoiser import _unwrap
 from ..ops import fused_dmd_gradient, resolve_backend, step_coefficients
+from ..sampling import initial_noise_scale
 from . import randomness as rnd
 from .base import NetSpec
 from .student import (  # noqa: F401  (re-exported: the family's helpers used to live here)
@@ -61,20 +62,60 @@ class DMD2Config(StudentConfig):
     > Distribution matching
     real_guidance_scale (`float`, `1.0`): teacher CFG (uncond + w (cond - uncond)); DMD2 uses 1.75 (SD1.5),
         8 (SDXL); its ImageNet model uses none.
-    min_step_percent / max_step_percent (`float`, `0.02` / `0.98`): DM timestep range.
+    min_step_percent / max_step_percent (`float`, `0.02` / `0.98`): DM timestep range, as DMD2 reads it:
+        integer timesteps uniform in [int(min * T), int(max * T)] (both ends included; [20, 980] for T = 1000).
     dfake_gen_update_ratio (`int`, `5`): fake-score updates per generator update (10 for SD1.5).
     dm_loss_weight (`float`, `1.0`).
     > Generator steps
-    denoising_timesteps (`list[int]`, `[999]`): the generator's input timesteps (integer timesteps of the
-        teacher schedule; [999, 749, 499, 249] for 4-step SDXL, [399] for 1-step SDXL).
+    denoising_timesteps (`list[int]`, `[]`: the top of the teacher's schedule, 999 for a 1000-step VP or EDM
+        teacher, 1000 (t = 1, pure noise) for a flow-matching teacher): the generator's input timesteps (integer
+        timesteps of the teacher schedule; [999, 749, 499, 249] for 4-step SDXL, [399] for 1-step SDXL). A flow
+        teacher's timesteps run 0..T (diffusers' FlowMatch timesteps are sigma * T).
     backward_simulation (`bool`, `true`): train step k on the generator's own k-step result (k shared by all
         processes) instead of on noised real images.
     > GAN (a head on the fake score's bottleneck)
     gan_generator_weight (`float`, `0.0`: off; DMD2: 3e-3 ImageNet, 1e-3 SD1.5 stage 2, 5e-3 SDXL),
-    gan_discriminator_weight (`float`, `0.01`), gan_max_timestep (`int`, `1000`): diffusion-GAN noise range.
+    gan_discriminator_weight (`float`, `0.01`), gan_max_timestep (`int`, `1000`): diffusion-GAN noise range,
+        integer timesteps uniform in [0, gan_max_timestep) (DMD2's ``diffusion_gan_max_timestep``; >= 1).
+    gan_noise (`str`, `"diffusion"`): "diffusion" (DMD2's ``--diffusion_gan``, every script) or "none"
+        (DMD2 without it: the head sees clean samples at timestep 0).
+    gan_head (`str`, `"dmd2"`): "dmd2" (DMD2's ``cls_pred_branch``: Conv 4x4 s2 + GroupNorm + SiLU down to
+        4x4, Conv 4x4 s4 + GroupNorm + SiLU to 1x1, Conv 1x1 to the logit) or "pooled" (stepdistill's earlier
+        head: stride-2 convs down to 2x2, a 1x1 conv, global average, 1x1 logit).
     > Regression warm start (DMD v1)
     regression_weight (`float`, `0.0`: off), regression_pairs (`int`, `1024`), regression_steps (`int`, `25`):
         teacher DDIM steps used to make (noise, image) pairs; regression_batch (`int`, `64`).
+    > Fake score (SiD-LSG / SwiftBrush options; the defaults are DMD2's)
+    fake_guidance_scale (`float`, `1.0`): CFG on the fake score, both where it is fitted and where it is read
+        in the generator loss (SiD-LSG's kappa1 = kappa2 = kappa3; DMD2 asserts 1). VSD does not use it:
+        SwiftBrush reads its LoRA fake score with real_guidance_scale and fits it without CFG.
+    fake_min_step_percent / fake_max_step_percent (`float`, `0.0` / `1.0`): the fake-score loss's timesteps,
+        [int(min T), int(max T)] (DMD2, SwiftBrush: [0, 999]; SiD-LSG: [20, 980) = 0.02 / 0.979).
+    fake_cond_dropout (`float`, `0.0`): probability of the null condition in the fake-score loss (SiD-LSG
+        0.1 when its fake CFG is not 1; SwiftBrush 0.1).
+    fake_cond_dropout_mode (`str`, `"sample"`): drop each sample's condition ("sample", SiD-LSG) or the whole
+        batch's ("batch", SwiftBrush's ``random.random() < 0.1``).
+    > Generator input and update order
+    generator_input (`str`, `"noise"`): the first step's input: "noise" (z, DMD2 and SwiftBrush) or "scaled"
+        (add_noise(0, z, t) = sigma(t) z at the first generator timestep: SiD-LSG's 0.9286 z at 625; one-step
+        full generators only, the export folds the scale into the network's input convolution).
+    update_order (`str`, `"generator_first"`): "generator_first" (DMD2, SwiftBrush: the fake score then fits
+        the generator's batch, detached) or "fake_first" (SiD, SiD-LSG: the fake score first, each update on
+        freshly generated samples).
+    > EMA of the generator (``ema_decay`` as for every method)
+    ema_warmup (`bool`, `false`): diffusers' EMAModel decay, min(ema_decay, (1 + s) / (10 + s)) at the s-th
+        generator update (0 at the first): SwiftBrush's EMA.
+    ema_halflife_mimg (`float`, `0.0`: off): SiD's EMA (``--ema``, million images): decay 0.5 ** (global_batch
+        / h) with h = min(half-life, images seen x ema_rampup_ratio); replaces ema_decay.
+    ema_rampup_ratio (`float`, `0.05`): SiD's ramp-up (0: none).
+    > Initialisation (DMD2's two-stage SD1.5 recipe: stage 2 starts from stage 1's networks, ``--ckpt_only_path``)
+    init_generator (`str`, `""`): start the generator from a stepdistill checkpoint folder
+        (``<output_dir>/checkpoints/step_N``: its generator weights, not its EMA) or an exported pipeline folder
+        (``<output_dir>/pipeline``: its unet / transformer; full generators only).
+    init_fake_score (`str`, `""`): start the fake score from a checkpoint folder's fake score.
+        Unlike ``resume``, these load weights only: the teacher stays the one named by ``teacher`` (the real
+        score), networks the checkpoint lacks (the GAN head) start fresh, and so do the step counter, the
+        optimisers and the LR warm-up. ``resume`` of the new run's own checkpoints still works with them set.
     > Optimisation (DMD2: AdamW wd 0.01, clip 10, 500 warm-up steps)
     generator_lr / fake_lr (`float`, `0`: use learning_rate).
     """
@@ -86,15 +127,29 @@ class DMD2Config(StudentConfig):
     max_step_percent: float = 0.98
     dfake_gen_update_ratio: int = 5
     dm_loss_weight: float = 1.0
-    denoising_timesteps: list[int] = field(default_factory=lambda: [999])
+    denoising_timesteps: list[int] = field(default_factory=list)
     backward_simulation: bool = True
     gan_generator_weight: float = 0.0
     gan_discriminator_weight: float = 0.01
     gan_max_timestep: int = 1000
+    gan_noise: str = "diffusion"
+    gan_head: str = "dmd2"
     regression_weight: float = 0.0
     regression_pairs: int = 1024
     regression_steps: int = 25
     regression_batch: int = 64
+    fake_guidance_scale: float = 1.0
+    fake_min_step_percent: float = 0.0
+    fake_max_step_percent: float = 1.0
+    fake_cond_dropout: float = 0.0
+    fake_cond_dropout_mode: str = "sample"
+    generator_input: str = "noise"
+    update_order: str = "generator_first"
+    ema_warmup: bool = False
+    ema_halflife_mimg: float = 0.0
+    ema_rampup_ratio: float = 0.05
+    init_generator: str = ""
+    init_fake_score: str = ""
     generator_lr: float = 0.0
     fake_lr: float = 0.0
     weight_decay: float = 0.01
@@ -109,6 +164,32 @@ class DMD2Config(StudentConfig):
                 f"need 0 <= min_step_percent < max_step_percent <= 1, got "
                 f"{self.min_step_percent}, {self.max_step_percent}"
             )
+        if not 0 <= self.fake_min_step_percent < self.fake_max_step_percent <= 1:
+            raise ConfigError(
+                "need 0 <= fake_min_step_percent < fake_max_step_percent <= 1, got "
+                f"{self.fake_min_step_percent}, {self.fake_max_step_percent}"
+            )
+        if not 0 <= self.fake_cond_dropout < 1:
+            raise ConfigError(f"fake_cond_dropout must be in [0, 1), got {self.fake_cond_dropout}")
+        for key, allowed in (
+            ("fake_cond_dropout_mode", ("sample", "batch")),
+            ("generator_input", ("noise", "scaled")),
+            ("update_order", ("generator_first", "fake_first")),
+        ):
+            if getattr(self, key) not in allowed:
+                raise ConfigError(f"{key} must be one of {list(allowed)}, got {getattr(self, key)!r}")
+        if self.generator_input == "scaled" and (len(self.denoising_timesteps) > 1 or self.generator_mode != "full"):
+            raise ConfigError(
+                "generator_input=scaled (SiD-LSG's sigma(t) z input) is for one-step full generators: the export "
+                "folds the scale into the network's input convolution; use one denoising timestep and "
+                "generator_mode: full, or generator_input: noise"
+            )
+        if self.ema_halflife_mimg < 0 or self.ema_rampup_ratio < 0:
+            raise ConfigError("ema_halflife_mimg and ema_rampup_ratio must be >= 0")
+        if self.ema_halflife_mimg > 0 and self.ema_decay == 0:  # switches the EMA on; the decay is per step
+            self.ema_decay = 0.5 ** (self.global_batch / (self.ema_halflife_mimg * 1e6))
+        if self.ema_warmup and self.ema_decay == 0:
+            raise ConfigError("ema_warmup=true needs ema_decay > 0 (its cap; SwiftBrush: 0.9999)")
         if self.ema_decay > 0 and self.generator_mode == "lora":
             raise ConfigError(
                 "ema_decay > 0 with generator_mode=lora is not supported (the EMA would cover the "
@@ -117,8 +198,31 @@ class DMD2Config(StudentConfig):
         if self.dfake_gen_update_ratio < 1:
             raise ConfigError(f"dfake_gen_update_ratio must be >= 1, got {self.dfake_gen_update_ratio}")
         ts = self.denoising_timesteps
-        if not ts or any(b >= a for a, b in zip(ts, ts[1:])) or min(ts) < 0:
+        if ts and (any(b >= a for a, b in zip(ts, ts[1:])) or min(ts) < 0):
             raise ConfigError(f"denoising_timesteps must be decreasing non-negative integers, got {ts}")
+        for key in ("init_generator", "init_fake_score"):
+            path = getattr(self, key)
+            if path and not os.path.isdir(path):
+                raise ConfigError(f"{key}: folder {path!r} does not exist (a checkpoint folder or an exported pipeline)")
+        if self.init_fake_score and not _is_checkpoint(self.init_fake_score):
+            raise ConfigError(
+                f"init_fake_score: {self.init_fake_score!r} is not a checkpoint folder (checkpoints/step_N with "
+                "fake_score.safetensors); an exported pipeline has no fake score"
+            )
+        if self.init_generator and not _is_checkpoint(self.init_generator) and self.generator_mode != "full":
+            raise ConfigError(
+                f"init_generator: {self.init_generator!r} is an exported pipeline (fused weights), which a LoRA "
+                "generator cannot start from; use a checkpoint folder (checkpoints/step_N) or generator_mode: full"
+            )
+        if self.gan_max_timestep < 1:
+            raise ConfigError(
+                f"gan_max_timestep must be >= 1 (the diffusion-GAN noise is drawn from [0, gan_max_timestep)), got "
+                f"{self.gan_max_timestep}; for DMD2's GAN on clean samples (timestep 0) set gan_noise: none"
+            )
+        if self.gan_noise not in ("diffusion", "none"):
+            raise ConfigError(f"gan_noise must be 'diffusion' or 'none', got {self.gan_noise!r}")
+        if self.gan_head not in ("dmd2", "pooled"):
+            raise ConfigError(f"gan_head must be 'dmd2' or 'pooled', got {self.gan_head!r}")
         if self.gan_generator_weight > 0 and self.dataset.endswith((".txt", ".jsonl")):
             raise ConfigError(
                 "gan_generator_weight > 0 needs real images, but dataset "
@@ -128,6 +232,47 @@ class DMD2Config(StudentConfig):
             raise ConfigError(
                 f"backward_simulation=false trains later steps on noised real images; dataset {self.dataset!r} has none"
             )
+
+
+# --------------------------------------------------------------------------------------------------------
+# initialisation from an earlier run (two-stage training)
+# --------------------------------------------------------------------------------------------------------
+
+
+def _is_checkpoint(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, "trainer_state.json"))
+
+
+def _init_weights(wrapper, path: str, name: str, key: str) -> None:
+    """Load network ``name`` of a checkpoint folder (or an exported pipeline's unet / transformer) into
+    ``wrapper.net``; a LoRA wrapper takes its own adapter's weights only."""
+    from safetensors.torch import load_file
+
+    net = _unwrap(wrapper.net)
+    if _is_checkpoint(path):
+        file = os.path.join(path, f"{name}.safetensors")
+        if not os.path.isfile(file):
+            raise ConfigError(f"{key}: checkpoint {path!r} has no {name}.safetensors")
+        sd = load_file(file)
+    else:
+        sub = next((d for d in ("unet", "transformer") if os.path.isdir(os.path.join(path, d))), None)
+        if sub is None:
+            raise ConfigError(f"{key}: {path!r} is neither a checkpoint folder nor a pipeline with unet/ or transformer/")
+        sd = type(net).from_pretrained(path, subfolder=sub).state_dict()
+    adapter = getattr(wrapper, "adapter_name", None)
+    if adapter is not None:  # the shared base is the teacher: take the adapter's own weights only
+        sd = {k: v for k, v in sd.items() if f".{adapter}." in k}
+        if not sd:
+            raise ConfigError(f"{key}: {path!r} has no weights of the LoRA adapter {adapter!r}")
+        missing = [k for k in sd if k not in net.state_dict()]
+        if missing:
+            raise ConfigError(f"{key}: {path!r} has LoRA weights this network lacks (e.g. {missing[0]})")
+        net.load_state_dict(sd, strict=False)
+        return
+    try:
+        net.load_state_dict(sd)
+    except RuntimeError as e:
+        raise ConfigError(f"{key}: the weights in {path!r} do not fit the {name} ({str(e).splitlines()[0]})") from e
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -180,17 +325,27 @@ class FeatureTap:
 
 
 class DiscriminatorHead(nn.Module):
-    """Conv(4x4, s2) + GroupNorm + SiLU until the map is at most 2x2, then global average and a 1x1 conv to
-    one logit (DMD2's head on the SD1.5 / EDM bottleneck has the same parts)."""
+    """The GAN classifier on the fake score's bottleneck map (B, C, S, S).
 
-    def __init__(self, channels: int, spatial: int, width: int | None = None):
+    ``kind="dmd2"`` is DMD2's ``cls_pred_branch`` (tianweiy/DMD2 ``main/sd_guidance.py``, ``main/edm/
+    edm_guidance.py``): Conv(4x4, s2, p1) + GroupNorm(32) + SiLU while the map is larger than 4x4, then
+    Conv(4x4, s4) + GroupNorm + SiLU to 1x1 (a map smaller than 4 gets a kernel of its own size), then a
+    1x1 conv to one logit; on SD1.5's 8x8 bottleneck that is exactly DMD2's three convs. ``kind="pooled"``
+    is stepdistill's earlier head: stride-2 convs down to 2x2, a 1x1 conv, a global average, a 1x1 logit."""
+
+    def __init__(self, channels: int, spatial: int, width: int | None = None, kind: str = "dmd2"):
         super().__init__()
         width = width or channels
+
+        def block(cin, k, stride, pad):
+            return [nn.Conv2d(cin, width, k, stride=stride, padding=pad), nn.GroupNorm(math.gcd(32, width), width), nn.SiLU()]
+
         layers, c, s = [], channels, spatial
-        while s > 2:
-            layers += [nn.Conv2d(c, width, 4, stride=2, padding=1), nn.GroupNorm(math.gcd(32, width), width), nn.SiLU()]
+        floor = 4 if kind == "dmd2" else 2
+        while s > floor:
+            layers += block(c, 4, 2, 1)
             c, s = width, s // 2
-        layers += [nn.Conv2d(c, width, 1), nn.GroupNorm(math.gcd(32, width), width), nn.SiLU()]
+        layers += block(c, s, s, 0) if kind == "dmd2" else block(c, 1, 1, 0)
         self.body = nn.Sequential(*layers)
         self.logit = nn.Conv2d(width, 1, 1)
 
@@ -224,9 +379,13 @@ class DMD2Trainer(StudentTrainer):
         c = self.config
         device = self.accelerator.device
         self.build_teacher()
-        self.gen_times = self.timesteps_to_t(c.denoising_timesteps, "denoising_timesteps")
+        self.gen_times = self.generator_times()
         if c.real_guidance_scale != 1.0:
             self.require_guidance("real_guidance_scale", c.real_guidance_scale)
+        if c.fake_guidance_scale != 1.0:
+            self.require_guidance("fake_guidance_scale", c.fake_guidance_scale)
+        if c.fake_cond_dropout > 0:
+            self.require_guidance("fake_cond_dropout", c.fake_cond_dropout)
 
         # full copies are taken before any LoRA adapter is added to the teacher's network, so that a full
         # fake score does not carry (and train) a copy of a LoRA generator's adapter
@@ -248,6 +407,13 @@ class DMD2Trainer(StudentTrainer):
         else:
             self.generator = make_generator()
             self.fake = make_fake()
+        if c.generator_input == "scaled":  # SiD-LSG: add_noise(0, z, t0) = sigma(t0) z
+            t0 = self.gen_times[0]
+            self.generator.input_scale = float(self.schedule.sigma(t0)) / initial_noise_scale(self.schedule, t0)
+        if c.init_generator:
+            _init_weights(self.generator, c.init_generator, "generator", "init_generator")
+        if c.init_fake_score:
+            _init_weights(self.fake, c.init_fake_score, "fake_score", "init_fake_score")
         self.use_gan = c.gan_generator_weight > 0
         if self.use_gan and not self.dataset.has_images:
             raise ConfigError("gan_generator_weight > 0 needs real images; the dataset has none")
@@ -261,7 +427,32 @@ class DMD2Trainer(StudentTrainer):
             x = torch.zeros(1, *self.sample_shape, device=device)
             self.fake.raw(x, torch.full((1,), 0.5, dtype=torch.float64), self._cond_batch(self.dataset.example(1)))
             h = _as_map(tap.value)
-        return DiscriminatorHead(h.shape[1], h.shape[-1]).to(device)
+        return DiscriminatorHead(h.shape[1], h.shape[-1], kind=self.config.gan_head).to(device)
+
+    def generator_times(self) -> torch.Tensor:
+        """The generator's input times from ``denoising_timesteps`` (default: the top of the schedule)."""
+        c = self.config
+        top = self.schedule_levels() - (0 if self.schedule.kind == "flow" else 1)
+        ts = list(c.denoising_timesteps) or [top]
+        if self.schedule.kind == "flow" and ts[0] == top - 1:
+            raise ConfigError(
+                f"denoising_timesteps: {ts[0]} on a flow-matching teacher is t = {ts[0] / top:g}, but the generator's "
+                f"first input is pure noise (t = 1); use {top} (a flow teacher's timesteps run 0..{top})"
+            )
+        return self.timesteps_to_t(ts, "denoising_timesteps")
+
+    def schedule_levels(self) -> int:
+        """T: the number of integer timesteps of the teacher's schedule (EDM: its Karras grid, DMD2's 1000)."""
+        return int(self.schedule.num_train_timesteps)
+
+    def draw_t(self, n: int, lo: float, hi: float, device=None) -> torch.Tensor:
+        """Times of n integer timesteps uniform in [int(lo * T), int(hi * T)], both ends included and clipped to
+        the schedule (DMD2's ``torch.randint(min_step, min(max_step + 1, T))``)."""
+        T = self.schedule_levels()
+        a = int(lo * T + 1e-9)
+        b = min(int(hi * T + 1e-9), T - 1)
+        idx = rnd.randint(a, max(b, a) + 1, (n,))
+        return self.schedule.timestep_to_t(idx.to(torch.float64)).to(device)
 
     def on_step_skipped(self, step):
         self._cache = None
@@ -300,8 +491,23 @@ class DMD2Trainer(StudentTrainer):
     def phase(self, step):
         fake_group = ("fake_score", "head") if self.use_gan else ("fake_score",)
         if step % self.config.dfake_gen_update_ratio == 0:
+            if self.config.update_order == "fake_first":
+                return [fake_group, ("generator",)]
             return [("generator",), fake_group]
         return [fake_group]
+
+    def ema_decay_now(self) -> float:
+        """SiD's half-life EMA or diffusers' EMAModel warm-up (``ema_warmup``), else the constant decay."""
+        c = self.config
+        if c.ema_halflife_mimg > 0:
+            half = c.ema_halflife_mimg * 1e6
+            if c.ema_rampup_ratio > 0:
+                half = min(half, self.global_step * c.global_batch * c.ema_rampup_ratio)
+            return 0.5 ** (c.global_batch / max(half, 1e-8))
+        if c.ema_warmup:
+            s = self.global_step // c.dfake_gen_update_ratio  # generator updates before this one
+            return 0.0 if s <= 0 else min(c.ema_decay, (1 + s) / (10 + s))
+        return c.ema_decay
 
     # ---------------------------------------------------------------- pieces
     def shared_step_index(self, step: int) -> int:
@@ -337,10 +543,14 @@ class DMD2Trainer(StudentTrainer):
             return self.generator(x_t, cond, t)
 
     def _gan_input(self, x):
-        """x noised at t ~ U[0, gan_max_timestep)."""
-        T = self.schedule.num_train_timesteps
-        hi = min(self.config.gan_max_timestep, T) - 1
-        t = self.schedule.sample_t(x.shape[0], "uniform", t_min=0.0, t_max=hi / (T - 1)).to(x.device)
+        """x noised at integer timesteps uniform in [0, gan_max_timestep) (DMD2's diffusion GAN), or x itself at
+        timestep 0 (``gan_noise: none``)."""
+        c = self.config
+        n = x.shape[0]
+        if c.gan_noise == "none":
+            return x, self.schedule.timestep_to_t(torch.zeros(n, dtype=torch.float64)).to(x.device)
+        idx = rnd.randint(0, min(c.gan_max_timestep, self.schedule_levels()), (n,))
+        t = self.schedule.timestep_to_t(idx.to(torch.float64)).to(x.device)
         return self.schedule.add_noise(x, rnd.randn_like(x), t), t
 
     def gan_logits(self, xs, cond):
@@ -356,13 +566,12 @@ class DMD2Trainer(StudentTrainer):
 
     def dm_loss(self, x, cond):
         c = self.config
-        t = self.schedule.sample_t(x.shape[0], "uniform", t_min=c.min_step_percent, t_max=c.max_step_percent)
-        t = t.to(x.device)
+        t = self.draw_t(x.shape[0], c.min_step_percent, c.max_step_percent, x.device)
         x_t = self.schedule.add_noise(x.detach(), rnd.randn_like(x), t)
         if resolve_backend(None, x) == "triton":  # CUDA: CFG'd teacher + fake -> x0 -> g in two fused passes
             with torch.no_grad():
                 real = self.teacher.raw(x_t, t, cond, c.real_guidance_scale)
-                fake = self.fake.raw(x_t, t, cond)
+                fake = self.fake.raw(x_t, t, cond, c.fake_guidance_scale)
             a, s = step_coefficients(self.schedule, t, x.device)
             g = fused_dmd_gradient(
                 x,
@@ -379,7 +588,7 @@ class DMD2Trainer(StudentTrainer):
             x0_real = self.teacher.predict(
                 x_t, t, cond, target="x0", guidance_scale=c.real_guidance_scale, float64=True
             )
-            x0_fake = self.fake.predict(x_t, t, cond, target="x0", float64=True)
+            x0_fake = self.fake.predict(x_t, t, cond, target="x0", guidance_scale=c.fake_guidance_scale, float64=True)
         g = dmd_gradient(x, x0_real, x0_fake)
         return distribution_matching_loss(x, g)
 
@@ -389,9 +598,21 @@ class DMD2Trainer(StudentTrainer):
         loss = self.dm_loss(x, cond)
         return self.config.dm_loss_weight * loss, {"loss_dm": loss.detach()}
 
+    def fake_cond(self, cond):
+        """The fake-score loss's condition with ``fake_cond_dropout`` applied (per sample or per batch)."""
+        c = self.config
+        if cond is None or c.fake_cond_dropout <= 0:
+            return cond
+        if c.fake_cond_dropout_mode == "batch":  # one draw shared by every process
+            return cond.drop(1.0) if float(rnd.rand(())) < c.fake_cond_dropout else cond
+        return cond.drop(c.fake_cond_dropout)
+
     def fake_loss(self, x, cond):
-        """Denoising score matching of the fake score on sg(x), full timestep range, no CFG."""
-        return self.fake.dsm_loss(x.detach(), cond)
+        """Denoising score matching of the fake score on sg(x) at timesteps [fake_min, fake_max] (DMD2: all),
+        with ``fake_guidance_scale`` CFG (DMD2: none) and ``fake_cond_dropout``."""
+        c = self.config
+        t = self.draw_t(x.shape[0], c.fake_min_step_percent, c.fake_max_step_percent, x.device)
+        return self.fake.dsm_loss(x.detach(), self.fake_cond(cond), t=t, guidance_scale=c.fake_guidance_scale)
 
     def compute_loss(self, batch, phase):
         """The family's shared step: generator group = method loss (+ GAN, + regression); fake group =
@@ -400,7 +621,8 @@ class DMD2Trainer(StudentTrainer):
         cond = self._cond_batch(batch)
         if "generator" in phase:
             x = self.generate(batch, cond, self.global_step, grad=True)
-            self._cache = (x.detach(), cond)
+            if c.update_order == "generator_first":  # the fake score then fits this batch
+                self._cache = (x.detach(), cond)
             loss, out = self.generator_loss(x, cond)
             if self.use_gan:
                 loss_g = gan_generator_loss(self.gan_logits([x], cond)[0])

@@ -33,7 +33,8 @@ class SIMConfig(DMD2Config):
         the paper's value: the official SIM code is inference-only).
     sid_alpha (`float`, `1.2`): SiD's alpha (mingyuanzhou/SiD default; 1.0 is SIM's L2 case).
     dfake_gen_update_ratio (`int`, `1`): SiD / SIM alternate fake-score and generator updates 1:1.
-    min_step_percent / max_step_percent (`0.02` / `0.98`): generator-loss timesteps (SiD-LSG: [20, 980)).
+    min_step_percent / max_step_percent (`0.02` / `0.98`): generator-loss timesteps [int(min T), int(max T)]
+        (DMD2's range [20, 980]; SiD-LSG draws [20, 980): 0.02 / 0.979).
     """
 
     distance: str = "pseudo_huber"
@@ -59,11 +60,11 @@ class SIMTrainer(DMD2Trainer):
 
     def generator_loss(self, x, cond):
         c = self.config
-        t = self.schedule.sample_t(x.shape[0], "uniform", t_min=c.min_step_percent, t_max=c.max_step_percent)
-        t = t.to(x.device)
+        t = self.draw_t(x.shape[0], c.min_step_percent, c.max_step_percent, x.device)
         x_t = self.schedule.add_noise(x, rnd.randn_like(x), t)  # no detach: gradients reach x through x_t
         d_real = self.teacher.predict_with_input_grad(x_t, t, cond, target="x0", guidance_scale=c.real_guidance_scale)
-        d_fake = self.fake.predict(x_t, t, cond, target="x0")  # fake-score weights are frozen in this group
+        # fake-score weights are frozen in this group; SiD-LSG reads it with its own CFG (kappa2 = kappa3)
+        d_fake = self.fake.predict(x_t, t, cond, target="x0", guidance_scale=c.fake_guidance_scale)
         if c.distance == "pseudo_huber":
             loss = sim_loss(x.float(), d_real.float(), d_fake.float(), c=c.huber_c)
         else:

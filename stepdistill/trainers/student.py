@@ -229,11 +229,13 @@ class StudentTrainer(DistillTrainer):
             self.teacher.cast_weights(TEACHER_DTYPES[c.teacher_dtype])
 
     def timesteps_to_t(self, timesteps, key: str) -> torch.Tensor:
-        """Integer teacher timesteps (a config list named ``key``) -> continuous times, range-checked."""
+        """Integer teacher timesteps (a config list named ``key``) -> continuous times, range-checked
+        (0..T-1; a flow-matching teacher's run 0..T, T being t = 1: diffusers' FlowMatch timesteps are sigma * T)."""
         T = getattr(self.schedule, "num_train_timesteps", None)
+        top = (T or 0) - (0 if self.schedule.kind == "flow" else 1)
         for ts in timesteps:
-            if T is None or not 0 <= ts <= T - 1:
-                raise ConfigError(f"{key}: {ts} is outside the teacher's schedule (0..{(T or 0) - 1})")
+            if T is None or not 0 <= ts <= top:
+                raise ConfigError(f"{key}: {ts} is outside the teacher's schedule (0..{top})")
         return self.schedule.timestep_to_t(torch.tensor(list(timesteps), dtype=torch.float64))
 
     def require_guidance(self, key: str, value):

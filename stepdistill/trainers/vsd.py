@@ -29,8 +29,10 @@ class VSDConfig(DMD2Config):
     fake_score_mode (`str`, `"lora"`), lora_rank (`int`, `64`), lora_alpha (`float`, `108.0`),
     lora_target_modules (`list[str]`, `["to_q", "to_v"]`; empty = stepdistill's default set).
     real_guidance_scale (`float`, `4.5`): applied to the teacher AND the fake score (README command).
-    fake_cond_dropout (`float`, `0.1`): null-condition probability in the fake-score loss.
-    min_step_percent / max_step_percent (`0.02` / `0.981`), dfake_gen_update_ratio (`1`),
+    fake_cond_dropout (`float`, `0.1`), fake_cond_dropout_mode (`str`, `"batch"`): SwiftBrush replaces the
+        whole batch's prompts by the null prompt with probability 0.1 in the LoRA loss ("sample": per prompt).
+    ema_warmup (`bool`, `false`): diffusers' EMAModel warm-up, as SwiftBrush's ``--use_ema`` (on in the recipe).
+    min_step_percent / max_step_percent (`0.02` / `0.98`: SwiftBrush's randint(20, 981), i.e. [20, 980]), dfake_gen_update_ratio (`1`),
     learning_rate (`1e-6`, student), fake_lr (`1e-3`, LoRA), max_grad_norm (`1.0`), weight_decay (`0.0`).
     """
 
@@ -39,7 +41,8 @@ class VSDConfig(DMD2Config):
     lora_target_modules: list[str] = field(default_factory=lambda: ["to_q", "to_v"])
     real_guidance_scale: float = 4.5
     fake_cond_dropout: float = 0.1
-    max_step_percent: float = 0.981
+    fake_cond_dropout_mode: str = "batch"
+    max_step_percent: float = 0.98
     dfake_gen_update_ratio: int = 1
     learning_rate: float = 1e-6
     fake_lr: float = 1e-3
@@ -48,8 +51,11 @@ class VSDConfig(DMD2Config):
 
     def check(self):
         super().check()
-        if not 0 <= self.fake_cond_dropout < 1:
-            raise ConfigError(f"fake_cond_dropout must be in [0, 1), got {self.fake_cond_dropout}")
+        if self.fake_guidance_scale != 1.0:
+            raise ConfigError(
+                f"fake_guidance_scale={self.fake_guidance_scale}: VSD reads its fake score with real_guidance_scale "
+                "(SwiftBrush's one guidance_scale) and fits it without CFG; leave fake_guidance_scale at 1"
+            )
 
 
 class VSDTrainer(DMD2Trainer):
@@ -60,15 +66,15 @@ class VSDTrainer(DMD2Trainer):
 
     def fake_loss(self, x, cond):
         c = self.config
-        if cond is not None and c.fake_cond_dropout > 0:
-            cond = cond.drop(c.fake_cond_dropout)
+        t = self.draw_t(x.shape[0], c.fake_min_step_percent, c.fake_max_step_percent, x.device)
         # SwiftBrush: mse(sqrt(ab) eps_hat, sqrt(ab) eps) = alpha_bar-weighted eps loss
-        return self.fake.dsm_loss(x, cond, weighting="eps", weight_fn=lambda t: self.schedule.alpha(t) ** 2)
+        return self.fake.dsm_loss(
+            x, self.fake_cond(cond), t=t, weighting="eps", weight_fn=lambda t: self.schedule.alpha(t) ** 2
+        )
 
     def generator_loss(self, x, cond):
         c = self.config
-        t = self.schedule.sample_t(x.shape[0], "uniform", t_min=c.min_step_percent, t_max=c.max_step_percent)
-        t = t.to(x.device)
+        t = self.draw_t(x.shape[0], c.min_step_percent, c.max_step_percent, x.device)
         x_t = self.schedule.add_noise(x.detach(), rnd.randn_like(x), t)
         w = c.real_guidance_scale
         eps_real = self.teacher.predict(x_t, t, cond, target="eps", guidance_scale=w, float64=True)
