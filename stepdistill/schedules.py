@@ -379,16 +379,30 @@ class EDMSchedule(NoiseSchedule):
     sigma(t) = (sigma_min^(1/rho) + t (sigma_max^(1/rho) - sigma_min^(1/rho)))^rho.
 
     The ``edm`` prediction type is the raw preconditioned network output F:
-    x0 = c_skip(sigma) x_t + c_out(sigma) F (EDM eq. 7, Table 1)."""
+    x0 = c_skip(sigma) x_t + c_out(sigma) F (EDM eq. 7, Table 1).
+
+    Integer timesteps index a grid of ``num_train_timesteps`` Karras levels, timestep i <-> t = i / (T - 1)
+    (i = 0: sigma_min, T - 1: sigma_max): DMD2's ``karras_sigmas`` (main/edm/edm_guidance.py, 1000 levels), so
+    its [20, 980] DM range and the generator's timestep 999 (sigma_max) read as for VP teachers. The network
+    itself is conditioned on c_noise (``model_time``), not on these indices."""
 
     kind = "edm"
     supports = ("x0", "eps", "score", "edm")
 
-    def __init__(self, sigma_min=0.002, sigma_max=80.0, rho=7.0, sigma_data=0.5):
+    def __init__(self, sigma_min=0.002, sigma_max=80.0, rho=7.0, sigma_data=0.5, num_train_timesteps=1000):
         if not 0 < sigma_min < sigma_max:
             raise ValueError(f"need 0 < sigma_min < sigma_max, got {sigma_min}, {sigma_max}")
+        if int(num_train_timesteps) < 2:
+            raise ValueError(f"num_train_timesteps must be >= 2, got {num_train_timesteps}")
         self.p = _EDMParams(sigma_min, sigma_max, rho, sigma_data)
-        self.config = {"sigma_min": sigma_min, "sigma_max": sigma_max, "rho": rho, "sigma_data": sigma_data}
+        self.num_train_timesteps = int(num_train_timesteps)
+        self.config = {
+            "sigma_min": sigma_min,
+            "sigma_max": sigma_max,
+            "rho": rho,
+            "sigma_data": sigma_data,
+            "num_train_timesteps": self.num_train_timesteps,
+        }
 
     def alpha(self, t):
         return torch.ones_like(self._t(t))
@@ -419,10 +433,11 @@ class EDMSchedule(NoiseSchedule):
         return _bcast(self.scalings(t)[2], x_t) * x_t
 
     def t_to_timestep(self, t):
-        raise ValueError("EDMSchedule is continuous: it has no integer timesteps (use model_time for c_noise)")
+        """Index on the Karras grid (see the class docstring); the network's own time input is ``model_time``."""
+        return self._t(t) * (self.num_train_timesteps - 1)
 
     def timestep_to_t(self, timestep):
-        raise ValueError("EDMSchedule is continuous: it has no integer timesteps")
+        return torch.as_tensor(timestep, dtype=torch.float64) / (self.num_train_timesteps - 1)
 
     def _to_x0_eps_special(self, pred, x_t, t, src):
         c_skip, c_out, _ = self.scalings(t)
@@ -548,6 +563,7 @@ def from_diffusers(scheduler_or_config, class_name: str | None = None) -> NoiseS
             sigma_max=cfg.get("sigma_max", 80.0),
             rho=cfg.get("rho", 7.0),
             sigma_data=cfg.get("sigma_data", 0.5),
+            num_train_timesteps=cfg.get("num_train_timesteps", 1000),
         )
     if name in _FLOW_CLASSES:
         if cfg.get("use_dynamic_shifting"):

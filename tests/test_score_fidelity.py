@@ -88,7 +88,9 @@ def test_gan_head_is_dmd2s_cls_pred_branch():
     strides = [m.stride[0] for m in DiscriminatorHead(64, 32).modules() if isinstance(m, torch.nn.Conv2d)]
     assert strides == [2, 2, 2, 4, 1]
     assert DiscriminatorHead(64, 8)(torch.randn(3, 64, 8, 8)).shape == (3,)
-    pooled = [m.kernel_size[0] for m in DiscriminatorHead(64, 8, kind="pooled").modules() if isinstance(m, torch.nn.Conv2d)]
+    pooled = [
+        m.kernel_size[0] for m in DiscriminatorHead(64, 8, kind="pooled").modules() if isinstance(m, torch.nn.Conv2d)
+    ]
     assert pooled == [4, 4, 1, 1]
 
 
@@ -185,3 +187,265 @@ def test_init_keys_are_checked(tmp_path):
         build_config(DMD2Config, {**DIGITS, "init_fake_score": str(tmp_path / "pipe")})
     with pytest.raises(ConfigError, match="LoRA generator cannot start from"):
         build_config(DMD2Config, {**DIGITS, "generator_mode": "lora", "init_generator": str(tmp_path / "pipe")})
+
+
+# --------------------------------------------------------------------------------------------------------
+# SiD-LSG and SwiftBrush options
+# --------------------------------------------------------------------------------------------------------
+
+
+def _sim(out, **kw):
+    from stepdistill.trainers.sim import SIMConfig, SIMTrainer
+
+    return SIMTrainer(build_config(SIMConfig, {**DIGITS, "output_dir": str(out), "max_steps": 1, **kw}))
+
+
+def _calls(net, record):
+    """Record (batch size, timesteps) of every forward of a diffusers UNet."""
+    return net.register_forward_pre_hook(lambda m, args: record.append((args[0].shape[0], args[1].detach().clone())))
+
+
+def test_sid_lsg_fake_guidance_time_range_and_order(tmp_path):
+    trainer = _sim(
+        tmp_path,
+        fake_guidance_scale=1.5,
+        real_guidance_scale=1.5,
+        fake_cond_dropout=0.1,
+        fake_min_step_percent=0.02,
+        fake_max_step_percent=0.979,
+        update_order="fake_first",
+        dfake_gen_update_ratio=1,
+    )
+    trainer.setup()
+    assert trainer.phase(0) == [("fake_score",), ("generator",)]
+    fake, gen = [], []
+    h1, h2 = _calls(trainer.fake.net, fake), _calls(trainer.generator.net, gen)
+    trainer.train()
+    h1.remove(), h2.remove()
+    n = trainer.per_device_batch
+    # fake first: its update generates its own samples (no grad), then the generator generates again (grad)
+    assert [b for b, _ in gen] == [n, n]
+    # the fake score runs guided (doubled batch) where it is fitted and where the generator loss reads it
+    assert [b for b, _ in fake] == [2 * n, 2 * n]
+    t_fit = fake[0][1]
+    T = trainer.schedule.num_train_timesteps
+    assert ((t_fit >= 20) & (t_fit <= 979)).all() and T == 1000
+
+
+def test_fake_time_range_is_drawn_as_configured(tmp_path):
+    trainer = _sim(tmp_path / "r", fake_min_step_percent=0.02, fake_max_step_percent=0.979)
+    trainer.setup()
+    seen = []
+    h = _calls(trainer.fake.net, seen)
+    torch.manual_seed(0)
+    trainer.fake_loss(torch.randn(256, *trainer.sample_shape), trainer.conditioner(torch.arange(256) % 10))
+    h.remove()
+    ts = seen[0][1]
+    assert ((ts >= 20) & (ts <= 979)).all() and len(ts.unique()) > 100
+    # the draw itself: integers in [int(lo T), int(hi T)], both ends reached; DMD2's fake default [0, 999]
+    torch.manual_seed(0)
+    drawn = trainer.schedule.t_to_timestep(trainer.draw_t(200000, 0.02, 0.979)).round().long()
+    assert (drawn.min().item(), drawn.max().item()) == (20, 979)
+    drawn = trainer.schedule.t_to_timestep(trainer.draw_t(200000, 0.0, 1.0)).round().long()
+    assert (drawn.min().item(), drawn.max().item()) == (0, 999)
+    assert (DMD2Config.fake_min_step_percent, DMD2Config.fake_max_step_percent) == (0.0, 1.0)
+
+
+def test_fake_condition_dropout_per_batch_or_per_sample(tmp_path):
+    from stepdistill.trainers.vsd import VSDConfig
+
+    assert VSDConfig.fake_cond_dropout_mode == "batch"  # SwiftBrush: random.random() < 0.1 for the batch
+    trainer = _sim(tmp_path, fake_cond_dropout=0.5, fake_cond_dropout_mode="batch")
+    trainer.setup()
+    cond = trainer.conditioner(torch.arange(10) % 10)
+    null = trainer.conditioner.null_class if hasattr(trainer.conditioner, "null_class") else 10
+    torch.manual_seed(0)
+    kinds = set()
+    for _ in range(40):
+        labels = trainer.fake_cond(cond).kwargs["class_labels"]
+        dropped = (labels == null).sum().item()
+        assert dropped in (0, 10)
+        kinds.add(dropped)
+    assert kinds == {0, 10}
+    trainer.config.fake_cond_dropout_mode = "sample"
+    torch.manual_seed(0)
+    counts = {(trainer.fake_cond(cond).kwargs["class_labels"] == null).sum().item() for _ in range(40)}
+    assert any(0 < k < 10 for k in counts)
+
+
+def test_scaled_generator_input_and_its_export(tmp_path):
+    from stepdistill.models.generator import fold_input_scale
+
+    with pytest.raises(ConfigError, match="one-step full generators"):
+        _sim(tmp_path / "x", generator_input="scaled", denoising_timesteps=[625, 300])
+    trainer = _sim(tmp_path, generator_input="scaled", denoising_timesteps=[625])
+    trainer.setup()
+    ab = trainer.schedule.alphas_cumprod[625]
+    assert trainer.generator.input_scale == pytest.approx(float((1 - ab).sqrt()))
+    z = torch.randn(3, *trainer.sample_shape)
+    torch.testing.assert_close(trainer.generator.initial_noise(z), z * float((1 - ab).sqrt()))
+    # folding the scale into conv_in: the folded network on z is the network on scale * z
+    import copy
+
+    net = trainer.generator.net
+    folded = fold_input_scale(copy.deepcopy(net), 0.5)
+    t, y = torch.full((3,), 625.0), torch.tensor([1, 2, 3])
+    torch.testing.assert_close(folded(z, t, class_labels=y).sample, net(0.5 * z, t, class_labels=y).sample)
+    trainer.train()
+    from diffusers import UNet2DModel
+
+    exported = UNet2DModel.from_pretrained(trainer.export(), subfolder="unet")
+    s = trainer.generator.input_scale
+    torch.testing.assert_close(exported.conv_in.weight, trainer.generator.net.conv_in.weight * s)
+
+
+def test_ema_schedules(tmp_path):
+    # diffusers' EMAModel (SwiftBrush): decay 0 at the first update, then (1 + s) / (10 + s), capped
+    trainer = _sim(tmp_path / "w", ema_decay=0.9999, ema_warmup=True, dfake_gen_update_ratio=1)
+    got = []
+    for step in (0, 1, 2, 100):
+        trainer.global_step = step
+        got.append(trainer.ema_decay_now())
+    assert got == pytest.approx([0.0, 2 / 11, 3 / 12, 101 / 110])
+    trainer.global_step = 10**6
+    assert trainer.ema_decay_now() == 0.9999
+    # SiD: half-life 0.05 Mimg with ramp-up 0.05: h = min(50000, images x 0.05), decay 0.5 ** (batch / h)
+    sid = _sim(tmp_path / "s", ema_halflife_mimg=0.05, global_batch=512)
+    assert sid.config.ema_decay > 0  # the EMA is on
+    sid.global_step = 0
+    assert sid.ema_decay_now() == 0.0
+    sid.global_step = 10
+    assert sid.ema_decay_now() == pytest.approx(0.5 ** (512 / (10 * 512 * 0.05)))
+    sid.global_step = 10**5
+    assert sid.ema_decay_now() == pytest.approx(0.5 ** (512 / 50000))
+    # the first update copies the weights (decay 0)
+    run = _sim(tmp_path / "r", ema_decay=0.9999, ema_warmup=True, dfake_gen_update_ratio=1)
+    run.train()
+    for k, v in run._inner("generator").state_dict().items():
+        torch.testing.assert_close(run.ema["generator"][k], v.float())
+
+
+def test_score_recipes_carry_the_official_values():
+    from stepdistill.config import read_yaml
+
+    sim = read_yaml("recipes/sim/sd15.yaml")
+    assert {k: sim[k] for k in ("real_guidance_scale", "fake_guidance_scale", "fake_cond_dropout")} == {
+        "real_guidance_scale": 1.5,
+        "fake_guidance_scale": 1.5,
+        "fake_cond_dropout": 0.1,
+    }
+    assert (sim["generator_input"], sim["update_order"], sim["max_grad_norm"], sim["ema_halflife_mimg"]) == (
+        "scaled",
+        "fake_first",
+        0.0,
+        0.05,
+    )
+    assert (sim["fake_min_step_percent"], sim["fake_max_step_percent"], sim["mixed_precision"]) == (0.02, 0.979, "no")
+    vsd = read_yaml("recipes/vsd/sd21_swiftbrush.yaml")
+    assert (vsd["ema_warmup"], vsd["fake_cond_dropout_mode"], vsd["max_step_percent"]) == (True, "batch", 0.98)
+    assert read_yaml("recipes/dmd2/sdxl_4step_lora.yaml")["max_steps"] == 16000
+
+
+# --------------------------------------------------------------------------------------------------------
+# EDM teachers
+# --------------------------------------------------------------------------------------------------------
+
+
+def _toy_edm_teacher(toy_teacher, root):
+    """The toy MLP behind a diffusers EDMEulerScheduler config: an EDM-preconditioned network (c_in-scaled
+    input, c_noise time, output F with x0 = c_skip x + c_out F: what diffusers calls "epsilon" for EDM)."""
+    import json
+    import os
+    import shutil
+
+    folder = root / "edm_teacher"
+    if not folder.exists():
+        shutil.copytree(os.path.join(toy_teacher, "unet"), folder / "unet")
+        (folder / "scheduler").mkdir(parents=True)
+        cfg = {
+            "_class_name": "EDMEulerScheduler",
+            "sigma_min": 0.002,
+            "sigma_max": 80.0,
+            "sigma_data": 0.5,
+            "rho": 7.0,
+            "num_train_timesteps": 1000,
+            "prediction_type": "epsilon",
+        }
+        (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(cfg))
+    return str(folder)
+
+
+def _dmd2_karras_sigmas(n=1000, sigma_min=0.002, sigma_max=80.0, rho=7.0):
+    """DMD2's main/edm/edm_guidance.py: get_sigmas_karras flipped, small sigma first."""
+    ramp = torch.linspace(0, 1, n, dtype=torch.float64)
+    lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
+    return torch.flip((hi + ramp * (lo - hi)) ** rho, dims=[0])
+
+
+@pytest.mark.parametrize("method", ["dmd2", "sim", "vsd"])
+def test_edm_teacher_trains_every_score_method(method, toy_teacher, tmp_path):
+    from stepdistill.models import Teacher
+    from stepdistill.trainers.sim import SIMConfig, SIMTrainer
+    from stepdistill.trainers.vsd import VSDConfig, VSDTrainer
+
+    teacher = _toy_edm_teacher(toy_teacher, tmp_path)
+    assert Teacher.from_pretrained(teacher).prediction_type == "edm"
+    cls, cfg_cls = {"dmd2": (DMD2Trainer, DMD2Config), "sim": (SIMTrainer, SIMConfig), "vsd": (VSDTrainer, VSDConfig)}[
+        method
+    ]
+    extra = dict(lora_target_modules=[], lora_rank=4, real_guidance_scale=1.0) if method == "vsd" else {}
+    trainer = cls(
+        build_config(
+            cfg_cls,
+            {
+                **TOY,
+                "output_dir": str(tmp_path / method),
+                "teacher": teacher,
+                "max_steps": 2,
+                "global_batch": 16,
+                "dfake_gen_update_ratio": 1,
+                **extra,
+            },
+        )
+    )
+    trainer.setup()
+    # the generator starts at sigma_max: timestep 999 of DMD2's 1000-level Karras grid, input 80 z
+    assert trainer.gen_times.tolist() == [1.0]
+    z = torch.randn(4, 2)
+    torch.testing.assert_close(trainer.generator.initial_noise(z), 80.0 * z)
+    # the generator loss's noise levels are DMD2's karras_sigmas[20 .. 980], the network sees c_noise
+    seen = []
+    hook = trainer.teacher.net.register_forward_hook(lambda m, i, o: seen.append(i[1].detach().reshape(-1)))
+    torch.manual_seed(0)
+    trainer.generator_loss(torch.randn(20000, 2), None)
+    hook.remove()
+    sigma = torch.exp(4 * torch.cat(seen).double())
+    karras = _dmd2_karras_sigmas()
+    torch.testing.assert_close(sigma.min(), karras[20], rtol=1e-5, atol=0)
+    torch.testing.assert_close(sigma.max(), karras[980], rtol=1e-5, atol=0)
+    trainer.train()
+    assert all(torch.isfinite(torch.tensor(v)) for h in trainer.history for k, v in h.items() if k != "step")
+    out = trainer.export()
+    import json
+    import os
+
+    info = json.load(open(os.path.join(out, "student.json")))
+    assert info["sigmas"] == pytest.approx([80.0]) and info["prediction_type"] == "edm"
+    assert os.path.isfile(os.path.join(out, "unet", "config.json"))
+
+
+def test_edm_fake_score_loss_is_dmd2s(toy_teacher, tmp_path):
+    """DMD2's EDM fake loss: mean((sigma^-2 + sigma_data^-2) (D_fake(x + sigma n) - x)^2) over sigma on the grid."""
+    teacher = _toy_edm_teacher(toy_teacher, tmp_path)
+    trainer = toy_dmd2(teacher, tmp_path / "r", max_steps=1)
+    trainer.setup()
+    x = torch.randn(64, 2)
+    torch.manual_seed(3)
+    got = trainer.fake_loss(x, None)
+    torch.manual_seed(3)
+    t = trainer.draw_t(64, 0.0, 1.0)
+    n = torch.randn_like(x)
+    s = trainer.schedule.sigma(t).float()[:, None]
+    d = trainer.fake.predict(x + s * n, t, None, target="x0")
+    want = ((s**-2 + 0.5**-2) * (d - x) ** 2).mean()
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=0)

@@ -129,6 +129,8 @@ def load_network(
         )
     schedule: NoiseSchedule = from_diffusers(sched_cfg)
     pred = sched_cfg.get("prediction_type") or ("flow" if schedule.kind == "flow" else "epsilon")
+    if schedule.kind == "edm" and pred == "epsilon":  # diffusers' EDM "epsilon": x0 = c_skip x + c_out F (EDM's F)
+        pred = "edm"
     return net, schedule, pred
 
 

@@ -68,7 +68,8 @@ class TrainConfig:
     learning_rate (`float`, defaults to `1e-4`), adam_beta1 / adam_beta2 (`0.9` / `0.999`), weight_decay (`0.0`),
     warmup_steps (`int`, `0`): linear warm-up; warmup_unit (`str`, `"iteration"`): what the warm-up counts:
     "iteration" (training steps, as DMD2 steps every schedule once per iteration) or "update" (each network's
-    own optimiser steps: a network updated every k-th iteration warms up k times slower); max_grad_norm (`float`, `1.0`; 0 disables clipping);
+    own optimiser steps: a network updated every k-th iteration warms up k times slower);
+    max_grad_norm (`float`, `1.0`; 0 disables clipping);
     ema_decay (`float`, `0.0`: off): EMA of the networks named by ``ema_networks``.
     mixed_precision (`str`, `"no"`): "no" or "bf16" (autocast; weights and optimiser stay fp32).
     > Checkpoints and logging

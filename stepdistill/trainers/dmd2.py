@@ -203,7 +203,9 @@ class DMD2Config(StudentConfig):
         for key in ("init_generator", "init_fake_score"):
             path = getattr(self, key)
             if path and not os.path.isdir(path):
-                raise ConfigError(f"{key}: folder {path!r} does not exist (a checkpoint folder or an exported pipeline)")
+                raise ConfigError(
+                    f"{key}: folder {path!r} does not exist (a checkpoint folder or an exported pipeline)"
+                )
         if self.init_fake_score and not _is_checkpoint(self.init_fake_score):
             raise ConfigError(
                 f"init_fake_score: {self.init_fake_score!r} is not a checkpoint folder (checkpoints/step_N with "
@@ -257,7 +259,9 @@ def _init_weights(wrapper, path: str, name: str, key: str) -> None:
     else:
         sub = next((d for d in ("unet", "transformer") if os.path.isdir(os.path.join(path, d))), None)
         if sub is None:
-            raise ConfigError(f"{key}: {path!r} is neither a checkpoint folder nor a pipeline with unet/ or transformer/")
+            raise ConfigError(
+                f"{key}: {path!r} is neither a checkpoint folder nor a pipeline with unet/ or transformer/"
+            )
         sd = type(net).from_pretrained(path, subfolder=sub).state_dict()
     adapter = getattr(wrapper, "adapter_name", None)
     if adapter is not None:  # the shared base is the teacher: take the adapter's own weights only
@@ -338,7 +342,11 @@ class DiscriminatorHead(nn.Module):
         width = width or channels
 
         def block(cin, k, stride, pad):
-            return [nn.Conv2d(cin, width, k, stride=stride, padding=pad), nn.GroupNorm(math.gcd(32, width), width), nn.SiLU()]
+            return [
+                nn.Conv2d(cin, width, k, stride=stride, padding=pad),
+                nn.GroupNorm(math.gcd(32, width), width),
+                nn.SiLU(),
+            ]
 
         layers, c, s = [], channels, spatial
         floor = 4 if kind == "dmd2" else 2
@@ -384,7 +392,7 @@ class DMD2Trainer(StudentTrainer):
             self.require_guidance("real_guidance_scale", c.real_guidance_scale)
         if c.fake_guidance_scale != 1.0:
             self.require_guidance("fake_guidance_scale", c.fake_guidance_scale)
-        if c.fake_cond_dropout > 0:
+        if c.fake_cond_dropout > 0 and self.conditioner is not None:  # unconditional teachers: nothing to drop
             self.require_guidance("fake_cond_dropout", c.fake_cond_dropout)
 
         # full copies are taken before any LoRA adapter is added to the teacher's network, so that a full
@@ -612,7 +620,11 @@ class DMD2Trainer(StudentTrainer):
         with ``fake_guidance_scale`` CFG (DMD2: none) and ``fake_cond_dropout``."""
         c = self.config
         t = self.draw_t(x.shape[0], c.fake_min_step_percent, c.fake_max_step_percent, x.device)
-        return self.fake.dsm_loss(x.detach(), self.fake_cond(cond), t=t, guidance_scale=c.fake_guidance_scale)
+        kw = {}
+        if self.schedule.kind == "edm":  # DMD2's EDM fake loss: (sigma^-2 + sigma_data^-2) |D_fake - x|^2
+            sd = self.schedule.p.sigma_data
+            kw = dict(weighting="x0", weight_fn=lambda t: self.schedule.sigma(t) ** -2 + sd**-2)
+        return self.fake.dsm_loss(x.detach(), self.fake_cond(cond), t=t, guidance_scale=c.fake_guidance_scale, **kw)
 
     def compute_loss(self, batch, phase):
         """The family's shared step: generator group = method loss (+ GAN, + regression); fake group =

@@ -310,9 +310,47 @@ class StudentTrainer(DistillTrainer):
         from ..export import export_generator
 
         path = path or self.export_target()
-        export_generator(self, path)
+        if self.schedule.kind == "edm":
+            self._export_edm_network(path)
+        else:
+            export_generator(self, path)
         self.accelerator.wait_for_everyone()
         return path
+
+    def _export_edm_network(self, path: str) -> None:
+        """A student of an EDM teacher: no diffusers pipeline reproduces its steps yet, so write the network
+        (``<path>/unet``, diffusers format), the teacher's scheduler config and ``student.json`` (the trained
+        sigmas: x0 = generator(sigma_0 * z) at sigma_0, then re-noise to each next sigma), atomically."""
+        import shutil
+
+        from ..export import _generator_unet
+
+        net = _generator_unet(self)
+        if not self.accelerator.is_main_process:
+            return
+        warnings.warn(
+            f"{type(self).__name__}: students of EDM teachers are exported as a network only ({path}/unet), not as "
+            "a diffusers pipeline; student.json gives the sigmas to sample with",
+            stacklevel=2,
+        )
+        tmp = path.rstrip("/") + ".tmp_export"
+        shutil.rmtree(tmp, ignore_errors=True)
+        net.save_pretrained(os.path.join(tmp, "unet"))
+        os.makedirs(os.path.join(tmp, "scheduler"))
+        src = os.path.join(self._teacher_path(), "scheduler", "scheduler_config.json")
+        shutil.copyfile(src, os.path.join(tmp, "scheduler", "scheduler_config.json"))
+        info = {
+            "prediction_type": self.generator.prediction_type,
+            "sigmas": [float(v) for v in self.schedule.sigma(self.generator.timesteps)],
+            "timesteps": self.export_timesteps(),
+            "sampler": self.generator.sampler,
+        }
+        with open(os.path.join(tmp, "student.json"), "w") as f:
+            json.dump(info, f, indent=2)
+            f.flush()
+            os.fsync(f.fileno())
+        shutil.rmtree(path, ignore_errors=True)
+        os.replace(tmp, path)
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -32,7 +32,8 @@ class VSDConfig(DMD2Config):
     fake_cond_dropout (`float`, `0.1`), fake_cond_dropout_mode (`str`, `"batch"`): SwiftBrush replaces the
         whole batch's prompts by the null prompt with probability 0.1 in the LoRA loss ("sample": per prompt).
     ema_warmup (`bool`, `false`): diffusers' EMAModel warm-up, as SwiftBrush's ``--use_ema`` (on in the recipe).
-    min_step_percent / max_step_percent (`0.02` / `0.98`: SwiftBrush's randint(20, 981), i.e. [20, 980]), dfake_gen_update_ratio (`1`),
+    min_step_percent / max_step_percent (`0.02` / `0.98`: SwiftBrush's randint(20, 981), i.e. [20, 980]),
+    dfake_gen_update_ratio (`1`),
     learning_rate (`1e-6`, student), fake_lr (`1e-3`, LoRA), max_grad_norm (`1.0`), weight_decay (`0.0`).
     """
 
@@ -69,8 +70,16 @@ class VSDTrainer(DMD2Trainer):
         t = self.draw_t(x.shape[0], c.fake_min_step_percent, c.fake_max_step_percent, x.device)
         # SwiftBrush: mse(sqrt(ab) eps_hat, sqrt(ab) eps) = alpha_bar-weighted eps loss
         return self.fake.dsm_loss(
-            x, self.fake_cond(cond), t=t, weighting="eps", weight_fn=lambda t: self.schedule.alpha(t) ** 2
+            x, self.fake_cond(cond), t=t, weighting="eps", weight_fn=lambda t: self.vp_alpha_sigma(t)[0] ** 2
         )
+
+    def vp_alpha_sigma(self, t):
+        """(sqrt(alpha_bar), sqrt(1 - alpha_bar)) of the variance-preserving process equivalent to the teacher's
+        at t: alpha / r and sigma / r with r = sqrt(alpha^2 + sigma^2) (VP teachers: alpha and sigma themselves;
+        EDM: 1 / sqrt(1 + sigma^2), sigma / sqrt(1 + sigma^2)), so that SwiftBrush's weights read on any teacher."""
+        a, s = self.schedule.alpha(t), self.schedule.sigma(t)
+        r = (a * a + s * s).sqrt()
+        return a / r, s / r
 
     def generator_loss(self, x, cond):
         c = self.config
@@ -80,6 +89,6 @@ class VSDTrainer(DMD2Trainer):
         eps_real = self.teacher.predict(x_t, t, cond, target="eps", guidance_scale=w, float64=True)
         with torch.no_grad():
             eps_fake = self.fake.predict(x_t, t, cond, target="eps", guidance_scale=w, float64=True)
-        g = vsd_gradient(eps_real, eps_fake, self.schedule.sigma(t).to(x.device))
+        g = vsd_gradient(eps_real, eps_fake, self.vp_alpha_sigma(t)[1].to(x.device))
         loss = distribution_matching_loss(x, g)
         return loss, {"loss_vsd": loss.detach()}
