@@ -293,11 +293,6 @@ def _generator_unet(trainer):
     if ema is not None and adapter is None:
         net = copy.deepcopy(net)
         net.load_state_dict({k: v.to(dtype=net.dtype) if v.is_floating_point() else v for k, v in ema.items()})
-    scale = getattr(trainer.generator, "input_scale", 1.0)
-    if scale != 1.0:  # SiD-LSG's scaled first input, folded into the input layer of a copy
-        from .models.generator import fold_input_scale
-
-        net = fold_input_scale(copy.deepcopy(net), scale)
     return net.eval()
 
 

@@ -38,23 +38,6 @@ def with_guidance_embedding(net, dim: int):
     raise ValueError(f"a guidance-scale embedding is supported for UNet2DModel and UNet2DConditionModel, not {name}")
 
 
-def fold_input_scale(net, scale: float):
-    """Multiply the weights of ``net``'s first (linear) layer by ``scale``, so that net(x) computes the original
-    net(scale * x) (the input convolution of a UNet, the patch embedding of a transformer, a toy MLP's input
-    layer); returns ``net``, changed in place."""
-    inner = _unwrap(net)
-    first = getattr(inner, "conv_in", None)
-    if first is None and getattr(inner, "pos_embed", None) is not None:
-        first = getattr(inner.pos_embed, "proj", None)
-    if first is None:
-        first = getattr(inner, "inp", None)
-    if not isinstance(first, (torch.nn.Conv2d, torch.nn.Linear)):
-        raise ValueError(f"cannot fold an input scale into {type(inner).__name__}: no conv_in / patch embedding")
-    with torch.no_grad():
-        first.weight.mul_(scale)
-    return net
-
-
 class Generator(Denoiser):
     """``generator(x_t, cond, t)`` returns x0 (with gradients); ``sample(noise, cond)`` runs the trained
     few-step chain.

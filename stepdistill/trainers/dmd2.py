@@ -98,7 +98,7 @@ class DMD2Config(StudentConfig):
     > Generator input and update order
     generator_input (`str`, `"noise"`): the first step's input: "noise" (z, DMD2 and SwiftBrush) or "scaled"
         (add_noise(0, z, t) = sigma(t) z at the first generator timestep: SiD-LSG's 0.9286 z at 625; one-step
-        full generators only, the export folds the scale into the network's input convolution).
+        full generators; stock pipelines feed z, so the export is the network and student.json, not a pipeline).
     update_order (`str`, `"generator_first"`): "generator_first" (DMD2, SwiftBrush: the fake score then fits
         the generator's batch, detached) or "fake_first" (SiD, SiD-LSG: the fake score first, each update on
         freshly generated samples).
@@ -180,9 +180,8 @@ class DMD2Config(StudentConfig):
                 raise ConfigError(f"{key} must be one of {list(allowed)}, got {getattr(self, key)!r}")
         if self.generator_input == "scaled" and (len(self.denoising_timesteps) > 1 or self.generator_mode != "full"):
             raise ConfigError(
-                "generator_input=scaled (SiD-LSG's sigma(t) z input) is for one-step full generators: the export "
-                "folds the scale into the network's input convolution; use one denoising timestep and "
-                "generator_mode: full, or generator_input: noise"
+                "generator_input=scaled (SiD-LSG's sigma(t) z input) is for one-step full generators; use one "
+                "denoising timestep and generator_mode: full, or generator_input: noise"
             )
         if self.ema_halflife_mimg < 0 or self.ema_rampup_ratio < 0:
             raise ConfigError("ema_halflife_mimg and ema_rampup_ratio must be >= 0")

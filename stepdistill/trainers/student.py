@@ -310,38 +310,48 @@ class StudentTrainer(DistillTrainer):
         from ..export import export_generator
 
         path = path or self.export_target()
-        if self.schedule.kind == "edm":
-            self._export_edm_network(path)
+        why = self.network_only_export()
+        if why:
+            self._export_network(path, why)
         else:
             export_generator(self, path)
         self.accelerator.wait_for_everyone()
         return path
 
-    def _export_edm_network(self, path: str) -> None:
-        """A student of an EDM teacher: no diffusers pipeline reproduces its steps yet, so write the network
-        (``<path>/unet``, diffusers format), the teacher's scheduler config and ``student.json`` (the trained
-        sigmas: x0 = generator(sigma_0 * z) at sigma_0, then re-noise to each next sigma), atomically."""
+    def network_only_export(self) -> str:
+        """Why no diffusers pipeline can reproduce this student's sampler ("" when one can)."""
+        if self.schedule.kind == "edm":
+            return "students of EDM teachers have no diffusers pipeline yet"
+        if getattr(self.generator, "input_scale", 1.0) != 1.0:
+            return "a scaled first input (generator_input: scaled) is not what stock pipelines feed"
+        return ""
+
+    def _export_network(self, path: str, why: str) -> None:
+        """Write the generator network (``<path>/unet``, diffusers format), the teacher's scheduler config and
+        ``student.json`` (prediction type, trained sigmas and timesteps, first-input scale: x0 = generator(
+        input_scale * sigma_0 * z) at the first time, re-noised to each next time), atomically."""
         import shutil
 
-        from ..export import _generator_unet
+        from ..export import _generator_unet, _teacher_json
 
         net = _generator_unet(self)
         if not self.accelerator.is_main_process:
             return
         warnings.warn(
-            f"{type(self).__name__}: students of EDM teachers are exported as a network only ({path}/unet), not as "
-            "a diffusers pipeline; student.json gives the sigmas to sample with",
+            f"{type(self).__name__}: exported as a network only ({path}/unet), not as a diffusers pipeline: {why}; "
+            "student.json says how to sample",
             stacklevel=2,
         )
         tmp = path.rstrip("/") + ".tmp_export"
         shutil.rmtree(tmp, ignore_errors=True)
         net.save_pretrained(os.path.join(tmp, "unet"))
         os.makedirs(os.path.join(tmp, "scheduler"))
-        src = os.path.join(self._teacher_path(), "scheduler", "scheduler_config.json")
-        shutil.copyfile(src, os.path.join(tmp, "scheduler", "scheduler_config.json"))
+        with open(os.path.join(tmp, "scheduler", "scheduler_config.json"), "w") as f:
+            json.dump(_teacher_json(self._teacher_path(), "scheduler_config.json", "scheduler"), f, indent=2)
         info = {
             "prediction_type": self.generator.prediction_type,
             "sigmas": [float(v) for v in self.schedule.sigma(self.generator.timesteps)],
+            "input_scale": float(getattr(self.generator, "input_scale", 1.0)),
             "timesteps": self.export_timesteps(),
             "sampler": self.generator.sampler,
         }
