@@ -68,12 +68,17 @@ def test_gan_max_timestep_is_validated_and_clean_gan_is_an_option(toy_teacher, t
     trainer = toy_dmd2(toy_teacher, tmp_path, max_steps=1, gan_generator_weight=1e-3, gan_noise="none")
     trainer.setup()
     x = torch.randn(8, 2)
-    seen = []
-    hook = trainer.fake.net.register_forward_hook(lambda m, i, o: seen.append((i[0].clone(), i[1].clone())))
-    a, b = trainer.gan_logits(x, None), trainer.gan_logits(x, None)
-    hook.remove()
+    x_t, t = trainer._gan_input(x)
+    assert torch.equal(x_t, x) and (t == 0).all()  # clean samples at timestep 0
+    a, b = trainer.gan_logits([x, x], None)
     torch.testing.assert_close(a, b)  # no noise: the same logits twice
-    assert all(torch.equal(xi, x) and (t == 0).all() for xi, t in seen)  # clean samples at timestep 0
+    # the diffusion GAN: integer timesteps in [0, gan_max_timestep)
+    noisy = toy_dmd2(toy_teacher, tmp_path / "n", max_steps=1, gan_generator_weight=1e-3, gan_max_timestep=10)
+    noisy.setup()
+    torch.manual_seed(0)
+    _, t = noisy._gan_input(torch.randn(4000, 2))
+    ts = noisy.schedule.t_to_timestep(t).round().long()
+    assert (ts.min().item(), ts.max().item()) == (0, 9)
 
 
 def test_gan_head_is_dmd2s_cls_pred_branch():
