@@ -394,7 +394,7 @@ def test_kill_9_during_a_checkpoint_then_resume_is_bit_exact(tmp_path):
     full = tiny(tmp_path / "a")
     full.train()
     script = KILL_SCRIPT.format(tests=os.path.dirname(os.path.abspath(__file__)), out=str(tmp_path / "b"))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads()), "PYTHONPATH": ROOT}
     r = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == -9, r.stderr[-3000:]
     assert _steps(tmp_path / "b") == ["step_0000003"]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
 import weakref
 from contextlib import contextmanager, nullcontext
 
@@ -198,15 +200,29 @@ _MODE_TYPES = (torch.nn.modules.dropout._DropoutNd, torch.nn.modules.batchnorm._
 _MODES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
+@functools.cache
+def _forward_reads_training(cls: type) -> bool:
+    """Whether a (non-torch) module class's forward reads ``self.training`` (diffusers' ResnetBlock2D does: it
+    makes its input contiguous only in training, which picks other CPU kernels). Unreadable source counts as yes."""
+    if cls.__module__.startswith("torch.nn"):
+        return False
+    try:
+        return "self.training" in inspect.getsource(cls.forward)
+    except (OSError, TypeError):
+        return True
+
+
 def _mode_modules(net: torch.nn.Module) -> list[torch.nn.Module]:
     """The submodules of ``net`` whose forward depends on train / eval (dropout with p > 0, batch norm, blocks
-    with a gradient-checkpointing switch), found once per network: ``net.eval()`` on every teacher call walks the
-    whole module tree to change nothing else."""
+    with a gradient-checkpointing switch, other classes whose forward reads ``self.training``), found once per
+    network: ``net.eval()`` on every teacher call walks the whole module tree to change nothing else."""
     found = _MODES.get(net)
     if found is None:
         found = _MODES[net] = [
             m
             for m in net.modules()
-            if (isinstance(m, _MODE_TYPES) and getattr(m, "p", 1.0) != 0.0) or hasattr(m, "gradient_checkpointing")
+            if (isinstance(m, _MODE_TYPES) and getattr(m, "p", 1.0) != 0.0)
+            or hasattr(m, "gradient_checkpointing")
+            or _forward_reads_training(type(m))
         ]
     return found
