@@ -27,6 +27,11 @@ class DataError(UserError, ValueError):
     """Unusable data: a missing, empty or unreadable dataset, image or prompt file (the message names it)."""
 
 
+class ObjectError(UserError, TypeError):
+    """An object given to the library (a teacher, generator, fake score or dataset passed to a trainer) that
+    does not satisfy its documented contract (the message names the argument)."""
+
+
 def _check_type(name: str, value, tp):
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):

@@ -292,7 +292,8 @@ def _generator_unet(trainer):
     ema = trainer.ema_state_dict("generator")
     if ema is not None and adapter is None:
         net = copy.deepcopy(net)
-        net.load_state_dict({k: v.to(dtype=net.dtype) if v.is_floating_point() else v for k, v in ema.items()})
+        dtype = getattr(net, "dtype", None)  # a plain nn.Module (a generator object) has none: copy_ casts
+        net.load_state_dict({k: v.to(dtype=dtype or v.dtype) if v.is_floating_point() else v for k, v in ema.items()})
     return net.eval()
 
 

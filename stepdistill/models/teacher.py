@@ -34,6 +34,21 @@ class Teacher(Denoiser):
 
         teacher = Teacher.from_pretrained("stepdistill/assets/digits_teacher")
         x0 = teacher.predict(x_t, t, cond, target="x0", guidance_scale=2.0)
+
+    A teacher that is not a diffusers folder (an analytic score, a network of one's own) is built from its
+    parts: ``Teacher(net, schedule, prediction_type)``. ``net`` is a diffusers network (UNet2DModel, DiT, ...)
+    or any callable ``net(x_t, timestep, cond)`` (a function, an ``nn.Module``, with or without parameters)
+    that receives
+
+    * ``x_t``: the noisy sample, float32, shape ``(B, *sample_shape)`` (``(B, 2)`` for 2-D points, ``(B, C, H,
+      W)`` for images), on the trainer's device; EDM schedules give the preconditioned input c_in(t) x_t;
+    * ``timestep``: float32 ``(B,)``, the schedule's network time, not the continuous t in [0, 1]: a VP schedule
+      gives t (T - 1) (0 .. 999 for T = 1000), EDM its c_noise, a flow schedule sigma T (``schedule.model_time``);
+    * ``cond``: ``None`` (unconditional) or int64 class labels ``(B,)`` when the dataset has labels;
+
+    and returns a float tensor of ``x_t``'s shape: the prediction of ``prediction_type`` ("eps", "x0", "v",
+    "flow", "edm"; diffusers' names "epsilon", "sample", "v_prediction" work too) for
+    x_t = alpha(t) x0 + sigma(t) eps. The teacher never trains: a module's parameters are frozen here.
     """
 
     weight_dtype: torch.dtype | None = None  # reduced-precision frozen weights (None: as loaded)
@@ -49,6 +64,7 @@ class Teacher(Denoiser):
         shares_base: bool = False,
         cfg_convention: str = CFG_UNCOND,
     ):
+        _check_parts(net, schedule, prediction_type)
         super().__init__(net, schedule, prediction_type, cfg_convention=cfg_convention)
         self.shares_base = shares_base
         if not shares_base and isinstance(net, torch.nn.Module):
@@ -194,6 +210,27 @@ class Teacher(Denoiser):
             out = Denoiser.raw(self, x_t, t, cond, guidance_scale)
             t = self._time(t, x_t)
             return self.schedule.convert(out, x_t, t, self.prediction_type, target)
+
+
+def _check_parts(net, schedule, prediction_type) -> None:
+    """One-line errors for parts that cannot make a teacher (the argument named)."""
+    from ..config import ObjectError
+
+    if not callable(net):
+        raise ObjectError(
+            f"Teacher: net must be a network or a callable net(x_t, timestep, cond), got {type(net).__name__}"
+        )
+    if not isinstance(schedule, NoiseSchedule):
+        raise ObjectError(
+            "Teacher: schedule must be a stepdistill.schedules.NoiseSchedule (VPSchedule, EDMSchedule, FlowSchedule), "
+            f"got {type(schedule).__name__}"
+        )
+    if not isinstance(prediction_type, str):
+        raise ObjectError(f"Teacher: prediction_type must be a string such as 'eps', got {prediction_type!r}")
+    try:
+        schedule.check_prediction_type(prediction_type)
+    except ValueError as e:
+        raise ObjectError(f"Teacher: {e}") from None
 
 
 _MODE_TYPES = (torch.nn.modules.dropout._DropoutNd, torch.nn.modules.batchnorm._BatchNorm)

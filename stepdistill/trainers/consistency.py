@@ -421,7 +421,13 @@ class ConsistencyTrainer(StudentTrainer):
         return EncoderDiscriminatorHeads([f.shape[1] for f in feats]).to(device)
 
     def _reinitialise(self, net):
-        """Random weights of the same architecture (iCT trains from scratch)."""
+        """Random weights of the same architecture (iCT trains from scratch); a plain module (a generator
+        object) gets each layer's own ``reset_parameters``."""
+        if not hasattr(net, "from_config"):
+            for m in net.modules():
+                if hasattr(m, "reset_parameters"):
+                    m.reset_parameters()
+            return
         fresh = type(net).from_config(net.config)
         net.load_state_dict(fresh.state_dict())
 

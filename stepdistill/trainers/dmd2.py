@@ -370,6 +370,7 @@ class DMD2Trainer(StudentTrainer):
     method_name = "DMD2"
     find_unused_parameters = True  # the GAN head and the fake score's up path are idle in some groups
     trains_several_networks = True
+    has_fake_score = True  # accepts fake_score=<nn.Module> (see StudentTrainer)
 
     # ---------------------------------------------------------------- setup
     def validate(self):
@@ -400,6 +401,9 @@ class DMD2Trainer(StudentTrainer):
             return self.make_generator(self.gen_times)
 
         def make_fake():
+            if self.fake_score_object is not None:
+                return self.wrap_object(FakeScore, self.fake_score_object)
+            self.check_copy_source("fake_score")
             return FakeScore.from_teacher(
                 self.teacher,
                 c.fake_score_mode,
@@ -426,7 +430,7 @@ class DMD2Trainer(StudentTrainer):
             raise ConfigError("gan_generator_weight > 0 needs real images; the dataset has none")
         if self.use_gan:
             self.head = self._build_head(device)
-        self.pairs = self._make_regression_pairs() if c.regression_weight > 0 else None
+        self._pairs = None  # (teacher, pairs): made from the current teacher at first use (see ``pairs``)
         self._cache = None
 
     def _build_head(self, device):
@@ -660,6 +664,17 @@ class DMD2Trainer(StudentTrainer):
         return {"loss": loss, **out}
 
     # ---------------------------------------------------------------- regression pairs (DMD v1)
+    @property
+    def pairs(self):
+        """DMD v1's (noise, teacher image, batch) pairs, None with regression_weight 0. Made from the teacher
+        at their first use, and again when ``self.teacher`` has been replaced since (a teacher swapped after
+        ``setup()`` is the one the regression term follows). Seeded by ``seed``: a resume makes the same."""
+        if self.config.regression_weight <= 0:
+            return None
+        if self._pairs is None or self._pairs[0] is not self.teacher:
+            self._pairs = (self.teacher, self._make_regression_pairs())
+        return self._pairs[1]
+
     @torch.no_grad()
     def _make_regression_pairs(self):
         from ..sampling import sample

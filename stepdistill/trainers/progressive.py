@@ -206,7 +206,8 @@ class ProgressiveTrainer(StudentTrainer):
             w_embedding_dim=c.w_embedding_dim if c.guided else 0,
         )
         self.generator.prediction_type = self.schedule.check_prediction_type(pred)
-        self.round_teacher = self.teacher  # round 0: the original teacher (guided: after stage one, a copy)
+        self.round_teacher = None  # round 0: the original teacher, read when used (guided: after stage one, a copy)
+        self._read_as_student = False
         self._stage = None
         self._enter_stage(self.stage_at(0))
 
@@ -215,7 +216,7 @@ class ProgressiveTrainer(StudentTrainer):
         self.require_guidance("guided", True)
         rate = c.teacher_cond_dropout
         if rate < 0:
-            rate = _recorded_cond_dropout(self._teacher_path())
+            rate = _recorded_cond_dropout(self._teacher_path()) if self.teacher_object is None else None
         if rate is None:
             warnings.warn(
                 "guided distillation: cannot tell whether the teacher was trained with condition dropout; "
@@ -237,6 +238,28 @@ class ProgressiveTrainer(StudentTrainer):
         self.generator.net = self.specs["generator"].module
 
     # ---------------------------------------------------------------- stages and rounds
+    _own_round_teacher = None  # a frozen copy of an earlier stage's student (full rounds, guided stage one)
+    _read_as_student = False  # LoRA rounds after the first: the folded base, read as the student's type
+
+    @property
+    def round_teacher(self):
+        """The current round's teacher: a frozen copy of the previous round's student (full rounds), else
+        ``self.teacher`` as it is now (so a teacher replaced after ``setup()`` is the one used), read with the
+        student's prediction type in LoRA rounds after the first."""
+        if self._own_round_teacher is not None:
+            return self._own_round_teacher
+        teacher = self.teacher
+        if self._read_as_student and teacher is not None:
+            if teacher.prediction_type != self.generator.prediction_type:
+                teacher = copy.copy(teacher)  # the same shared base, read as the student's type
+                teacher.prediction_type = self.generator.prediction_type
+        return teacher
+
+    @round_teacher.setter
+    def round_teacher(self, teacher):
+        """A teacher of its own for the following rounds (None: follow ``self.teacher``)."""
+        self._own_round_teacher = teacher
+
     def stage_at(self, step: int):
         """("guided", None) during guided stage one, else ("round", r) with r = 0 .. rounds - 1."""
         c = self.config
@@ -256,10 +279,8 @@ class ProgressiveTrainer(StudentTrainer):
         n = self.config.start_steps // 2 if stage[0] == "guided" else self.student_steps(stage[1])
         self.generator.timesteps = self.schedule.timesteps(n, "trailing")
         if self.config.generator_mode == "lora" and stage[0] == "round":
-            self.round_teacher = self.teacher
-            if stage[1] > 0 and self.teacher.prediction_type != self.generator.prediction_type:
-                self.round_teacher = copy.copy(self.teacher)  # the same shared base, read as the student's type
-                self.round_teacher.prediction_type = self.generator.prediction_type
+            self.round_teacher = None
+            self._read_as_student = stage[1] > 0
 
     def lr_factor(self, name, step):
         c = self.config
@@ -308,7 +329,7 @@ class ProgressiveTrainer(StudentTrainer):
 
     # ---------------------------------------------------------------- checkpoints
     def extra_state(self):
-        own = self.round_teacher is not self.teacher and self.config.generator_mode == "full"
+        own = self._own_round_teacher is not None and self.config.generator_mode == "full"
         tensors = (
             {f"round_teacher.{k}": v for k, v in _unwrap(self.round_teacher.net).state_dict().items()} if own else {}
         )

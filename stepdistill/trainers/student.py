@@ -18,16 +18,31 @@ from functools import partial
 
 import torch
 
-from ..config import ConfigError
+from ..config import ConfigError, ObjectError
 from ..data.validate import check_dataset_fits_teacher, dataset_kind
 from ..models import Generator, Teacher
 from ..models.conditioning import ClassConditioner, Cond, TextConditioner
-from ..models.denoiser import _unwrap
+from ..models.denoiser import Denoiser, _unwrap
 from ..models.loading import looks_like_hub_id, resolve_model_path
 from .base import DistillTrainer, TrainConfig
 
 TEACHER_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 TEXT_CACHE_WARN_BYTES = 8 * 2**30
+OBJECT_LABEL = "<object: {}>"  # the config value recording an object argument (run.json, resume comparison)
+MAX_ITERABLE_ITEMS = 2**20  # an iterable dataset without len() is read into memory up to this many items
+
+
+def object_label(obj) -> str:
+    """``"<object: Name>"``: how the config (and so run.json and the resume check) records an object argument;
+    Name is a function's name or the object's class name."""
+    import inspect
+
+    name = obj.__name__ if inspect.isfunction(obj) or inspect.ismethod(obj) else type(obj).__name__
+    return OBJECT_LABEL.format(name)
+
+
+def is_object_label(value) -> bool:
+    return isinstance(value, str) and value.startswith(OBJECT_LABEL[:9]) and value.endswith(">")
 
 
 @dataclass
@@ -36,6 +51,7 @@ class StudentConfig(TrainConfig):
 
     > Models
     teacher (`str`, `"digits"`): diffusers folder or hub id of the teacher; "digits" = the bundled teacher.
+        A trainer given ``teacher=Teacher(...)`` records "<object: Name>" here (see :class:`StudentTrainer`).
     allow_download (`bool | None`, `None`): may a hub-id teacher missing from the local hub cache be downloaded?
         None: yes unless HF_HUB_OFFLINE is set or the hub does not answer within 3 s; false: local cache only.
     generator_mode (`str`, `"full"`): "full" copy of the teacher or "lora" adapter on it.
@@ -86,7 +102,12 @@ class StudentConfig(TrainConfig):
     def check(self):
         if self.generator_mode not in ("full", "lora"):
             raise ConfigError(f"generator_mode must be 'full' or 'lora', got {self.generator_mode!r}")
-        if self.teacher != "digits" and not os.path.exists(self.teacher) and not looks_like_hub_id(self.teacher):
+        if (
+            self.teacher != "digits"
+            and not is_object_label(self.teacher)
+            and not os.path.exists(self.teacher)
+            and not looks_like_hub_id(self.teacher)
+        ):
             raise ConfigError(f"teacher: path {self.teacher!r} does not exist (and is not a hub id like 'org/name')")
         self.check_memory_options()
 
@@ -121,14 +142,187 @@ class StudentTrainer(DistillTrainer):
     Export contract (read by :func:`stepdistill.export.export_generator`): ``export_timesteps()`` (integer
     timesteps of the trained steps), ``export_scheduler`` ("lcm": x0 then fresh noise; "ddim": trailing
     deterministic DDIM; "tcd") and ``export_guidance_scale`` (default call scale of w-conditioned students).
+
+    Objects instead of folders (each optional; the config's keys stay the default)::
+
+        DMD2Trainer(config, teacher=Teacher(net, schedule, "x0"), generator=mlp, fake_score=mlp2, dataset=points)
+
+    * ``teacher``: a :class:`~stepdistill.models.Teacher` (its ``net`` contract is in its docstring: called as
+      ``net(x_t, timestep, cond)`` with the schedule's network time, returning its ``prediction_type``). The
+      config's ``teacher`` key then records ``"<object: Name>"`` (run.json; a resume must pass an object of the
+      same name). Text-conditional teachers need their encoders: give them as folders. A teacher whose net is
+      a plain callable (no parameters) runs in fp32 on the device of ``x_t`` (no ``teacher_dtype`` /
+      ``teacher_offload``) and needs ``generator`` (and a fake score for DMD2 / SIM / VSD) as modules.
+    * ``generator`` / ``fake_score``: ``nn.Module`` networks called exactly as the teacher's net is (same
+      inputs) and returning the teacher's prediction type. They train in full (``generator_mode`` /
+      ``fake_score_mode`` are set to "full"); a module whose parameters are all frozen (a deep copy of a
+      Teacher's net) is made trainable. They must not share parameters with the teacher or each other.
+    * ``dataset``: a tensor ``(N, *sample_shape)`` of samples, a ``torch.utils.data.Dataset`` or any finite
+      iterable, read once into memory at construction. An item is a sample tensor, a ``(sample, label)``
+      pair, or a dict with keys among "image" (the sample, float), "label" (int class) and "caption" (str);
+      every item has the same keys. The trainer reads batches of them (``batch["image"]`` (B, *sample_shape)
+      float32, ``batch["label"]`` (B,) int64, ``batch["caption"]`` a list); data-free methods (DMD2, SIM, VSD
+      without GAN) read labels only. The config's ``dataset`` key records ``"<object: Name>"``.
+    * ``sample_shape``: the shape of one sample, when neither the dataset nor a diffusers network tells it.
+
+    Each object is checked here: types, then one call of each network on a batch of two at t = 0.5 (when the
+    sample shape and labels are known without loading data; else at ``build()``), with a one-line
+    :class:`~stepdistill.config.ObjectError` naming the argument.
     """
 
     export_scheduler = "lcm"
     export_guidance_scale: float | None = None
     lora_folds_into_base = False  # a method whose LoRA is folded into the teacher's base (progressive rounds)
+    has_fake_score = False  # the DMD2 family: a fake_score argument is accepted
+
+    def __init__(
+        self,
+        config,
+        accelerator=None,
+        *,
+        teacher=None,
+        generator=None,
+        fake_score=None,
+        dataset=None,
+        sample_shape=None,
+    ):
+        super().__init__(config, accelerator)
+        if fake_score is not None and not self.has_fake_score:
+            raise ObjectError(f"fake_score: {type(self).__name__} has no fake score (DMD2, SIM and VSD have one)")
+        c = config
+        if teacher is not None and not isinstance(teacher, Teacher):
+            raise ObjectError(
+                "teacher: expected stepdistill.models.Teacher(net, schedule, prediction_type), got "
+                f"{type(teacher).__name__}"
+            )
+        self.teacher_object = teacher
+        self.generator_object = _check_module("generator", generator)
+        self.fake_score_object = _check_module("fake_score", fake_score)
+        self.given_sample_shape = _check_shape(sample_shape)
+        self.dataset_object = _object_dataset(dataset) if dataset is not None else None
+        if teacher is not None:
+            if not is_object_label(c.teacher) and c.teacher != type(c)().teacher:
+                raise ConfigError(
+                    f"teacher: the config names {c.teacher!r} and a teacher object is given; leave the key at its "
+                    "default (the object is recorded as its name)"
+                )
+            c.teacher = object_label(teacher.net)
+        if dataset is not None:
+            c.dataset = object_label(dataset)
+        if generator is not None:
+            c.generator_mode = "full"
+        if fake_score is not None:
+            c.fake_score_mode = "full"
+        self._calls_checked = False
+        self._check_objects()
+
+    def _check_objects(self):
+        """What can be checked of the object arguments without loading anything (called by the constructor)."""
+        c = self.config
+        t = self.teacher_object
+        nets = {"generator": self.generator_object, "fake_score": self.fake_score_object}
+        if t is not None:
+            plain = not isinstance(t.net, torch.nn.Module)
+            for key, bad in (("teacher_dtype", c.teacher_dtype != "fp32"), ("teacher_offload", c.teacher_offload)):
+                if plain and bad:
+                    raise ConfigError(
+                        f"{key}={getattr(c, key)}: the teacher's net {object_label(t.net)} is a plain callable, "
+                        "which has no weights to cast or offload; leave it at its default"
+                    )
+            for name, module in nets.items():
+                if module is not None and _shares_parameters(module, t.net):
+                    raise ObjectError(
+                        f"{name}: shares parameters with the teacher's net (training it would change the teacher); "
+                        "pass a copy (copy.deepcopy)"
+                    )
+        if all(m is not None for m in nets.values()) and _shares_parameters(nets["generator"], nets["fake_score"]):
+            raise ObjectError("fake_score: shares parameters with the generator; pass separate networks")
+        shape, conditioner, labels = self._known_inputs()
+        if shape is not None:
+            self._check_calls(shape, lambda device: conditioner(labels).to(device) if conditioner is not None else None)
+
+    def _known_inputs(self):
+        """(sample shape, conditioner, two labels) of an object teacher when they are known before any data
+        loads, else Nones."""
+        t = self.teacher_object
+        if t is None:
+            return None, None, None
+        ds = self.dataset_object
+        if ds is None and not self.config.dataset.startswith("toy2d:"):
+            return None, None, None  # labels (and maybe the shape) come with the dataset
+        shape = self._object_sample_shape(ds)
+        if shape is None:
+            return None, None, None
+        labels = ds.labels if ds is not None else None
+        conditioner = _object_conditioner(t.net, labels)
+        if conditioner is None:
+            return shape, None, None
+        return shape, conditioner, labels[:2] if labels is not None else torch.zeros(2, dtype=torch.long)
+
+    def _object_sample_shape(self, dataset) -> tuple | None:
+        """A sample's shape: ``sample_shape``, else the dataset's samples, else a diffusers network's config,
+        else 2-D points for a toy2d dataset."""
+        if self.given_sample_shape is not None:
+            return self.given_sample_shape
+        if dataset is not None and dataset.images is not None:
+            return tuple(dataset.images.shape[1:])
+        for net in (self.teacher_object.net, self.generator_object):
+            if net is not None and getattr(_unwrap(net), "config", None) is not None:
+                try:
+                    return _sample_shape(net, self.config.resolution)
+                except (AttributeError, TypeError, IndexError):
+                    continue
+        if self.config.dataset.startswith("toy2d:"):
+            return (2,)
+        return None
+
+    def _check_calls(self, shape, cond_fn):
+        """One call of each object network (teacher, generator, fake score) on a batch of two at t = 0.5
+        (``cond_fn(device)`` gives the condition): each must return a finite float tensor of x_t's shape, else
+        an ObjectError naming the argument."""
+        t = self.teacher_object or self.teacher
+        calls = [("teacher", t.net, t)] if self.teacher_object is not None else []
+        calls += [
+            (name, m, Denoiser(m, t.schedule, t.prediction_type, cfg_convention=t.cfg_convention))
+            for name, m in (("generator", self.generator_object), ("fake_score", self.fake_score_object))
+            if m is not None
+        ]
+        for name, net, wrapper in calls:
+            device = _device_of(net)
+            x = torch.randn(2, *shape, generator=torch.Generator().manual_seed(0)).to(device)
+            cond = cond_fn(device)
+            what = f"x_t {tuple(x.shape)}, timestep (2,), cond {'None' if cond is None else 'of 2 samples'}"
+            try:
+                with torch.no_grad():
+                    out = wrapper.raw(x, torch.full((2,), 0.5, dtype=torch.float64), cond)
+            except Exception as e:  # noqa: BLE001 - any failure of a user's callable is reported in one line
+                first = (str(e).splitlines() or [""])[0]
+                raise ObjectError(
+                    f"{name}: calling {object_label(net)} on {what} failed ({type(e).__name__}: {first}); see the "
+                    "Teacher docstring for the call contract"
+                ) from e
+            if not torch.is_tensor(out) or not out.is_floating_point() or out.shape != x.shape:
+                got = f"shape {tuple(out.shape)} {out.dtype}" if torch.is_tensor(out) else type(out).__name__
+                raise ObjectError(
+                    f"{name}: {object_label(net)} returned {got} for {what}; it must return a float tensor of x_t's "
+                    f"shape: the teacher's prediction ({t.prediction_type})"
+                )
+            if not torch.isfinite(out).all():
+                raise ObjectError(f"{name}: {object_label(net)} returned non-finite values for {what} at t = 0.5")
+        self._calls_checked = True
 
     # ---------------------------------------------------------------- setup
     def _teacher_path(self):
+        if self.teacher_object is not None:
+            raise ConfigError(
+                f"teacher: {self.config.teacher!r} is an object, not a folder (this export or check needs a teacher "
+                "folder or hub id)"
+            )
+        if is_object_label(self.config.teacher):
+            raise ConfigError(
+                f"teacher: {self.config.teacher!r} records a teacher object of an earlier run; pass "
+                "teacher=Teacher(...) to the trainer, or name a folder or hub id"
+            )
         if self.config.teacher == "digits":
             from ..assets import digits_teacher_path
 
@@ -140,8 +334,17 @@ class StudentTrainer(DistillTrainer):
         c = self.config
         # before anything loads: a bad dataset, a missing teacher folder / unreachable hub id, data that does not
         # fit the teacher
-        dataset_kind(c.dataset)
-        check_dataset_fits_teacher(c.dataset, self._teacher_path())
+        if self.dataset_object is None:
+            if is_object_label(c.dataset):
+                raise ConfigError(
+                    f"dataset: {c.dataset!r} records a dataset object of an earlier run; pass dataset=... to the "
+                    "trainer, or name a dataset"
+                )
+            dataset_kind(c.dataset)
+        if self.teacher_object is None:
+            path = self._teacher_path()
+            if self.dataset_object is None:
+                check_dataset_fits_teacher(c.dataset, path)
         c.check_memory_options()
         if self.lora_folds_into_base and c.generator_mode == "lora" and c.teacher_dtype != "fp32":
             raise ConfigError(
@@ -156,22 +359,46 @@ class StudentTrainer(DistillTrainer):
         weights stay on the CPU from here on; ``cache_text_embeddings`` encodes the prompts here."""
         c = self.config
         device = self.accelerator.device
-        path = self._teacher_path()
-        self.teacher = Teacher.from_pretrained(path)
+        if self.teacher_object is not None:
+            self.teacher = self.teacher_object
+            path = None
+        else:
+            path = self._teacher_path()
+            self.teacher = Teacher.from_pretrained(path)
         if c.teacher_offload:
             self.teacher.offload(device)
-        else:
+        elif isinstance(self.teacher.net, torch.nn.Module):
             self.teacher.net.to(device)
         self.schedule = self.teacher.schedule
         net = self.teacher.net
-        self.conditioner, self.vae = _conditioning_for(path, net, c)
+        if path is None:
+            self.vae = None
+            self.sample_shape = self._object_sample_shape(self.dataset_object)
+            if self.sample_shape is None:
+                raise ObjectError(
+                    f"sample_shape: cannot tell the shape of a sample of teacher={c.teacher}; pass "
+                    "sample_shape=(...) or a dataset of samples to the trainer"
+                )
+        else:
+            self.conditioner, self.vae = _conditioning_for(path, net, c)
+            self.sample_shape = _sample_shape(net, c.resolution)
         if self.vae is not None:
             self.vae.to(device)
+        self.dataset = self.dataset_object or _dataset_for(c, self.sample_shape, self.vae)
+        if path is None:
+            self.conditioner = _object_conditioner(net, self.dataset.labels)
         if getattr(self.conditioner, "to", None) is not None and not isinstance(self.conditioner, ClassConditioner):
             self.conditioner.to(device)
-        self.sample_shape = _sample_shape(net, c.resolution)
-        self.dataset = _dataset_for(c, self.sample_shape, self.vae)
+        if self.dataset.images is not None and tuple(self.dataset.images.shape[1:]) != tuple(self.sample_shape):
+            raise ObjectError(
+                f"dataset: its samples have shape {tuple(self.dataset.images.shape[1:])}, but the teacher's samples "
+                f"have shape {tuple(self.sample_shape)}"
+            )
         _check_dataset_fits(self.conditioner, self.dataset, c.dataset)
+        objects = (self.teacher_object, self.generator_object, self.fake_score_object)
+        if any(o is not None for o in objects) and not self._calls_checked:
+            example = self.dataset.example(2, generator=torch.Generator().manual_seed(0))
+            self._check_calls(self.sample_shape, lambda device: _cond_to(self._cond_batch(example), device))
         if c.teacher_offload and self.vae is not None:  # real latents are encoded: the VAE only decodes grids
             self.vae.to("cpu")
         if c.cache_text_embeddings:
@@ -249,7 +476,7 @@ class StudentTrainer(DistillTrainer):
     def make_generator(self, timesteps, *, sampler: str = "consistency", w_embedding_dim: int = 0) -> Generator:
         """The student from the teacher's weights (``generator_mode`` full or LoRA)."""
         c = self.config
-        gen = Generator.from_teacher(
+        gen = self._generator_from_object(timesteps, sampler, w_embedding_dim) or Generator.from_teacher(
             self.teacher,
             c.generator_mode,
             timesteps=timesteps,
@@ -262,6 +489,44 @@ class StudentTrainer(DistillTrainer):
         if self.teacher.offload_device is not None:  # copied from the host weights of an offloaded teacher
             gen.net.to(self.teacher.offload_device)
         return gen
+
+    def check_copy_source(self, name: str):
+        """Before network ``name`` (generator / fake_score) is made from the teacher's net: it must have what the
+        copy needs, parameters for a full copy, Linear or Conv2d layers for a LoRA adapter (else a one-line error
+        naming the key to change or the argument to pass)."""
+        c = self.config
+        net = self.teacher.net
+        label = object_label(net) if self.teacher_object is not None else repr(type(_unwrap(net)).__name__)
+        mode = getattr(c, f"{name}_mode")
+        if mode == "lora":
+            _check_lora_base(f"{name}_mode", net, c.lora_target_modules, label)
+        elif not _has_parameters(net):
+            raise ObjectError(
+                f"{name}: the teacher's net {label} has no parameters to copy; pass {name}=<nn.Module> (called as "
+                "the teacher's net, returning its prediction type)"
+            )
+
+    def _generator_from_object(self, timesteps, sampler: str, w_embedding_dim: int) -> Generator | None:
+        """The ``generator`` argument as the student (None when none was given: then the teacher's net is
+        checked for the copy ``Generator.from_teacher`` makes)."""
+        if self.generator_object is None:
+            self.check_copy_source("generator")
+            return None
+        if w_embedding_dim:
+            raise ConfigError(
+                f"w_embedding_dim={w_embedding_dim}: a guidance-scale input is added to copies of the teacher's "
+                "UNet only; with a generator object set w_embedding_dim: 0 (progressive: guided: false)"
+            )
+        return self.wrap_object(Generator, self.generator_object, timesteps=timesteps, sampler=sampler)
+
+    def wrap_object(self, cls, module, **kw):
+        """A Generator / FakeScore around a network given as an object: the teacher's schedule, prediction type
+        and CFG convention, on the trainer's device, trainable."""
+        module.to(self.accelerator.device).train()
+        if not any(p.requires_grad for p in module.parameters()):  # e.g. a deep copy of a Teacher's frozen net
+            module.requires_grad_(True)
+        t = self.teacher
+        return cls(module, t.schedule, t.prediction_type, cfg_convention=t.cfg_convention, **kw)
 
     def generator_params(self):
         if self.config.generator_mode == "full":
@@ -320,6 +585,12 @@ class StudentTrainer(DistillTrainer):
 
     def network_only_export(self) -> str:
         """Why no diffusers pipeline can reproduce this student's sampler ("" when one can)."""
+        if self.teacher_object is not None or self.generator_object is not None:
+            given = "teacher" if self.teacher_object is not None else "generator"
+            return (
+                f"the {given} was given as an object (a pipeline is built from a teacher folder's scheduler and "
+                "components around a diffusers network)"
+            )
         if self.schedule.kind == "edm":
             return "students of EDM teachers have no diffusers pipeline yet"
         if getattr(self.generator, "input_scale", 1.0) != 1.0:
@@ -327,40 +598,54 @@ class StudentTrainer(DistillTrainer):
         return ""
 
     def _export_network(self, path: str, why: str) -> None:
-        """Write the generator network (``<path>/unet``, diffusers format), the teacher's scheduler config and
-        ``student.json`` (prediction type, trained sigmas and timesteps, first-input scale: x0 = generator(
-        input_scale * sigma_0 * z) at the first time, re-noised to each next time), atomically."""
-        import shutil
+        """Write the generator network, the scheduler config and ``student.json`` (prediction type, trained
+        sigmas, alphas and timesteps, first-input scale: x0 = generator(input_scale * sigma_0 * z) at the first
+        time, re-noised to each next time), staged beside ``path`` and swapped in with the export marker.
 
+        The network: ``<path>/unet`` (diffusers format) for a diffusers network, else its state dict as
+        ``<path>/generator.safetensors`` (load it into the same module class: ``student.json``'s
+        ``network_class``). The scheduler config: the teacher folder's, or the schedule's own config (a teacher
+        object with a schedule built by ``from_config``); none when the schedule has no config."""
         from ..export import _generator_unet, _teacher_json
+        from ..io import begin_export, finish_export, save_safetensors
 
         net = _generator_unet(self)
         if not self.accelerator.is_main_process:
             return
+        diffusers_net = hasattr(net, "save_pretrained") and hasattr(net, "config")
+        where = f"{path}/unet" if diffusers_net else f"{path}/generator.safetensors"
         warnings.warn(
-            f"{type(self).__name__}: exported as a network only ({path}/unet), not as a diffusers pipeline: {why}; "
+            f"{type(self).__name__}: exported as a network only ({where}), not as a diffusers pipeline: {why}; "
             "student.json says how to sample",
             stacklevel=2,
         )
-        tmp = path.rstrip("/") + ".tmp_export"
-        shutil.rmtree(tmp, ignore_errors=True)
-        net.save_pretrained(os.path.join(tmp, "unet"))
-        os.makedirs(os.path.join(tmp, "scheduler"))
-        with open(os.path.join(tmp, "scheduler", "scheduler_config.json"), "w") as f:
-            json.dump(_teacher_json(self._teacher_path(), "scheduler_config.json", "scheduler"), f, indent=2)
+        tmp = begin_export(path)
+        if diffusers_net:
+            net.save_pretrained(os.path.join(tmp, "unet"))
+        else:
+            save_safetensors(net.state_dict(), os.path.join(tmp, "generator.safetensors"))
+        if self.teacher_object is None:
+            scheduler = _teacher_json(self._teacher_path(), "scheduler_config.json", "scheduler")
+        else:
+            scheduler = dict(getattr(self.schedule, "config", None) or {})
+        if scheduler:
+            os.makedirs(os.path.join(tmp, "scheduler"))
+            with open(os.path.join(tmp, "scheduler", "scheduler_config.json"), "w") as f:
+                json.dump(scheduler, f, indent=2)
+        times = self.generator.timesteps
         info = {
             "prediction_type": self.generator.prediction_type,
-            "sigmas": [float(v) for v in self.schedule.sigma(self.generator.timesteps)],
+            "sigmas": [float(v) for v in self.schedule.sigma(times)],
+            "alphas": [float(v) for v in self.schedule.alpha(times)],
             "input_scale": float(getattr(self.generator, "input_scale", 1.0)),
             "timesteps": self.export_timesteps(),
             "sampler": self.generator.sampler,
+            "network": "unet" if diffusers_net else "generator.safetensors",
+            "network_class": f"{type(net).__module__}.{type(net).__qualname__}",
         }
         with open(os.path.join(tmp, "student.json"), "w") as f:
             json.dump(info, f, indent=2)
-            f.flush()
-            os.fsync(f.fileno())
-        shutil.rmtree(path, ignore_errors=True)
-        os.replace(tmp, path)
+        finish_export(tmp, path, "network")  # fsync, then swap in
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -448,6 +733,201 @@ def checkpoint_with_adapter_state(module, *args, recompute_context=None):
         use_reentrant=False,
         context_fn=lambda: (nullcontext(), _recompute_state(owner, layers, state, recompute_context)),
     )
+
+
+# objects given to the constructor ----------------------------------------------------------------------
+
+
+class PlainLabels(ClassConditioner):
+    """Class labels for a callable teacher: its ``cond`` argument is the int64 labels (B,); no null branch."""
+
+    def __init__(self, num_classes: int):
+        super().__init__(
+            num_classes,
+            with_null=False,
+            no_null_reason="a callable teacher receives the labels as cond and has no unconditional branch",
+        )
+
+    def __call__(self, labels) -> Cond:
+        out = super().__call__(labels)
+        return Cond(kwargs={"cond": out.kwargs["class_labels"]}, null=None, null_reason=self.no_null_reason)
+
+
+def _object_conditioner(net, labels):
+    """The conditioner of a teacher given as an object: a diffusers class-conditional network's own, else the
+    dataset's labels as ``cond`` (None: unconditional)."""
+    name = type(_unwrap(net)).__name__
+    if name in ("UNet2DConditionModel", "SD3Transformer2DModel"):
+        raise ObjectError(
+            f"teacher: a text-conditional {name} needs its tokenizers and text encoders; give it as a folder or hub "
+            "id (the config's teacher key)"
+        )
+    if name == "UNet2DModel":
+        inner = _unwrap(net)
+        return ClassConditioner.for_unet2d(inner) if getattr(inner.config, "num_class_embeds", None) else None
+    if name in ("DiTTransformer2DModel", "Transformer2DModel"):
+        return ClassConditioner.for_dit(_unwrap(net))
+    if labels is None:
+        return None
+    return PlainLabels(int(labels.max()) + 1)
+
+
+def _cond_to(cond, device):
+    return cond.to(device) if cond is not None else None
+
+
+def _check_module(name: str, module):
+    if module is None:
+        return None
+    if not isinstance(module, torch.nn.Module):
+        raise ObjectError(f"{name}: expected an nn.Module (its parameters train), got {type(module).__name__}")
+    if not _has_parameters(module):
+        raise ObjectError(f"{name}: {type(module).__name__} has no parameters to train")
+    return module
+
+
+def _check_shape(shape):
+    if shape is None:
+        return None
+    ok = isinstance(shape, (tuple, list, torch.Size)) and len(shape) > 0
+    ok = ok and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in shape)
+    if not ok:
+        raise ObjectError(f"sample_shape: expected a tuple of positive ints such as (2,) or (3, 32, 32), got {shape!r}")
+    return tuple(shape)
+
+
+def _has_parameters(net) -> bool:
+    return isinstance(net, torch.nn.Module) and any(p.numel() for p in net.parameters())
+
+
+def _shares_parameters(a, b) -> bool:
+    if not isinstance(a, torch.nn.Module) or not isinstance(b, torch.nn.Module):
+        return False
+    ids = {id(p) for p in a.parameters()}
+    return any(id(p) in ids for p in b.parameters())
+
+
+def _device_of(net) -> torch.device:
+    if isinstance(net, torch.nn.Module):
+        for t in list(net.parameters()) + list(net.buffers()):
+            return t.device
+    return torch.device("cpu")
+
+
+def _check_lora_base(key: str, net, targets, label: str) -> None:
+    """``key`` (generator_mode / fake_score_mode) = lora needs Linear or Conv2d layers in the teacher's net
+    (``label``: how to name it)."""
+    from ..models.adapters import default_target_modules
+
+    arg = key[: -len("_mode")]
+    inner = _unwrap(net)
+    if not isinstance(inner, torch.nn.Module):
+        raise ConfigError(
+            f"{key}=lora: the teacher's net {label} is a plain callable, which has no layers to put a LoRA on; use "
+            f"{key}: full and pass {arg}=<nn.Module>"
+        )
+    if targets:
+        names = [n for n, _ in inner.named_modules()]
+        if not any(n == t or n.endswith("." + t) for t in targets for n in names):
+            raise ConfigError(
+                f"{key}=lora: lora_target_modules {list(targets)} match no layer of the teacher's net {label}; name "
+                f"its layers (or [] for every Linear / Conv2d), use {key}: full, or pass {arg}=<nn.Module>"
+            )
+        return
+    try:
+        default_target_modules(inner)
+    except ValueError:
+        raise ConfigError(
+            f"{key}=lora: the teacher's net {label} has no Linear or Conv2d layer to put a LoRA on; use {key}: full, "
+            f"or pass {arg}=<nn.Module>"
+        ) from None
+
+
+_ITEM_KEYS = ("image", "label", "caption")
+
+
+def _object_dataset(obj) -> "DistillDataset":
+    """A dataset argument (a sample tensor, a torch Dataset or a finite iterable of items) read into a
+    DistillDataset; an ObjectError naming ``dataset`` when it does not fit the item contract."""
+    import itertools
+
+    if isinstance(obj, DistillDataset):
+        return obj
+    if torch.is_tensor(obj):
+        if obj.ndim < 2 or not obj.is_floating_point():
+            raise ObjectError(
+                f"dataset: a tensor dataset holds float samples (N, *sample_shape), got {obj.dtype} of shape "
+                f"{tuple(obj.shape)}"
+            )
+        return DistillDataset(images=obj.detach().float().cpu())
+    if isinstance(obj, (str, bytes, dict)):
+        raise ObjectError(
+            f"dataset: expected a tensor, a torch Dataset or an iterable of items, got {type(obj).__name__} (name "
+            "datasets by string in the config's dataset key)"
+        )
+    if hasattr(obj, "__len__") and hasattr(obj, "__getitem__"):
+        items = [obj[i] for i in range(len(obj))]
+    else:
+        try:
+            items = list(itertools.islice(iter(obj), MAX_ITERABLE_ITEMS + 1))
+        except TypeError:
+            raise ObjectError(
+                f"dataset: {type(obj).__name__} is neither a tensor, a Dataset (len and indexing) nor an iterable"
+            ) from None
+        if len(items) > MAX_ITERABLE_ITEMS:
+            raise ObjectError(
+                f"dataset: the iterable gave more than {MAX_ITERABLE_ITEMS} items (it is read into memory); pass a "
+                "map-style Dataset or fewer items"
+            )
+    if not items:
+        raise ObjectError("dataset: it has no items")
+    rows = [_dataset_item(i, it) for i, it in enumerate(items)]
+    keys = set(rows[0])
+    for i, row in enumerate(rows):
+        if set(row) != keys:
+            raise ObjectError(f"dataset: item {i} has keys {sorted(row)}, but item 0 has {sorted(keys)}")
+        if "image" in keys and row["image"].shape != rows[0]["image"].shape:
+            raise ObjectError(
+                f"dataset: item {i}'s sample has shape {tuple(row['image'].shape)}, item 0's "
+                f"{tuple(rows[0]['image'].shape)}"
+            )
+    return DistillDataset(
+        labels=torch.stack([r["label"] for r in rows]) if "label" in keys else None,
+        captions=[r["caption"] for r in rows] if "caption" in keys else None,
+        images=torch.stack([r["image"] for r in rows]) if "image" in keys else None,
+        n=len(rows),
+    )
+
+
+def _dataset_item(i: int, item) -> dict:
+    if torch.is_tensor(item):
+        item = {"image": item}
+    elif isinstance(item, (tuple, list)) and len(item) == 2:
+        item = {"image": item[0], "label": item[1]}
+    elif not isinstance(item, dict):
+        raise ObjectError(
+            f"dataset: item {i} is a {type(item).__name__}; an item is a sample tensor, a (sample, label) pair or "
+            f"a dict with keys among {list(_ITEM_KEYS)}"
+        )
+    unknown = sorted(set(item) - set(_ITEM_KEYS))
+    if unknown:
+        raise ObjectError(f"dataset: item {i} has keys {unknown}; the trainer reads {list(_ITEM_KEYS)}")
+    out = {}
+    if "image" in item:
+        x = item["image"]
+        if not torch.is_tensor(x) or not x.is_floating_point() or x.ndim < 1:
+            raise ObjectError(f"dataset: item {i}'s sample must be a float tensor of the sample shape, got {x!r:.60}")
+        out["image"] = x.detach().float().cpu()
+    if "label" in item:
+        y = torch.as_tensor(item["label"])
+        if y.ndim != 0 or y.is_floating_point() or y.dtype == torch.bool or y.is_complex() or int(y) < 0:
+            raise ObjectError(f"dataset: item {i}'s label must be a non-negative int, got {item['label']!r}")
+        out["label"] = y.long()
+    if "caption" in item:
+        if not isinstance(item["caption"], str):
+            raise ObjectError(f"dataset: item {i}'s caption must be a str, got {type(item['caption']).__name__}")
+        out["caption"] = item["caption"]
+    return out
 
 
 def _has_null(conditioner) -> bool:
@@ -539,9 +1019,10 @@ def _decode(vae, latents):
 class DistillDataset(torch.utils.data.Dataset):
     """Conditioning (labels or captions) and, when available, real images / latents for the GAN."""
 
-    def __init__(self, labels=None, captions=None, images=None):
+    def __init__(self, labels=None, captions=None, images=None, n: int | None = None):
         self.labels, self.captions, self.images = labels, captions, images
-        self.n = len(labels if labels is not None else captions if captions is not None else images)
+        given = labels if labels is not None else captions if captions is not None else images
+        self.n = len(given) if given is not None else int(n)
         self.has_images = images is not None
 
     def __len__(self):
