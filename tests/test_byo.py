@@ -5,6 +5,7 @@ export of such students, and the README example run as written."""
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -284,7 +285,7 @@ def test_export_of_an_object_student_saves_the_generator_weights(tmp_path):
     from safetensors.torch import load_file
 
     trainer = make("dmd2", tmp_path / "run", teacher=Teacher(mixture_x0, SCHEDULE, "x0"), generator=MLP(),
-                   fake_score=MLP(seed=1), dataset=points())  # fmt: skip
+                   fake_score=MLP(seed=1), dataset=points(), ema_decay=0.5)  # fmt: skip
     trainer.train()
     with pytest.warns(UserWarning, match="network only .*generator.safetensors.*the teacher was given as an object"):
         out = trainer.export()
@@ -297,7 +298,9 @@ def test_export_of_an_object_student_saves_the_generator_weights(tmp_path):
     reloaded.load_state_dict(load_file(os.path.join(out, "generator.safetensors")))
     z = torch.randn(8, 2)
     t = torch.full((8,), 999.0)
-    torch.testing.assert_close(reloaded(z, t), trainer.generator.net(z, t))
+    for k, v in reloaded.state_dict().items():  # the generator's EMA weights, as for every export
+        torch.testing.assert_close(v, trainer.ema["generator"][k])
+    assert not torch.equal(reloaded(z, t), trainer.generator.net(z, t))
     assert os.path.isfile(os.path.join(out, EXPORT_MARKER))  # marked as ours: a second export replaces it
     os.remove(os.path.join(out, "student.json"))
     with pytest.warns(UserWarning, match="network only"):
@@ -323,3 +326,24 @@ def test_readme_bring_your_own_teacher_example_runs(tmp_path, monkeypatch):
     assert set(results) == {"dmd2", "lcm"}
     for name, (before, after) in results.items():
         assert after < 0.75 * before, f"{name}: mean distance to the nearest mode {before:.3f} -> {after:.3f}"
+
+
+def test_folder_teacher_with_a_generator_object_and_a_dataset_object(tmp_path):
+    """The bundled digits teacher (a folder) with a student network of one's own: it gets the teacher's class
+    labels as the UNet does; a dataset object must have the teacher's sample shape."""
+    from stepdistill.assets import digits_teacher_path
+
+    net = Teacher.from_pretrained(digits_teacher_path()).net
+    student = copy.deepcopy(net)  # frozen by Teacher: made trainable
+    cfg = DMD2Config(output_dir=str(tmp_path / "a"), **{**TINY, "max_steps": 1, "global_batch": 2})
+    trainer = DMD2Trainer(cfg, generator=student)
+    trainer.train()
+    assert trainer.config.teacher == "digits" and trainer.generator.net is student
+    assert any(not torch.equal(a, b) for a, b in zip(net.parameters(), student.parameters()))  # it trained
+    with pytest.raises(ObjectError, match=r"^dataset: its samples have shape \(2,\), but the teacher's samples"):
+        DMD2Trainer(DMD2Config(output_dir=str(tmp_path / "b"), **TINY), dataset=[(x, 1) for x in points(8)]).setup()
+    with pytest.raises(ConfigError, match="^dataset: '<object: Tensor>' has no class labels, but the teacher is class"):
+        DMD2Trainer(DMD2Config(output_dir=str(tmp_path / "b"), **TINY), dataset=points(8)).setup()
+    with pytest.raises(ConfigError, match="^gan_generator_weight > 0: MLP has no mid_block"):
+        make("dmd2", tmp_path / "c", teacher=Teacher(mixture_x0, SCHEDULE, "x0"), generator=MLP(),
+             fake_score=MLP(seed=1), dataset=points(), gan_generator_weight=0.1).setup()  # fmt: skip

@@ -429,7 +429,10 @@ class DMD2Trainer(StudentTrainer):
         if self.use_gan and not self.dataset.has_images:
             raise ConfigError("gan_generator_weight > 0 needs real images; the dataset has none")
         if self.use_gan:
-            self.head = self._build_head(device)
+            try:
+                self.head = self._build_head(device)
+            except ValueError as e:  # a fake score without a bottleneck (a fake_score object of one's own)
+                raise ConfigError(f"gan_generator_weight > 0: {e}; set gan_generator_weight: 0") from None
         self._pairs = None  # (teacher, pairs): made from the current teacher at first use (see ``pairs``)
         self._cache = None
 

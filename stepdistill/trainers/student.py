@@ -257,7 +257,11 @@ class StudentTrainer(DistillTrainer):
         conditioner = _object_conditioner(t.net, labels)
         if conditioner is None:
             return shape, None, None
-        return shape, conditioner, labels[:2] if labels is not None else torch.zeros(2, dtype=torch.long)
+        return (
+            shape,
+            conditioner,
+            labels[torch.arange(2) % len(labels)] if labels is not None else torch.zeros(2, dtype=torch.long),
+        )
 
     def _object_sample_shape(self, dataset) -> tuple | None:
         """A sample's shape: ``sample_shape``, else the dataset's samples, else a diffusers network's config,
@@ -389,12 +393,13 @@ class StudentTrainer(DistillTrainer):
             self.conditioner = _object_conditioner(net, self.dataset.labels)
         if getattr(self.conditioner, "to", None) is not None and not isinstance(self.conditioner, ClassConditioner):
             self.conditioner.to(device)
-        if self.dataset.images is not None and tuple(self.dataset.images.shape[1:]) != tuple(self.sample_shape):
-            raise ObjectError(
-                f"dataset: its samples have shape {tuple(self.dataset.images.shape[1:])}, but the teacher's samples "
-                f"have shape {tuple(self.sample_shape)}"
-            )
         _check_dataset_fits(self.conditioner, self.dataset, c.dataset)
+        images = self.dataset.images if self.dataset_object is not None else None
+        if images is not None and tuple(images.shape[1:]) != tuple(self.sample_shape):
+            raise ObjectError(
+                f"dataset: its samples have shape {tuple(images.shape[1:])}, but the teacher's samples have shape "
+                f"{tuple(self.sample_shape)}"
+            )
         objects = (self.teacher_object, self.generator_object, self.fake_score_object)
         if any(o is not None for o in objects) and not self._calls_checked:
             example = self.dataset.example(2, generator=torch.Generator().manual_seed(0))
