@@ -388,7 +388,8 @@ class StudentTrainer(DistillTrainer):
             self.sample_shape = _sample_shape(net, c.resolution)
         if self.vae is not None:
             self.vae.to(device)
-        self.dataset = self.dataset_object or _dataset_for(c, self.sample_shape, self.vae)
+        given = self.dataset_object
+        self.dataset = given if given is not None else _dataset_for(c, self.sample_shape, self.vae)
         if path is None:
             self.conditioner = _object_conditioner(net, self.dataset.labels)
         if getattr(self.conditioner, "to", None) is not None and not isinstance(self.conditioner, ClassConditioner):
