@@ -67,6 +67,7 @@ METHODS = {
     "progressive": (ProgressiveConfig, ProgressiveTrainer, dict(start_steps=4, steps_per_round=1, max_steps=0)),
     "lcm": (ConsistencyConfig, ConsistencyTrainer, dict(num_ddim_timesteps=10, inference_steps=1)),
     "ect": (ConsistencyConfig, ConsistencyTrainer, dict(mode="ect", inference_steps=1)),
+    "ict": (ConsistencyConfig, ConsistencyTrainer, dict(mode="ict", inference_steps=1)),  # reinitialises
 }
 
 
