@@ -157,6 +157,8 @@ class StudentTrainer(DistillTrainer):
       inputs) and returning the teacher's prediction type. They train in full (``generator_mode`` /
       ``fake_score_mode`` are set to "full"); a module whose parameters are all frozen (a deep copy of a
       Teacher's net) is made trainable. They must not share parameters with the teacher or each other.
+      Without them, the copies are made as for a folder teacher; a LoRA mode (``generator_mode`` /
+      ``fake_score_mode: lora``) then adds its adapters to the teacher object's own net.
     * ``dataset``: a tensor ``(N, *sample_shape)`` of samples, a ``torch.utils.data.Dataset`` or any finite
       iterable, read once into memory at construction. An item is a sample tensor, a ``(sample, label)``
       pair, or a dict with keys among "image" (the sample, float), "label" (int class) and "caption" (str);
