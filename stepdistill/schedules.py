@@ -169,6 +169,41 @@ class NoiseSchedule:
         x0, eps = self.to_x0_eps(pred, x_t.to(pred.dtype), t, src_k)
         return self.from_x0_eps(x0, eps, x_t.to(pred.dtype), t, dst_k)
 
+    def amplification(self, t, pred: str) -> torch.Tensor:
+        """|d x0 / d output| of a ``pred``-type output at ``t``: how much an error of the network's output is
+        scaled in its x0 (eps: sigma / alpha, 157 at timestep 999 of DDPM's linear schedule; v: sigma /
+        (alpha^2 + sigma^2); x0: 1; flow: t; edm: c_out). The conversion is affine in the output, so this is
+        its x0 for output 1 at x_t = 0."""
+        t = self._t(t)
+        one = torch.ones(t.reshape(-1).shape[0], 1, dtype=torch.float64)
+        x0, _ = self.to_x0_eps(one, torch.zeros_like(one), t.reshape(-1), pred)
+        return x0.abs().reshape(t.shape)
+
+    def well_conditioned_type(self) -> str:
+        """The output type whose x0 amplification stays bounded at every t: v (VP), flow (rectified flow),
+        edm (EDM's preconditioned output, c_out <= sigma_data)."""
+        return {"vp": "v", "flow": "flow", "edm": "edm"}.get(self.kind, "x0")
+
+    def auto_prediction_type(self, teacher_type: str, t0, limit: float = 20.0) -> tuple[str, float]:
+        """``student_prediction: auto``: the teacher's type, unless it amplifies output errors more than
+        ``limit`` x in x0 at the generator's first (noisiest) time ``t0``; then :meth:`well_conditioned_type`.
+        Returns (type, the teacher type's amplification at t0). SD1.5 / SDXL's eps at timestep 999 (14.6x)
+        keeps eps; DDPM's linear schedule (157x) and cosine / zero-SNR schedules (unbounded) switch."""
+        teacher_type = self.check_prediction_type(teacher_type)
+        amp = float(self.amplification(t0, teacher_type))
+        if amp <= limit:  # (nan > limit is False: an undefined amplification switches too, below)
+            return teacher_type, amp
+        return self.check_prediction_type(self.well_conditioned_type()), amp
+
+    def reinterpretation_offset(self, out: torch.Tensor, x_t: torch.Tensor, t, src: str, dst: str) -> torch.Tensor:
+        """convert(out, src -> dst) - out, in float64: what a network that outputs ``out`` as a ``src`` type must
+        add to its output so that the sum, read as ``dst``, is the same prediction (exactly, for every x_t, t).
+        A student whose network is a copy of an ``src`` teacher reads its output as ``dst`` plus this offset of
+        the teacher's output: it equals the teacher at initialisation, while its own output's error reaches x0
+        with ``dst``'s amplification, not ``src``'s."""
+        out64 = out.double()
+        return self.convert(out64, x_t.double(), t, src, dst) - out64
+
     # --- time grids and samplers -------------------------------------------------------------------
     def timesteps(self, num_steps: int, spacing: str = "trailing") -> torch.Tensor:
         """``num_steps`` continuous times, noisiest first, for an N-step sampler (the final step lands

@@ -10,10 +10,11 @@ import torch
 from .adapters import adapter_active, add_lora
 from .denoiser import Denoiser, _unwrap
 from .features import can_stop_early, run_to
+from .generator import TeacherAnchor
 from .teacher import Teacher
 
 
-class FakeScore(Denoiser):
+class FakeScore(TeacherAnchor, Denoiser):
     """Same ``predict`` API as the teacher, plus ``dsm_loss`` (inherited) to fit it to generated samples.
 
     Build it from the teacher, either as a full trainable copy or as a LoRA adapter on the teacher's own
@@ -58,9 +59,11 @@ class FakeScore(Denoiser):
 
     def _forward(self, x_t, t, kwargs):
         if self.adapter_name is None:
-            return super()._forward(x_t, t, kwargs)
-        with adapter_active(_unwrap(self.net), self.adapter_name):
-            return super()._forward(x_t, t, kwargs)
+            out = super()._forward(x_t, t, kwargs)
+        else:
+            with adapter_active(_unwrap(self.net), self.adapter_name):
+                out = super()._forward(x_t, t, kwargs)
+        return self._anchored(out, x_t, t, kwargs)
 
     def bottleneck(self, x_t, t, cond=None, module=None):
         """The output of ``module`` (a layer of the network: the GAN head's input) for ``x_t`` at ``t``: the

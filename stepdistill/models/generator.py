@@ -38,7 +38,54 @@ def with_guidance_embedding(net, dim: int):
     raise ValueError(f"a guidance-scale embedding is supported for UNet2DModel and UNet2DConditionModel, not {name}")
 
 
-class Generator(Denoiser):
+class TeacherAnchor:
+    """A network initialised from a teacher's weights whose output is read as another prediction type,
+    exactly: ``raw = net(x_t, t) + w * (convert(teacher(x_t, t), T -> P) - teacher(x_t, t))``
+    (:meth:`~stepdistill.schedules.NoiseSchedule.reinterpretation_offset`). With w = 1 and the net equal to
+    the teacher, raw is the teacher's prediction written as a P output: the student starts as the teacher,
+    and the error of its own output reaches x0 with P's amplification (v: ~1) instead of T's (eps at DDPM's
+    timestep 999: 157x). ``anchor_weight`` (a callable, None = always 1) ramps w down to 0 for a student
+    that is exported as a network alone; a fake score keeps it at 1. The teacher's pass carries input
+    gradients when x_t does (SiD / SIM differentiate the fake score's output w.r.t. x_t)."""
+
+    anchor_weight = None
+
+    @property
+    def anchor(self):
+        """The Teacher the weights came from (None: the output is read as is); kept out of the module tree
+        (not a submodule: its weights are not the student's)."""
+        return self.__dict__.get("_anchor")
+
+    def set_anchor(self, teacher, weight=None):
+        """(nn.Module's ``__setattr__`` would register the teacher as a submodule: hence a method.)"""
+        self.__dict__["_anchor"] = teacher
+        self.anchor_weight = weight
+
+    def reinterpret(self, teacher, prediction_type: str, weight=None):
+        """Read this network's output as ``prediction_type``, anchored to ``teacher`` with ``weight``."""
+        pred = self.schedule.check_prediction_type(prediction_type)
+        self.prediction_type = pred
+        self.set_anchor(teacher if pred != teacher.prediction_type else None, weight)
+        return self
+
+    def anchor_weight_now(self) -> float:
+        if self.anchor is None:
+            return 0.0
+        return 1.0 if self.anchor_weight is None else float(self.anchor_weight())
+
+    def _anchored(self, out, x_t, t, kwargs):
+        w = self.anchor_weight_now()
+        if w <= 0:
+            return out
+        teacher = self.anchor
+        if not teacher.w_conditioned:  # a w-embedding student starts as the teacher without one
+            kwargs = {k: v for k, v in kwargs.items() if k != "timestep_cond"}
+        ref = teacher._forward(x_t, t, kwargs)
+        offset = self.schedule.reinterpretation_offset(ref, x_t, t, teacher.prediction_type, self.prediction_type)
+        return out + (w * offset).to(out.dtype)
+
+
+class Generator(TeacherAnchor, Denoiser):
     """``generator(x_t, cond, t)`` returns x0 (with gradients); ``sample(noise, cond)`` runs the trained
     few-step chain.
 
@@ -126,9 +173,25 @@ class Generator(Denoiser):
 
     def _forward(self, x_t, t, kwargs):
         if self.adapter_name is None:
-            return super()._forward(x_t, t, kwargs)
-        with adapter_active(_unwrap(self.net), self.adapter_name):
-            return super()._forward(x_t, t, kwargs)
+            out = super()._forward(x_t, t, kwargs)
+        else:
+            with adapter_active(_unwrap(self.net), self.adapter_name):
+                out = super()._forward(x_t, t, kwargs)
+        return self._anchored(out, x_t, t, kwargs)
+
+    def with_net(self, net) -> "Generator":
+        """A generator of the same type, times, sampler and anchor on another network (an EMA target copy)."""
+        other = Generator(
+            net,
+            self.schedule,
+            self.prediction_type,
+            timesteps=self.timesteps,
+            sampler=self.sampler,
+            cfg_convention=self.cfg_convention,
+        )
+        other.set_anchor(self.anchor, self.anchor_weight)
+        other.input_scale = self.input_scale
+        return other
 
     def forward(self, x_t: torch.Tensor, cond: Cond | None = None, t=None, guidance_scale=None) -> torch.Tensor:
         """x0 predicted from x_t at time t (default: the first trained time)."""

@@ -392,6 +392,7 @@ class ConsistencyTrainer(StudentTrainer):
         init = c.init if c.init != "auto" else ("scratch" if c.mode == "ict" else "teacher")
         if init == "scratch":
             self._reinitialise(_unwrap(self.generator.net))
+            self.generator.set_anchor(None)  # not the teacher's weights: no teacher term
         self.export_guidance_scale = None
         if self.generator.w_conditioned:
             self.export_guidance_scale = float(
@@ -401,7 +402,7 @@ class ConsistencyTrainer(StudentTrainer):
         self.target = None
         if self.target_decay > 0:
             net = copy.deepcopy(_unwrap(self.generator.net)).requires_grad_(False)
-            self.target = Denoiser(net, sched, self.pred_type, cfg_convention=self.generator.cfg_convention)
+            self.target = self.generator.with_net(net)  # the student's output type (and teacher term)
         if self.adversarial:
             self.disc_heads = self._build_discriminator()
 
@@ -544,14 +545,14 @@ class ConsistencyTrainer(StudentTrainer):
         raw = model.raw(x_t, t, cond, w if model.w_conditioned else None).float()
         x_t = x_t.float()
         sched = self.schedule
-        x0, eps = sched.to_x0_eps(raw, x_t, t, self.pred_type)
+        x0, eps = sched.to_x0_eps(raw, x_t, t, model.prediction_type)
         if start is not None:
             return ddim_step(sched, x0, eps, t, start)
         if self.boundary == "lcm":
             c_skip, c_out = lcm_scalings(sched, t, self.config.sigma_data, self.config.timestep_scaling)
             f = _bcast(c_skip, x_t) * x_t + _bcast(c_out, x_t) * x0
         elif self.boundary == "edm":
-            F = sched.convert(raw, x_t, t, self.pred_type, "edm")
+            F = sched.convert(raw, x_t, t, model.prediction_type, "edm")
             c_skip, c_out = cd_scalings(sched.sigma(t), float(sched.sigma(0.0)), self.config.sigma_data)
             f = _bcast(c_skip, x_t) * x_t + _bcast(c_out, x_t) * F
         else:

@@ -400,17 +400,20 @@ class DMD2Trainer(StudentTrainer):
         def make_generator():
             return self.make_generator(self.gen_times)
 
+        self.student_prediction(self.gen_times)  # the fake score is converted to the student's type too
+
         def make_fake():
             if self.fake_score_object is not None:
                 return self.wrap_object(FakeScore, self.fake_score_object)
             self.check_copy_source("fake_score")
-            return FakeScore.from_teacher(
+            fake = FakeScore.from_teacher(
                 self.teacher,
                 c.fake_score_mode,
                 lora_rank=c.lora_rank,
                 lora_alpha=c.lora_alpha,
                 target_modules=c.lora_target_modules or None,
             )
+            return self.reinterpret_fake_score(fake)
 
         if c.fake_score_mode == "full":
             self.fake = make_fake()
@@ -423,6 +426,7 @@ class DMD2Trainer(StudentTrainer):
             self.generator.input_scale = float(self.schedule.sigma(t0)) / initial_noise_scale(self.schedule, t0)
         if c.init_generator:
             _init_weights(self.generator, c.init_generator, "generator", "init_generator")
+            self.generator.set_anchor(None)  # not the teacher's weights: no teacher term
         if c.init_fake_score:
             _init_weights(self.fake, c.init_fake_score, "fake_score", "init_fake_score")
         self.use_gan = c.gan_generator_weight > 0

@@ -96,8 +96,6 @@ class ProgressiveConfig(StudentConfig):
     steps_per_round (`int`, `50000`): updates per halving (the paper's CIFAR-10 / ImageNet configs; the digits
         recipes use 250); ``max_steps`` 0 = derived.
     weighting (`str`, `"snr_trunc"`): snr_trunc | snr | constant | v_mse.
-    student_prediction (`str`, `"auto"`): the student's output type: "auto" keeps the teacher's, except
-        that an eps teacher gets a v-prediction student (eps cannot express x0 at the last, noisiest step).
     anneal_lr (`bool`, `true`): learning rate linearly to 0 within each round (paper).
     save_rounds (`bool`, `false`): export a pipeline after every round to ``<output_dir>/rounds/<N>_steps``.
     > Guided distillation
@@ -115,7 +113,6 @@ class ProgressiveConfig(StudentConfig):
     final_steps: int = 1
     steps_per_round: int = 50000
     weighting: str = "snr_trunc"
-    student_prediction: str = "auto"
     anneal_lr: bool = True
     save_rounds: bool = False
     guided: bool = False
@@ -146,8 +143,6 @@ class ProgressiveConfig(StudentConfig):
             raise ConfigError(f"steps_per_round must be >= 1 (updates per halving round), got {self.steps_per_round}")
         if self.weighting not in WEIGHTINGS:
             raise ConfigError(f"weighting must be one of {WEIGHTINGS}, got {self.weighting!r}")
-        if self.student_prediction not in ("auto", "eps", "epsilon", "v", "v_prediction", "x0", "sample"):
-            raise ConfigError(f"student_prediction must be auto, eps, v or x0, got {self.student_prediction!r}")
         if self.guided:
             if self.guided_steps < 1:
                 raise ConfigError(f"guided=true needs guided_steps >= 1 (stage-one updates), got {self.guided_steps}")
@@ -197,19 +192,21 @@ class ProgressiveTrainer(StudentTrainer):
         if c.guided:
             self._check_guidance_teacher()
             self.export_guidance_scale = c.guidance_scale
-        pred = c.student_prediction
-        if pred == "auto":
-            pred = "v" if self.teacher.prediction_type == "eps" else self.teacher.prediction_type
         self.generator = self.make_generator(
             self.schedule.timesteps(c.start_steps // 2, "trailing"),
             sampler="ddim",
             w_embedding_dim=c.w_embedding_dim if c.guided else 0,
         )
-        self.generator.prediction_type = self.schedule.check_prediction_type(pred)
         self.round_teacher = None  # round 0: the original teacher, read when used (guided: after stage one, a copy)
         self._read_as_student = False
         self._stage = None
         self._enter_stage(self.stage_at(0))
+
+    def prediction_warmup_limit(self) -> int:
+        """The first stage ends by replacing the teacher (a copy of the student, or the LoRA folded into the
+        base): the generator's teacher term must be gone by then."""
+        c = self.config
+        return c.guided_steps if c.guided else c.steps_per_round
 
     def _check_guidance_teacher(self):
         c = self.config

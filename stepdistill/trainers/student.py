@@ -26,6 +26,12 @@ from ..models.denoiser import Denoiser, _unwrap
 from ..models.loading import looks_like_hub_id, resolve_model_path
 from .base import DistillTrainer, TrainConfig
 
+# student_prediction values -> prediction types (our names and diffusers')
+_STUDENT_TYPES = {
+    "eps": "eps", "epsilon": "eps", "v": "v", "v_prediction": "v", "x0": "x0", "sample": "x0",
+    "flow": "flow", "flow_prediction": "flow",
+}  # fmt: skip
+AUTO_AMPLIFICATION_LIMIT = 20.0  # student_prediction auto: the largest x0 amplification an output may have
 TEACHER_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 TEXT_CACHE_WARN_BYTES = 8 * 2**30
 OBJECT_LABEL = "<object: {}>"  # the config value recording an object argument (run.json, resume comparison)
@@ -57,6 +63,19 @@ class StudentConfig(TrainConfig):
     generator_mode (`str`, `"full"`): "full" copy of the teacher or "lora" adapter on it.
     lora_rank (`int`, `64`), lora_alpha (`float`, `64.0`), lora_target_modules (`list[str]`, `[]`: peft's
         attention / conv defaults of :func:`stepdistill.models.adapters.add_lora`).
+    student_prediction (`str`, `"auto"`): what the student's network outputs: auto, eps, v, x0 or flow.
+        "auto" keeps the teacher's type unless an error of that output is amplified more than 20x in x0 at
+        the generator's first (noisiest) timestep (eps: 1 / alpha there; DDPM's linear schedule: 157x at
+        999, SD1.5 / SDXL: 14.6x), then v (VP teachers; EDM: its preconditioned output, flow: flow). The
+        choice is printed once and exported. A type other than the teacher's is exact: the student's output
+        is read as that type plus the teacher's converted output minus its raw output (both networks start
+        equal, so the student starts as the teacher); a fake score copied from the teacher is converted the
+        same way (permanently: it costs a teacher pass per fake-score call). Networks given as objects
+        (``generator=`` / ``fake_score=``) output the teacher's type and are not converted.
+    student_prediction_warmup (`int`, `-1`): updates over which the generator's teacher term fades linearly
+        to 0 (then the exported network alone is the student; a progressive round folds into the base, so
+        it must fit the first round / guided stage). -1: max_steps // 10 (at least 1, at most that limit);
+        0: no teacher term (the teacher's output is read as the new type: not the teacher at the start).
     > Data and conditioning
     dataset (`str`, `"digits"`): source of labels / prompts and of real images: "digits", "toy2d:<name>",
         an image folder with captions, an image folder with one sub-folder per class (labels: the sorted
@@ -90,6 +109,8 @@ class StudentConfig(TrainConfig):
     lora_rank: int = 64
     lora_alpha: float = 64.0
     lora_target_modules: list[str] = field(default_factory=list)
+    student_prediction: str = "auto"
+    student_prediction_warmup: int = -1
     dataset: str = "digits"
     skip_unreadable_images: bool = False
     resolution: int = 0
@@ -109,7 +130,19 @@ class StudentConfig(TrainConfig):
             and not looks_like_hub_id(self.teacher)
         ):
             raise ConfigError(f"teacher: path {self.teacher!r} does not exist (and is not a hub id like 'org/name')")
+        self.check_student_prediction()
         self.check_memory_options()
+
+    def check_student_prediction(self):
+        pred = self.student_prediction
+        if pred != "auto" and (not isinstance(pred, str) or _STUDENT_TYPES.get(pred) is None):
+            raise ConfigError(
+                f"student_prediction must be auto, eps, v, x0 or flow (or diffusers' epsilon, v_prediction, "
+                f"sample, flow_prediction), got {pred!r}"
+            )
+        w = self.student_prediction_warmup
+        if isinstance(w, bool) or not isinstance(w, int) or w < -1:
+            raise ConfigError(f"student_prediction_warmup must be an integer >= 0 (or -1: derived), got {w!r}")
 
     def lora_sharing_keys(self) -> list[str]:
         """The keys that put a trainable LoRA on the teacher's own network (generator_mode, fake_score_mode)."""
@@ -481,10 +514,71 @@ class StudentTrainer(DistillTrainer):
                 "class, or text-conditional)"
             )
 
-    def make_generator(self, timesteps, *, sampler: str = "consistency", w_embedding_dim: int = 0) -> Generator:
-        """The student from the teacher's weights (``generator_mode`` full or LoRA)."""
+    # ---------------------------------------------------------------- the student's parameterisation
+    def student_prediction(self, timesteps) -> str:
+        """The student's output type (``student_prediction``; auto: see :class:`StudentConfig`), resolved at
+        the generator's first time ``timesteps[0]`` once, and printed once on the main process."""
+        if getattr(self, "_student_pred", None) is not None:
+            return self._student_pred
+        c, sched, teacher_type = self.config, self.schedule, self.teacher.prediction_type
+        t0 = float(torch.as_tensor(timesteps, dtype=torch.float64).reshape(-1)[0])
+        amp = float(sched.amplification(t0, teacher_type))
+        if c.student_prediction == "auto":
+            pred, _ = sched.auto_prediction_type(teacher_type, t0, AUTO_AMPLIFICATION_LIMIT)
+            step = round(float(sched.t_to_timestep(t0)))
+            why = (
+                f"the teacher's {teacher_type} output amplifies errors {amp:.3g}x in x0 at the generator's first "
+                f"timestep {step} (auto switches above {AUTO_AMPLIFICATION_LIMIT:g}x)"
+            )
+        else:
+            pred = _STUDENT_TYPES[c.student_prediction]
+            why = "set in the config"
+            if pred not in sched.supports:
+                raise ConfigError(
+                    f"student_prediction={c.student_prediction!r} cannot be expressed by the teacher's "
+                    f"{type(sched).__name__}; it supports {', '.join(sched.supports)}"
+                )
+        if self.accelerator.is_main_process:
+            new = f"{pred} (x0 amplification {float(sched.amplification(t0, pred)):.3g}x)"
+            print(f"student_prediction: {c.student_prediction} -> {new if pred != teacher_type else pred}: {why}")
+        self._student_pred = pred
+        return pred
+
+    def student_prediction_warmup(self) -> int:
+        """Updates over which the generator's teacher term fades (``student_prediction_warmup``, -1 derived),
+        checked against :meth:`prediction_warmup_limit`."""
         c = self.config
-        gen = self._generator_from_object(timesteps, sampler, w_embedding_dim) or Generator.from_teacher(
+        limit = self.prediction_warmup_limit()
+        if c.student_prediction_warmup >= 0:
+            if limit is not None and c.student_prediction_warmup > limit:
+                raise ConfigError(
+                    f"student_prediction_warmup={c.student_prediction_warmup} is longer than {limit} updates "
+                    f"({type(self).__name__} replaces the teacher's weights then); use at most {limit}"
+                )
+            return c.student_prediction_warmup
+        n = max(c.max_steps // 10, 1)
+        return min(n, limit) if limit is not None else n
+
+    def prediction_warmup_limit(self) -> int | None:
+        """The last update at which the generator may still need the original teacher (None: any)."""
+        return None
+
+    def reinterpret_fake_score(self, fake):
+        """Convert a fake score copied from the teacher to the student's output type (exactly, permanently)."""
+        pred = getattr(self, "_student_pred", None)
+        if pred is not None and pred != self.teacher.prediction_type:
+            fake.reinterpret(self.teacher, pred)
+        return fake
+
+    def make_generator(self, timesteps, *, sampler: str = "consistency", w_embedding_dim: int = 0) -> Generator:
+        """The student from the teacher's weights (``generator_mode`` full or LoRA), outputting
+        :meth:`student_prediction` (anchored to the teacher over ``student_prediction_warmup`` updates)."""
+        c = self.config
+        gen = self._generator_from_object(timesteps, sampler, w_embedding_dim)
+        if gen is not None:  # the caller's network: it outputs the teacher's type (its contract), no teacher term
+            return gen
+        pred = self.student_prediction(timesteps)
+        gen = Generator.from_teacher(
             self.teacher,
             c.generator_mode,
             timesteps=timesteps,
@@ -496,6 +590,11 @@ class StudentTrainer(DistillTrainer):
         )
         if self.teacher.offload_device is not None:  # copied from the host weights of an offloaded teacher
             gen.net.to(self.teacher.offload_device)
+        if pred != self.teacher.prediction_type:
+            warmup = self.student_prediction_warmup()
+            gen.reinterpret(self.teacher, pred, _AnchorRamp(self, warmup))
+            if warmup == 0:
+                gen.set_anchor(None)
         return gen
 
     def check_copy_source(self, name: str):
@@ -583,6 +682,14 @@ class StudentTrainer(DistillTrainer):
         from ..export import export_generator
 
         path = path or self.export_target()
+        gen = getattr(self, "generator", None)
+        if gen is not None and gen.anchor_weight_now() > 0:
+            warnings.warn(
+                f"export at update {self.global_step}, inside student_prediction_warmup: the trained student is "
+                f"still its network plus {gen.anchor_weight_now():.2f} x a teacher term, which the exported "
+                "network alone lacks",
+                stacklevel=2,
+            )
         why = self.network_only_export()
         if why:
             self._export_network(path, why)
@@ -659,6 +766,23 @@ class StudentTrainer(DistillTrainer):
 # --------------------------------------------------------------------------------------------------------
 # helpers
 # --------------------------------------------------------------------------------------------------------
+
+
+class _AnchorRamp:
+    """The generator's teacher-term weight: 1 -> 0 linearly over ``steps`` updates of ``trainer``."""
+
+    def __init__(self, trainer, steps: int):
+        import weakref
+
+        self.trainer, self.steps = weakref.ref(trainer), steps
+
+    def __call__(self) -> float:
+        trainer = self.trainer()
+        step = trainer.global_step if trainer is not None else self.steps
+        return max(0.0, 1.0 - step / self.steps) if self.steps > 0 else 0.0
+
+    def __deepcopy__(self, memo):
+        return self
 
 
 def _adapter_params(wrapper):
