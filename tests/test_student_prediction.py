@@ -12,7 +12,6 @@ import torch
 from diffusers import DiffusionPipeline
 
 import stepdistill  # noqa: F401  (registers the pipeline classes)
-
 from stepdistill.config import ConfigError, build_config
 from stepdistill.data import sample_toy2d, sliced_wasserstein
 from stepdistill.models import FakeScore, Generator, Teacher
