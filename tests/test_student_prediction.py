@@ -127,6 +127,9 @@ def test_bad_student_prediction_is_a_config_error(eps_teacher, tmp_path):
     trainer = _trainer("dmd2", eps_teacher, tmp_path, student_prediction="flow")
     with pytest.raises(ConfigError, match="student_prediction='flow' cannot be expressed by the teacher's VPSch"):
         trainer.setup()
+    long = _trainer("dmd2", eps_teacher, tmp_path / "d", student_prediction_warmup=61)
+    with pytest.raises(ConfigError, match="student_prediction_warmup=61 is longer than max_steps=60"):
+        long.setup()
     prog = _trainer("progressive", eps_teacher, tmp_path / "p", student_prediction_warmup=50)
     with pytest.raises(ConfigError, match="student_prediction_warmup=50 is longer than 30 updates"):
         prog.setup()

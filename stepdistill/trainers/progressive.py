@@ -175,6 +175,7 @@ class ProgressiveTrainer(StudentTrainer):
     method_name = "progressive"
     export_scheduler = "ddim"  # deterministic DDIM on the trailing grid: what the student was trained on
     lora_folds_into_base = True  # LoRA rounds fold into the teacher's base (teacher_dtype must stay fp32)
+    auto_amplification_limit = 2.0  # student_prediction auto: every eps teacher gets a v student (paper: x or v)
 
     # ---------------------------------------------------------------- setup
     def build(self):

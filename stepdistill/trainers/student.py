@@ -66,7 +66,8 @@ class StudentConfig(TrainConfig):
     student_prediction (`str`, `"auto"`): what the student's network outputs: auto, eps, v, x0 or flow.
         "auto" keeps the teacher's type unless an error of that output is amplified more than 20x in x0 at
         the generator's first (noisiest) timestep (eps: 1 / alpha there; DDPM's linear schedule: 157x at
-        999, SD1.5 / SDXL: 14.6x), then v (VP teachers; EDM: its preconditioned output, flow: flow). The
+        999, SD1.5 / SDXL: 14.6x), then v (VP teachers; EDM: its preconditioned output, flow: flow);
+        progressive distillation switches above 2x (every eps teacher: the paper's students are x or v). The
         choice is printed once and exported. A type other than the teacher's is exact: the student's output
         is read as that type plus the teacher's converted output minus its raw output (both networks start
         equal, so the student starts as the teacher); a fake score copied from the teacher is converted the
@@ -208,6 +209,7 @@ class StudentTrainer(DistillTrainer):
     export_scheduler = "lcm"
     export_guidance_scale: float | None = None
     lora_folds_into_base = False  # a method whose LoRA is folded into the teacher's base (progressive rounds)
+    auto_amplification_limit = AUTO_AMPLIFICATION_LIMIT  # student_prediction auto switches above this
     has_fake_score = False  # the DMD2 family: a fake_score argument is accepted
 
     def __init__(
@@ -524,11 +526,11 @@ class StudentTrainer(DistillTrainer):
         t0 = float(torch.as_tensor(timesteps, dtype=torch.float64).reshape(-1)[0])
         amp = float(sched.amplification(t0, teacher_type))
         if c.student_prediction == "auto":
-            pred, _ = sched.auto_prediction_type(teacher_type, t0, AUTO_AMPLIFICATION_LIMIT)
+            pred, _ = sched.auto_prediction_type(teacher_type, t0, self.auto_amplification_limit)
             step = round(float(sched.t_to_timestep(t0)))
             why = (
                 f"the teacher's {teacher_type} output amplifies errors {amp:.3g}x in x0 at the generator's first "
-                f"timestep {step} (auto switches above {AUTO_AMPLIFICATION_LIMIT:g}x)"
+                f"timestep {step} (auto switches above {self.auto_amplification_limit:g}x)"
             )
         else:
             pred = _STUDENT_TYPES[c.student_prediction]
@@ -550,6 +552,11 @@ class StudentTrainer(DistillTrainer):
         c = self.config
         limit = self.prediction_warmup_limit()
         if c.student_prediction_warmup >= 0:
+            if c.student_prediction_warmup > c.max_steps:
+                raise ConfigError(
+                    f"student_prediction_warmup={c.student_prediction_warmup} is longer than max_steps={c.max_steps}: "
+                    "the trained student would still need the teacher; use at most max_steps"
+                )
             if limit is not None and c.student_prediction_warmup > limit:
                 raise ConfigError(
                     f"student_prediction_warmup={c.student_prediction_warmup} is longer than {limit} updates "
