@@ -65,7 +65,7 @@ class StudentConfig(TrainConfig):
         attention / conv defaults of :func:`stepdistill.models.adapters.add_lora`).
     student_prediction (`str`, `"auto"`): what the student's network outputs: auto, eps, v, x0 or flow.
         "auto" keeps the teacher's type unless an error of that output is amplified more than 20x in x0 at
-        the generator's first (noisiest) timestep (eps: 1 / alpha there; DDPM's linear schedule: 157x at
+        the generator's first (noisiest) timestep (eps: sigma / alpha there; DDPM's linear schedule: 157x at
         999, SD1.5 / SDXL: 14.6x), then v (VP teachers; EDM: its preconditioned output, flow: flow);
         progressive distillation switches above 2x (every eps teacher: the paper's students are x or v). The
         choice is printed once and exported. A type other than the teacher's is exact: the student's output
