@@ -164,6 +164,9 @@ TRAIN_RANGES = (
     ("sample_every", 0, True, "steps between sample grids (0: none)"),
     ("max_nonfinite", 1, True, "non-finite steps in a row before the run stops"),
     ("global_batch", 1, True, "samples per optimiser step"),
+    ("data_workers", 0, True, "dataloader workers per process of a streamed dataset"),
+    ("shuffle_window", 1, True, "samples permuted together inside a shard"),
+    ("max_bad_samples", 0, True, "bad samples or shards skipped before the run stops"),
 )
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
@@ -94,27 +95,39 @@ class ImageFolderDataset(Dataset):
         return len(self.files)
 
     def _load(self, path: Path) -> torch.Tensor:
-        r = self.resolution
         try:
-            with Image.open(path) as img:
-                img = img.convert("RGB")
+            return decode_image(path, self.resolution, self.center_crop)
         except (OSError, ValueError, SyntaxError) as e:  # PIL: UnidentifiedImageError, truncated files
             raise DataError(
                 f"cannot read image {path} ({e}); fix or remove it, or skip unreadable images "
                 "(skip_unreadable_images: true)"
             ) from e
-        if self.center_crop:
-            scale = r / min(img.size)
-            w, h = max(r, round(img.width * scale)), max(r, round(img.height * scale))
-            img = img.resize((w, h), Image.Resampling.BICUBIC)
-            left, top = (w - r) // 2, (h - r) // 2
-            img = img.crop((left, top, left + r, top + r))
-        else:
-            img = img.resize((r, r), Image.Resampling.BICUBIC)
-        return torch.from_numpy(np.asarray(img, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1).contiguous()
 
     def __getitem__(self, i: int) -> dict:
         return {"image": self._load(self.files[i]), "caption": self.captions[i]}
+
+
+def decode_image(source, resolution: int, center_crop: bool = True) -> torch.Tensor:
+    """An image (a path, encoded bytes or a PIL image) as an RGB (3, R, R) tensor in [-1, 1]: with ``center_crop``
+    the shortest side is resized to ``resolution`` (PIL bicubic) and the centre square cropped, otherwise the image
+    is resized to R x R. PIL's errors (OSError, ValueError, SyntaxError) propagate."""
+    r = resolution
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        source = io.BytesIO(source)
+    if isinstance(source, Image.Image):
+        img = source.convert("RGB")
+    else:
+        with Image.open(source) as img:
+            img = img.convert("RGB")
+    if center_crop:
+        scale = r / min(img.size)
+        w, h = max(r, round(img.width * scale)), max(r, round(img.height * scale))
+        img = img.resize((w, h), Image.Resampling.BICUBIC)
+        left, top = (w - r) // 2, (h - r) // 2
+        img = img.crop((left, top, left + r, top + r))
+    else:
+        img = img.resize((r, r), Image.Resampling.BICUBIC)
+    return torch.from_numpy(np.asarray(img, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1).contiguous()
 
 
 def load_prompts(path) -> list[str]:

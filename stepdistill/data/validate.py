@@ -25,10 +25,21 @@ def _class_folders(root: str) -> list[str]:
 
 
 def dataset_kind(spec: str, key: str = "dataset") -> str:
-    """ "digits", "toy2d", "prompts" or "images" for a valid ``dataset`` value; ConfigError / DataError naming the
-    key and the value (or the file) otherwise."""
+    """ "digits", "toy2d", "prompts", "images", "stream" (tar shards, a saved datasets folder) or "latents" (a
+    latent cache) for a valid ``dataset`` value; ConfigError / DataError naming the key and the value (or the
+    file) otherwise."""
     if spec == "digits":
         return "digits"
+    if spec.startswith("shards:"):
+        from .shards import expand_shards
+
+        expand_shards(spec[len("shards:") :], key)
+        return "stream"
+    if spec.startswith(("hf:", "latents:")):
+        path = spec.split(":", 1)[1]
+        if not os.path.isdir(path):
+            raise ConfigError(f"{key}: folder {path!r} of {spec!r} does not exist")
+        return "stream" if spec.startswith("hf:") else "latents"
     if spec.startswith("toy2d:"):
         from .toy2d import TOY2D_NAMES
 
@@ -82,14 +93,16 @@ def check_dataset_fits_teacher(spec: str, teacher_path: str, key: str = "dataset
             f"{key}: {spec!r} gives 2-D points, but the teacher {teacher_path!r} is a {cfg.get('_class_name')} on "
             "images; use a toy2d teacher (recipes/teacher/toy2d.yaml) or an image dataset"
         )
-    if kind in ("digits", "images") and is_toy:
+    if kind in ("digits", "images", "stream", "latents") and is_toy:
         raise ConfigError(
             f"{key}: {spec!r} gives images, but the teacher {teacher_path!r} is a ToyMLP on 2-D points; "
             "use dataset: toy2d:<name>"
         )
     has_vae = os.path.isdir(os.path.join(teacher_path, "vae"))
     channels = cfg.get("in_channels")
-    if kind == "images" and not has_vae and channels is not None and channels != 3:
+    if kind == "latents" and not has_vae:
+        raise ConfigError(f"{key}: {spec!r} is a latent cache, but the teacher {teacher_path!r} has no VAE")
+    if kind in ("images", "stream") and not has_vae and channels is not None and channels != 3:
         raise ConfigError(
             f"{key}: the images in {spec!r} are read as RGB (3 channels), but the teacher {teacher_path!r} takes "
             f"{channels}-channel images (in_channels={channels}, pixel space); use a dataset that fits it "

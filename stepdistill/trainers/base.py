@@ -47,7 +47,7 @@ SAFE_RESUME_KEYS = frozenset(
     {
         "output_dir", "resume", "overwrite", "max_steps", "log_every", "checkpoint_every", "checkpoints_total_limit",
         "sample_every", "sample_steps", "report_to", "progress", "max_nonfinite", "export_dir", "save_rounds",
-        "ema_decay", "gradient_checkpointing", "teacher_offload", "cache_text_embeddings",
+        "ema_decay", "gradient_checkpointing", "teacher_offload", "cache_text_embeddings", "max_bad_samples",
     }
 )  # fmt: skip
 
@@ -372,8 +372,14 @@ class DistillTrainer:
             for name in self.ema_networks():
                 self.ema[name] = {k: v.detach().clone().float() for k, v in self._inner(name).state_dict().items()}
         ds = self.train_dataset()
-        self.sampler = InfiniteSampler(len(ds), c.seed, acc.process_index, acc.num_processes)
-        self.loader = torch.utils.data.DataLoader(
+        # a streamed dataset (stepdistill.data.shards) splits its shards over processes and workers itself: its
+        # reader is the loader, and the reader's `consumed` (its reading position) is checkpointed as the sampler's
+        streamed = isinstance(ds, torch.utils.data.IterableDataset)
+        if streamed:
+            self.sampler = ds.reader(per_device, acc.process_index, acc.num_processes, c.seed)
+        else:
+            self.sampler = InfiniteSampler(len(ds), c.seed, acc.process_index, acc.num_processes)
+        self.loader = self.sampler if streamed else torch.utils.data.DataLoader(
             ds,
             batch_size=per_device,
             sampler=self.sampler,

@@ -80,7 +80,17 @@ class StudentConfig(TrainConfig):
     > Data and conditioning
     dataset (`str`, `"digits"`): source of labels / prompts and of real images: "digits", "toy2d:<name>",
         an image folder with captions, an image folder with one sub-folder per class (labels: the sorted
-        folder names, ImageNet's layout), or a prompt file (.txt / .jsonl; no real images).
+        folder names, ImageNet's layout), or a prompt file (.txt / .jsonl; no real images). Streamed, for data
+        that does not fit in memory (README "Data at scale"): "shards:/data/{00000..00099}.tar" (webdataset tar
+        shards), "hf:/path" (a datasets.save_to_disk folder) or "latents:/dir" (a `stepdistill cache` folder).
+    image_key (`str`, `""`), caption_key (`str`, `""`): streamed datasets: the tar extension / column of the
+        image and of the caption (comma list: the first present; "": jpg,jpeg,png,webp / txt,json for shards,
+        image,img / text,caption,prompt for hf).
+    data_workers (`int`, `2`): streamed datasets: dataloader worker processes per process.
+    shuffle_window (`int`, `256`): streamed datasets: samples permuted together inside a shard (the shard
+        order is permuted every epoch too).
+    max_bad_samples (`int`, `100`): streamed datasets: bad samples or shards skipped (with a warning naming
+        shard and key) per process before the run stops with an error.
     resolution (`int`, `0`): the generator's sample side: latents for latent models (64 = 512 px for SD1.5,
         128 = 1024 px for SDXL), pixels otherwise (0: the network config's sample_size).
     > Export
@@ -114,6 +124,11 @@ class StudentConfig(TrainConfig):
     student_prediction_warmup: int = -1
     dataset: str = "digits"
     skip_unreadable_images: bool = False
+    image_key: str = ""
+    caption_key: str = ""
+    data_workers: int = 2
+    shuffle_window: int = 256
+    max_bad_samples: int = 100
     resolution: int = 0
     export_dir: str = ""
     gradient_checkpointing: bool = False
@@ -426,7 +441,8 @@ class StudentTrainer(DistillTrainer):
         if self.vae is not None:
             self.vae.to(device)
         given = self.dataset_object
-        self.dataset = given if given is not None else _dataset_for(c, self.sample_shape, self.vae)
+        cond = getattr(self, "conditioner", None)  # a streamed dataset bounds a text conditioner's prompt cache
+        self.dataset = given if given is not None else _dataset_for(c, self.sample_shape, self.vae, cond)
         if path is None:
             self.conditioner = _object_conditioner(net, self.dataset.labels)
         if getattr(self.conditioner, "to", None) is not None and not isinstance(self.conditioner, ClassConditioner):
@@ -1196,10 +1212,37 @@ class DistillDataset(torch.utils.data.Dataset):
         return self.collate([self[int(i)] for i in idx])
 
 
-def _dataset_for(c, sample_shape, vae) -> DistillDataset:
+def _stream_for(c, sample_shape, vae, conditioner):
+    """A streamed dataset (``shards:`` / ``hf:`` / ``latents:``): images are decoded in the loader workers and
+    VAE-encoded per batch on the main process; a latent cache gives latents and text embeddings directly."""
+    from ..data.shards import ImageDecoder, ShardStream, open_stream
+
+    if c.cache_text_embeddings:
+        raise ConfigError(
+            f"cache_text_embeddings: true with the streamed dataset {c.dataset!r}: its prompts are not listed up "
+            "front; encode them once with `stepdistill cache` and train on dataset: latents:<dir>"
+        )
+    options = dict(spec=c.dataset, workers=c.data_workers, shuffle_window=c.shuffle_window, max_bad=c.max_bad_samples)
+    need_caption = isinstance(conditioner, TextConditioner)
+    source = open_stream(c.dataset, image_key=c.image_key, caption_key=c.caption_key)
+    size = sample_shape[-1] * vae_scale_factor(vae)
+    return ShardStream(
+        source, ImageDecoder(size, need_caption=need_caption), on_batch=partial(_encode_batch, vae), **options
+    )
+
+
+def _encode_batch(vae, batch):
+    batch["image"] = _encode_images(vae, batch["image"])
+    return batch
+
+
+def _dataset_for(c, sample_shape, vae, conditioner=None):
     from ..data import DigitsDataset, ImageFolderDataset, load_prompts, sample_toy2d
+    from ..data.shards import is_stream_spec
 
     ds = c.dataset
+    if is_stream_spec(ds):
+        return _stream_for(c, sample_shape, vae, conditioner)
     if ds == "digits":
         d = DigitsDataset("train", sample_shape[-1])
         imgs = torch.stack([d[i]["image"] for i in range(len(d))])

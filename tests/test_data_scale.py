@@ -1,0 +1,214 @@
+"""Data at scale: webdataset tar shards and saved Hugging Face datasets streamed to the trainers, split over
+processes and dataloader workers exactly once per epoch, with the reading position in the checkpoint; bad data
+skipped and counted; the latent / text-embedding cache; host memory that does not grow with the dataset."""
+
+from __future__ import annotations
+
+import collections
+import io
+import itertools
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline
+from PIL import Image
+from tiny_models import save_tiny_pipeline, tiny_sd_components
+
+from stepdistill.config import ConfigError, build_config
+from stepdistill.data.shards import HFShards, ImageDecoder, ShardStream, TarShards, expand_shards
+from stepdistill.trainers.consistency import ConsistencyConfig, ConsistencyTrainer
+from stepdistill.trainers.dmd2 import DMD2Config, DMD2Trainer
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+SIDE = 8  # latent side of the tiny UNet; its VAE has 2 blocks: 16 px images
+
+
+def _png(value: int, size=(20, 24)) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(np.full((*size, 3), value % 251, dtype=np.uint8)).save(buf, format="png")
+    return buf.getvalue()
+
+
+def write_shards(root, n_shards: int, per_shard: int, size=(20, 24)) -> str:
+    """``n_shards`` webdataset tars of ``per_shard`` PNG + caption samples (keys 000000, 000001, ...)."""
+    import webdataset as wds
+
+    os.makedirs(root, exist_ok=True)
+    k = 0
+    for s in range(n_shards):
+        with wds.TarWriter(os.path.join(root, f"{s:05d}.tar")) as w:
+            for _ in range(per_shard):
+                w.write({"__key__": f"{k:06d}", "png": _png(k, size), "txt": f"a cat number {k}".encode()})
+                k += 1
+    return f"shards:{root}/{{00000..{n_shards - 1:05d}}}.tar"
+
+
+def write_hf(root, n: int) -> str:
+    import datasets
+
+    images = [Image.fromarray(np.full((20, 24, 3), k % 251, dtype=np.uint8)) for k in range(n)]
+    ds = datasets.Dataset.from_dict({"image": images, "text": [f"a dog number {k}" for k in range(n)]})
+    ds.cast_column("image", datasets.Image()).save_to_disk(str(root))
+    return f"hf:{root}"
+
+
+@pytest.fixture(scope="module")
+def sd_teacher(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sd_teacher")
+    return save_tiny_pipeline(tiny_sd_components(root / "src"), StableDiffusionPipeline, root / "sd")
+
+
+@pytest.fixture(scope="module")
+def sources(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    return {"shards": write_shards(root / "shards", 8, 6), "hf": write_hf(root / "hf", 48)}
+
+
+def _keys_of_epoch(ds, slots):
+    seen = collections.Counter()
+    for slot in range(slots):
+        for _pos, item in ds.samples(slot, slots):
+            if _pos[0] > 0:
+                break
+            seen[item["_key"]] += 1
+    return seen
+
+
+@pytest.mark.parametrize("n_shards", [8, 3])
+def test_every_slot_reads_its_part_and_the_parts_cover_an_epoch_once(tmp_path, n_shards):
+    """4 slots (2 processes x 2 workers) over 8 shards (a shard each) or 3 (fewer shards than slots: split by
+    sample): every key once in epoch 0; epoch 1 reads them in another order."""
+    spec = write_shards(tmp_path, n_shards, 6)
+    ds = ShardStream(TarShards(expand_shards(spec[7:])), ImageDecoder(16), spec=spec, shuffle_window=4)
+    seen = _keys_of_epoch(ds, 4)
+    assert sorted(seen) == [f"{k:06d}" for k in range(n_shards * 6)] and set(seen.values()) == {1}
+    stream = list(itertools.islice(ds.samples(0, 4), n_shards * 6 // 2))  # two epochs of slot 0
+    first = [item["_key"] for pos, item in stream if pos[0] == 0]
+    later = [item["_key"] for pos, item in stream if pos[0] == 1]
+    assert later and later != first  # another shard order (and window order) each epoch
+
+
+def test_a_saved_datasets_folder_splits_like_shards(sources):
+    ds = ShardStream(HFShards(sources["hf"][3:]), ImageDecoder(16), spec=sources["hf"])
+    seen = _keys_of_epoch(ds, 4)
+    assert sorted(seen, key=int) == [str(k) for k in range(48)] and set(seen.values()) == {1}
+    item = next(ds.samples(0, 1))[1]
+    assert item["image"].shape == (3, 16, 16) and item["caption"].startswith("a dog number")
+
+
+def _dmd2(teacher, dataset, out, **kw):
+    base = dict(
+        output_dir=str(out), teacher=teacher, dataset=dataset, resolution=SIDE, max_steps=2, global_batch=3,
+        dfake_gen_update_ratio=1, denoising_timesteps=[999, 499], backward_simulation=False,
+        gan_generator_weight=5e-3, gan_discriminator_weight=1e-2, lora_rank=4, lora_alpha=8.0, learning_rate=1e-3,
+        checkpoint_every=0, progress=False, data_workers=2, shuffle_window=4,
+    )  # fmt: skip
+    base.update(kw)
+    return DMD2Trainer(build_config(DMD2Config, base))
+
+
+def _lcm(teacher, dataset, out, **kw):
+    base = dict(
+        output_dir=str(out), teacher=teacher, dataset=dataset, resolution=SIDE, mode="lcm", num_ddim_timesteps=10,
+        inference_steps=1, max_steps=2, global_batch=3, lora_rank=4, lora_alpha=8.0, generator_mode="lora",
+        checkpoint_every=0, progress=False, data_workers=2, shuffle_window=4,
+    )  # fmt: skip
+    base.update(kw)
+    return ConsistencyTrainer(build_config(ConsistencyConfig, base))
+
+
+def _record_keys(trainer) -> list:
+    """Set the trainer up and record the sample keys of every batch it trains on."""
+    trainer.setup()
+    keys, encode = [], trainer.dataset.on_batch
+
+    def record(batch):
+        keys.append(list(batch["_n"]))
+        return encode(batch)
+
+    trainer.dataset.on_batch = record
+    return keys
+
+
+@pytest.mark.parametrize("source", ["shards", "hf"])
+@pytest.mark.parametrize("make", [_dmd2, _lcm], ids=["dmd2", "lcm"])
+def test_dmd2_and_lcm_train_two_iterations_from_a_stream(sd_teacher, sources, tmp_path, source, make):
+    trainer = make(sd_teacher, sources[source], tmp_path)
+    keys = _record_keys(trainer)
+    before = {n: p.detach().clone() for n, p in trainer.generator.net.named_parameters() if p.requires_grad}
+    trainer.train()
+    losses = [h.get("loss", h.get("loss/generator")) for h in trainer.history]
+    assert len(losses) == 2 and all(np.isfinite(v) for v in losses)
+    assert len(keys) == 2 and all(len(k) == 3 for k in keys) and len({*keys[0], *keys[1]}) == 6
+    after = dict(trainer.generator.net.named_parameters())
+    assert any(not torch.equal(v, after[n]) for n, v in before.items()), "the generator did not train"
+    batch = trainer.dataset.example(2)  # the sample-grid batch: real latents of the generator's shape
+    assert tuple(batch["image"].shape[1:]) == trainer.sample_shape
+
+
+def test_resume_reads_on_where_the_checkpoint_stopped(sd_teacher, sources, tmp_path):
+    """2 workers: a run stopped at step 2 and resumed to step 5 trains on the same batches, in the same order,
+    as an uninterrupted 5-step run, and reaches the same loss curve."""
+    full = _dmd2(sd_teacher, sources["shards"], tmp_path / "full", max_steps=5)
+    full_keys = _record_keys(full)
+    full.train()
+    part = _dmd2(sd_teacher, sources["shards"], tmp_path / "part", max_steps=2, checkpoint_every=2)
+    part_keys = _record_keys(part)
+    part.train()
+    state = torch.load(tmp_path / "part" / "checkpoints" / "step_0000002" / "rng_0.pt", weights_only=True)
+    assert state["sampler_consumed"]["batches"] == 2 and len(state["sampler_consumed"]["pos"]) == 2
+    rest = _dmd2(sd_teacher, sources["shards"], tmp_path / "part", max_steps=5, resume="latest")
+    rest_keys = _record_keys(rest)
+    rest.train()
+    assert part_keys + rest_keys == full_keys
+    a = [h["loss/generator"] for h in full.history]
+    b = [h["loss/generator"] for h in part.history + rest.history]
+    torch.testing.assert_close(torch.tensor(b), torch.tensor(a), atol=1e-6, rtol=0)
+
+
+def test_a_changed_worker_count_is_refused_at_resume(sd_teacher, sources, tmp_path):
+    _dmd2(sd_teacher, sources["shards"], tmp_path, max_steps=1, checkpoint_every=1).train()
+    with pytest.raises(ConfigError, match="data_workers"):
+        _dmd2(sd_teacher, sources["shards"], tmp_path, max_steps=2, resume="latest", data_workers=1).setup()
+
+
+DDP_SCRIPT = """
+import json, os, sys
+sys.path.insert(0, {here!r})
+from test_data_scale import _dmd2, _record_keys
+trainer = _dmd2({teacher!r}, {dataset!r}, {out!r}, max_steps=2, global_batch=6)
+keys = _record_keys(trainer)
+trainer.train()
+more = iter(trainer.loader)  # a new iterator goes on from the recorded positions, as a resume does
+for _ in range(6):  # recorded by _record_keys
+    next(more)
+rank = trainer.accelerator.process_index
+with open(os.path.join({out!r}, f"keys{{rank}}.json"), "w") as f:
+    json.dump({{"world": trainer.accelerator.num_processes, "keys": keys}}, f)
+"""
+
+
+def test_two_processes_with_two_workers_each_read_every_sample_once(sd_teacher, sources, tmp_path):
+    """accelerate launch, 2 CPU processes x 2 workers, 8 shards of 6: 2 training steps of DMD2 then 6 more batches
+    per process (3 samples each) are exactly one epoch: every key once over both processes."""
+    out = str(tmp_path)
+    script = tmp_path / "ddp_keys.py"
+    script.write_text(DDP_SCRIPT.format(here=HERE, teacher=sd_teacher, dataset=sources["shards"], out=out))
+    path = os.pathsep.join([HERE, os.path.dirname(HERE)])
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
+    cmd = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+        "--main_process_port", str(29600 + os.getpid() % 1000), str(script),
+    ]  # fmt: skip
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-4000:]
+    per_rank = [json.load(open(tmp_path / f"keys{rank}.json")) for rank in (0, 1)]
+    assert all(p["world"] == 2 for p in per_rank)
+    seen = collections.Counter(k for p in per_rank for batch in p["keys"] for k in batch)
+    assert sorted(seen) == [f"{k:06d}" for k in range(48)] and set(seen.values()) == {1}
