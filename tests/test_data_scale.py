@@ -20,7 +20,7 @@ from PIL import Image
 from tiny_models import save_tiny_pipeline, tiny_sd_components
 
 from stepdistill.config import ConfigError, build_config
-from stepdistill.data.shards import HFShards, ImageDecoder, ShardStream, TarShards, expand_shards
+from stepdistill.data.shards import BadDataWarning, HFShards, ImageDecoder, ShardStream, TarShards, expand_shards
 from stepdistill.trainers.consistency import ConsistencyConfig, ConsistencyTrainer
 from stepdistill.trainers.dmd2 import DMD2Config, DMD2Trainer
 
@@ -72,10 +72,11 @@ def sources(tmp_path_factory):
 def _keys_of_epoch(ds, slots):
     seen = collections.Counter()
     for slot in range(slots):
-        for _pos, item in ds.samples(slot, slots):
-            if _pos[0] > 0:
+        for pos, item in ds.samples(slot, slots):
+            if pos[0] > 0:
                 break
-            seen[item["_key"]] += 1
+            if item is not None:  # None: a bad sample or shard, skipped
+                seen[item["_key"]] += 1
     return seen
 
 
@@ -212,3 +213,74 @@ def test_two_processes_with_two_workers_each_read_every_sample_once(sd_teacher, 
     assert all(p["world"] == 2 for p in per_rank)
     seen = collections.Counter(k for p in per_rank for batch in p["keys"] for k in batch)
     assert sorted(seen) == [f"{k:06d}" for k in range(48)] and set(seen.values()) == {1}
+
+
+# --------------------------------------------------------------------------------------------------------------
+# bad data
+# --------------------------------------------------------------------------------------------------------------
+
+
+def write_bad_shards(root) -> str:
+    """4 good shards of 6, then: one with a corrupt image and a sample without caption, an empty one, and a file
+    that is not a tar at all (shards 00004, 00005, 00006)."""
+    import webdataset as wds
+
+    spec = write_shards(root, 4, 6)
+    with wds.TarWriter(os.path.join(root, "00004.tar")) as w:
+        w.write({"__key__": "corrupt", "png": b"\x89PNG not really", "txt": b"a broken cat"})
+        w.write({"__key__": "nocaption", "png": _png(3)})
+        w.write({"__key__": "fine", "png": _png(4), "txt": b"a fine cat"})
+    with wds.TarWriter(os.path.join(root, "00005.tar")):
+        pass
+    with open(os.path.join(root, "00006.tar"), "wb") as f:
+        f.write(b"this is not a tar archive" * 40)
+    return spec.replace("00003}", "00006}")
+
+
+def test_bad_samples_and_shards_are_skipped_with_a_warning_naming_them(tmp_path):
+    spec = write_bad_shards(tmp_path)
+    ds = ShardStream(TarShards(expand_shards(spec[7:])), ImageDecoder(16), spec=spec, workers=0, shuffle_window=4)
+    with pytest.warns(BadDataWarning) as caught:
+        seen = _keys_of_epoch(ds, 1)
+    assert sorted(seen) == sorted([f"{k:06d}" for k in range(24)] + ["fine"]) and set(seen.values()) == {1}
+    messages = sorted(str(w.message) for w in caught)
+    root = str(tmp_path)
+    expected = [
+        f"shard {root}/00004.tar key 'corrupt': image does not decode",
+        f"shard {root}/00004.tar key 'nocaption': no caption",
+        f"shard {root}/00005.tar: is empty",
+        f"shard {root}/00006.tar: cannot be read (ReadError",
+    ]
+    assert len(messages) == 4 and all(m.startswith("skipped bad data: " + e) for m, e in zip(messages, expected))
+    # a batch stream counts them (once each, every epoch after the first sees them again unreported)
+    reader = ds.reader(4, 0, 1, 0)
+    with pytest.warns(BadDataWarning):
+        batches = [b for _, b in zip(range(20), reader)]
+    assert len(batches) == 20 and len(reader.consumed["bad"]["0"]) == 4
+
+
+def test_too_much_bad_data_stops_the_run_with_one_line_and_keeps_what_was_trained(sd_teacher, tmp_path, capsys):
+    """max_bad_samples=0: the first bad sample stops the run (one error line, exit 2) after the checkpoints of the
+    steps before it (seed 5 reads the mixed shard last: 8 steps on the 24 good samples); a resume with a higher
+    limit (a safe change) goes on from the latest one."""
+    from stepdistill.cli import main
+
+    spec = write_bad_shards(tmp_path / "data").replace("00006}", "00004}")  # 4 good shards and the mixed one
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(
+        f"method: dmd2\nteacher: {sd_teacher}\ndataset: '{spec}'\nresolution: {SIDE}\nglobal_batch: 3\n"
+        f"seed: 5\nmax_steps: 9\ncheckpoint_every: 1\ncheckpoints_total_limit: 100\ndata_workers: 0\n"
+        f"output_dir: {tmp_path / 'run'}\nprogress: false\ndenoising_timesteps: [999]\nlora_rank: 4\n"
+    )
+    with pytest.warns(BadDataWarning, match="00004.tar key '(corrupt|nocaption)'"):
+        code = main(["train", "--config", str(recipe), "max_bad_samples=0"])
+    err = [line for line in capsys.readouterr().err.splitlines() if "error" in line.lower()]
+    assert code == 2 and len(err) == 1, err  # one line, no traceback
+    assert err[0].startswith("error: dataset: more than max_bad_samples=0 bad samples or shards in 'shards:"), err
+    from stepdistill.trainers.base import checkpoint_problem, list_checkpoints
+
+    kept = list_checkpoints(str(tmp_path / "run"))
+    assert len(kept) == 8 and all(checkpoint_problem(p) is None for p in kept)
+    with pytest.warns(BadDataWarning):
+        assert main(["train", "--config", str(recipe), "max_bad_samples=5", "resume=latest"]) == 0
+    assert len(list_checkpoints(str(tmp_path / "run"))) == 9

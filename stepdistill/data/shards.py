@@ -344,7 +344,8 @@ class ShardStream(torch.utils.data.IterableDataset):
             return
         seen_bad.add((shard_name, key))
         where = f"shard {shard_name}" + (f" key {key!r}" if key else "")
-        warnings.warn(f"skipped bad data: {where}: {why}", BadDataWarning, stacklevel=2)
+        # one line naming the data, not this source line (loader workers print it on stderr)
+        warnings.warn_explicit(f"skipped bad data: {where}: {why}", BadDataWarning, "stepdistill", 0)
 
     # ---------------------------------------------------------------- batches (in a loader worker)
     def __iter__(self):
