@@ -315,6 +315,30 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_cache(args) -> int:
+    from .data.cache import write_cache
+    from .models.loading import resolve_model_path
+
+    teacher = resolve_model_path(args.teacher, allow_download=args.allow_download or None, key="--teacher")
+    index = write_cache(
+        teacher,
+        args.dataset,
+        args.out,
+        pixels=args.resolution,
+        batch_size=args.batch_size,
+        dtype=args.dtype,
+        image_key=args.image_key,
+        caption_key=args.caption_key,
+        max_bad=args.max_bad_samples,
+    )
+    if index is not None:
+        print(
+            f"wrote {index['samples']} samples in {len(index['shards'])} shards to {args.out}: train with dataset: "
+            f"latents:{args.out}"
+        )
+    return 0
+
+
 def cmd_train(args) -> int:
     from .train import run_train
 
@@ -423,10 +447,34 @@ def build_parser(argv=None) -> argparse.ArgumentParser:
     fd.add_argument("--steps", type=_positive("--steps"), nargs="+", default=[1, 4, 10, 25, 50], help="DDIM steps")
     fd.add_argument("--num-samples", type=_positive("--num-samples"), default=1000, help="samples per step count")
     fd.add_argument("--out", default="", help="write the report JSON here")
+    ca = command(
+        "cache",
+        "encode a sharded dataset once with a teacher's VAE and text encoders (train with dataset: latents:<out>)",
+        "Encode every image of --dataset (shards:<tar pattern> or hf:<saved folder>) with the teacher's VAE and every "
+        "caption with its text encoders, into safetensors shards with an index and a fingerprint of the encoders "
+        "and the preprocessing; a recipe then reads dataset: latents:<out> (a cache of other encoders is refused). "
+        "Resumable: finished shards are kept. Multi-process: accelerate launch -m stepdistill.cli cache ...",
+    )
+    ca.add_argument("--teacher", required=True, help="the teacher's diffusers folder or hub id")
+    ca.add_argument("--dataset", required=True, help="shards:/data/{00000..00099}.tar or hf:/path/to/saved")
+    ca.add_argument("--out", required=True, help="the cache folder")
+    ca.add_argument(
+        "--resolution",
+        type=_positive("--resolution"),
+        default=0,
+        help="image side in pixels (default: the teacher network's sample size x the VAE's factor)",
+    )
+    ca.add_argument("--batch-size", type=_positive("--batch-size"), default=16)
+    ca.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="encoders' and stored tensors' dtype")
+    ca.add_argument("--image-key", default="", help="tar extension / column of the image (default: auto)")
+    ca.add_argument("--caption-key", default="", help="tar extension / column of the caption (default: auto)")
+    ca.add_argument("--max-bad-samples", type=int, default=100, help="bad samples skipped before an error")
+    ca.add_argument("--allow-download", action="store_true", help="let a hub-id teacher download")
     return p
 
 
 COMMANDS = {"train": cmd_train, "sample": cmd_sample, "eval": cmd_eval, "demo": cmd_demo, "fd-digits": cmd_fd_digits}
+COMMANDS["cache"] = cmd_cache
 
 
 def main(argv=None) -> int:

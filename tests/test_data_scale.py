@@ -284,3 +284,77 @@ def test_too_much_bad_data_stops_the_run_with_one_line_and_keeps_what_was_traine
     with pytest.warns(BadDataWarning):
         assert main(["train", "--config", str(recipe), "max_bad_samples=5", "resume=latest"]) == 0
     assert len(list_checkpoints(str(tmp_path / "run"))) == 9
+
+
+# --------------------------------------------------------------------------------------------------------------
+# the latent and text-embedding cache
+# --------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def latent_cache(sd_teacher, sources, tmp_path_factory):
+    from stepdistill.cli import main
+
+    out = str(tmp_path_factory.mktemp("cache") / "latents")
+    assert (
+        main(["cache", "--teacher", sd_teacher, "--dataset", sources["shards"], "--out", out, "--batch-size", "4"]) == 0
+    )
+    return out
+
+
+def test_the_cache_holds_the_latents_and_embeddings_the_trainer_would_compute(sd_teacher, sources, latent_cache):
+    from safetensors.torch import load_file
+
+    from stepdistill.data.cache import load_encoders, read_index
+    from stepdistill.data.folders import decode_image
+    from stepdistill.trainers.student import _encode_images
+
+    index = read_index(latent_cache)
+    assert index["samples"] == 48 and len(index["shards"]) == 8 and index["latent_shape"] == [4, SIDE, SIDE]
+    vae, cond, pixels = load_encoders(sd_teacher)
+    assert pixels == 16
+    shard = load_file(os.path.join(latent_cache, "00003.safetensors"))
+    assert shard["latents"].shape == (6, 4, SIDE, SIDE) and shard["emb.ehs"].shape[0] == 6
+    # sample 000018 is the first of shard 3: its PNG and caption, encoded as the trainers encode them
+    expected = _encode_images(vae, decode_image(_png(18), 16)[None])
+    torch.testing.assert_close(shard["latents"][:1], expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(shard["emb.ehs"][:1], cond._encode_rows(["a cat number 18"])["ehs"], atol=1e-6, rtol=0)
+    # resumable: a second run keeps every finished shard
+    from stepdistill.cli import main
+
+    before = {f: os.path.getmtime(os.path.join(latent_cache, f)) for f in os.listdir(latent_cache)}
+    assert main(["cache", "--teacher", sd_teacher, "--dataset", sources["shards"], "--out", latent_cache]) == 0
+    assert all(os.path.getmtime(os.path.join(latent_cache, f)) == t for f, t in before.items() if f != "index.json")
+
+
+@pytest.mark.parametrize("make", [_dmd2, _lcm], ids=["dmd2", "lcm"])
+def test_dmd2_and_lcm_train_from_the_cache_without_running_the_encoders(sd_teacher, latent_cache, tmp_path, make):
+    trainer = make(sd_teacher, f"latents:{latent_cache}", tmp_path)
+    trainer.setup()
+    encoded = []
+    encode_rows = trainer.conditioner._encode_rows
+    trainer.conditioner._encode_rows = lambda prompts: encoded.extend(prompts) or encode_rows(prompts)
+    trainer.vae.encode = None  # the VAE encoder is not needed: calling it would fail
+    trainer.train()
+    assert len(trainer.history) == 2
+    assert set(encoded) <= {""}, encoded  # only the null prompt (SD's unconditional branch)
+
+
+def test_a_stale_cache_is_refused(sd_teacher, latent_cache, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    other = tmp_path / "other_teacher"
+    shutil.copytree(sd_teacher, other)
+    vae_file = other / "vae" / "diffusion_pytorch_model.safetensors"
+    weights = load_file(vae_file)
+    name = sorted(weights)[0]
+    weights[name] = weights[name] + 0.01
+    save_file(weights, vae_file)
+    with pytest.raises(ConfigError, match=r"latent cache .* is stale: .*\(vae weights\)"):
+        _dmd2(str(other), f"latents:{latent_cache}", tmp_path / "run").setup()
+    with pytest.raises(ConfigError, match=r"is stale: .*pixels 16 -> 32"):
+        _dmd2(sd_teacher, f"latents:{latent_cache}", tmp_path / "run2", resolution=16).setup()
+    with pytest.raises(ConfigError, match="not a finished latent cache"):
+        _dmd2(sd_teacher, f"latents:{tmp_path}", tmp_path / "run3").setup()

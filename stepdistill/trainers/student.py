@@ -34,6 +34,7 @@ _STUDENT_TYPES = {
 AUTO_AMPLIFICATION_LIMIT = 20.0  # student_prediction auto: the largest x0 amplification an output may have
 TEACHER_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 TEXT_CACHE_WARN_BYTES = 8 * 2**30
+STREAM_PROMPT_CACHE = 256  # prompt embeddings a text conditioner keeps when the dataset is streamed
 OBJECT_LABEL = "<object: {}>"  # the config value recording an object argument (run.json, resume comparison)
 MAX_ITERABLE_ITEMS = 2**20  # an iterable dataset without len() is read into memory up to this many items
 
@@ -1223,16 +1224,42 @@ def _stream_for(c, sample_shape, vae, conditioner):
             "front; encode them once with `stepdistill cache` and train on dataset: latents:<dir>"
         )
     options = dict(spec=c.dataset, workers=c.data_workers, shuffle_window=c.shuffle_window, max_bad=c.max_bad_samples)
-    need_caption = isinstance(conditioner, TextConditioner)
-    source = open_stream(c.dataset, image_key=c.image_key, caption_key=c.caption_key)
+    text = isinstance(conditioner, TextConditioner)
+    if text and (conditioner.cache_size is None or conditioner.cache_size > STREAM_PROMPT_CACHE):
+        conditioner.cache_size = STREAM_PROMPT_CACHE  # embeddings of recent prompts only: memory stays bounded
     size = sample_shape[-1] * vae_scale_factor(vae)
-    return ShardStream(
-        source, ImageDecoder(size, need_caption=need_caption), on_batch=partial(_encode_batch, vae), **options
-    )
+    if c.dataset.startswith("latents:"):
+        from ..data.cache import LatentDecoder, LatentShards, check_cache, fingerprint
+
+        source = LatentShards(c.dataset[len("latents:") :])
+        check_cache(source.index, fingerprint(vae, conditioner if text else None, size), source.root)
+        if list(source.index["latent_shape"]) != list(sample_shape):
+            raise ConfigError(
+                f"dataset: the latents in {c.dataset!r} are {source.index['latent_shape']}, the generator samples "
+                f"{list(sample_shape)}; set resolution: {source.index['latent_shape'][-1]} or make the cache anew"
+            )
+        return ShardStream(source, LatentDecoder(), on_batch=partial(_cached_embeddings, conditioner), **options)
+    source = open_stream(c.dataset, image_key=c.image_key, caption_key=c.caption_key)
+    return ShardStream(source, ImageDecoder(size, need_caption=text), on_batch=partial(_encode_batch, vae), **options)
 
 
 def _encode_batch(vae, batch):
     batch["image"] = _encode_images(vae, batch["image"])
+    return batch
+
+
+def _cached_embeddings(conditioner, batch):
+    """Put a latent cache's text embeddings of the batch's captions into the conditioner's prompt cache, so that
+    the trainer's ``conditioner(captions)`` runs no text encoder."""
+    emb = batch.pop("emb", None)
+    if emb is not None and isinstance(conditioner, TextConditioner):
+        device = next(e for e in conditioner.text_encoders if e is not None).device
+        for j, caption in enumerate(batch["caption"]):
+            conditioner._cache[caption] = {k: v[j : j + 1].to(device) for k, v in emb.items()}
+            conditioner._cache.move_to_end(caption)
+        keep = max(conditioner.cache_size or 0, 2 * len(batch["caption"]))
+        while len(conditioner._cache) > keep:  # least recently used first, as the conditioner's own cache does
+            conditioner._cache.popitem(last=False)
     return batch
 
 
