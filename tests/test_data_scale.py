@@ -20,7 +20,15 @@ from PIL import Image
 from tiny_models import save_tiny_pipeline, tiny_sd_components
 
 from stepdistill.config import ConfigError, build_config
-from stepdistill.data.shards import BadDataWarning, HFShards, ImageDecoder, ShardStream, TarShards, expand_shards
+from stepdistill.data.shards import (
+    BadDataWarning,
+    HFShards,
+    ImageDecoder,
+    ShardStream,
+    TarShards,
+    expand_shards,
+    open_stream,
+)
 from stepdistill.trainers.consistency import ConsistencyConfig, ConsistencyTrainer
 from stepdistill.trainers.dmd2 import DMD2Config, DMD2Trainer
 
@@ -57,6 +65,17 @@ def write_hf(root, n: int) -> str:
     return f"hf:{root}"
 
 
+def write_image_folder(root, n: int) -> str:
+    """An image folder with metadata.jsonl, read by datasets.load_dataset(streaming=True) (not a saved dataset)."""
+    os.makedirs(root, exist_ok=True)
+    with open(os.path.join(root, "metadata.jsonl"), "w") as f:
+        for k in range(n):
+            with open(os.path.join(root, f"{k:04d}.png"), "wb") as img:
+                img.write(_png(k))
+            f.write(json.dumps({"file_name": f"{k:04d}.png", "text": f"a bird number {k}"}) + "\n")
+    return f"hf:{root}"
+
+
 @pytest.fixture(scope="module")
 def sd_teacher(tmp_path_factory):
     root = tmp_path_factory.mktemp("sd_teacher")
@@ -66,7 +85,11 @@ def sd_teacher(tmp_path_factory):
 @pytest.fixture(scope="module")
 def sources(tmp_path_factory):
     root = tmp_path_factory.mktemp("data")
-    return {"shards": write_shards(root / "shards", 8, 6), "hf": write_hf(root / "hf", 48)}
+    return {
+        "shards": write_shards(root / "shards", 8, 6),
+        "hf": write_hf(root / "hf", 48),
+        "hf_folder": write_image_folder(root / "hf_folder", 12),
+    }
 
 
 def _keys_of_epoch(ds, slots):
@@ -94,12 +117,16 @@ def test_every_slot_reads_its_part_and_the_parts_cover_an_epoch_once(tmp_path, n
     assert later and later != first  # another shard order (and window order) each epoch
 
 
-def test_a_saved_datasets_folder_splits_like_shards(sources):
+def test_a_datasets_folder_splits_like_shards(sources):
     ds = ShardStream(HFShards(sources["hf"][3:]), ImageDecoder(16), spec=sources["hf"])
     seen = _keys_of_epoch(ds, 4)
     assert sorted(seen, key=int) == [str(k) for k in range(48)] and set(seen.values()) == {1}
     item = next(ds.samples(0, 1))[1]
     assert item["image"].shape == (3, 16, 16) and item["caption"].startswith("a dog number")
+    # a folder datasets.load_dataset streams (an image folder with metadata.jsonl: one part, split by sample)
+    ds = ShardStream(open_stream(sources["hf_folder"]), ImageDecoder(16), spec=sources["hf_folder"])
+    seen = _keys_of_epoch(ds, 4)
+    assert sorted(seen) == [f"{k:04d}.png" for k in range(12)] and set(seen.values()) == {1}
 
 
 def _dmd2(teacher, dataset, out, **kw):
@@ -136,7 +163,7 @@ def _record_keys(trainer) -> list:
     return keys
 
 
-@pytest.mark.parametrize("source", ["shards", "hf"])
+@pytest.mark.parametrize("source", ["shards", "hf", "hf_folder"])
 @pytest.mark.parametrize("make", [_dmd2, _lcm], ids=["dmd2", "lcm"])
 def test_dmd2_and_lcm_train_two_iterations_from_a_stream(sd_teacher, sources, tmp_path, source, make):
     trainer = make(sd_teacher, sources[source], tmp_path)

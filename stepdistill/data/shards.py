@@ -5,8 +5,10 @@ A recipe selects one with its ``dataset`` string:
 * ``shards:/data/{00000..00099}.tar``: webdataset tar shards (brace ranges and globs; several patterns joined by
   ``::``), one sample per key: an image (``jpg``, ``jpeg``, ``png``, ``webp``) and a caption (``txt``, or a
   ``json`` object's "caption" / "text" / "prompt"). The tar members are read by ``webdataset``'s tar iterators.
-* ``hf:/path/to/saved``: a folder written by ``datasets.Dataset.save_to_disk`` (memory-mapped Arrow); columns
-  "image" / "text" (or "caption", "prompt") unless ``image_key`` / ``caption_key`` name others.
+* ``hf:/path/to/saved``: a folder written by ``datasets.Dataset.save_to_disk`` (memory-mapped Arrow), or any local
+  folder ``datasets.load_dataset(path, streaming=True)`` reads (parquet / json files, an image folder with
+  metadata.jsonl); columns "image" / "text" (or "caption", "prompt") unless ``image_key`` / ``caption_key`` name
+  others.
 * ``latents:/dir``: a ``stepdistill cache`` folder (see :mod:`stepdistill.data.cache`).
 
 Every process and every dataloader worker reads its own part of each epoch, and the parts cover the epoch exactly
@@ -134,7 +136,73 @@ class TarShards:
         return {"image": image, "caption": None if caption is None else str(caption).strip()}
 
 
-class HFShards:
+def _pick_columns(columns: list[str], image_key: str, caption_key: str, path: str) -> tuple[str, str | None]:
+    """The image and caption columns: the named ones (a ConfigError if absent) or the first default present."""
+
+    def pick(wanted: str, defaults, what):
+        names = _keys(wanted, defaults)
+        found = next((n for n in names if n in columns), None)
+        if found is None and wanted:
+            raise ConfigError(f"{what}: column {wanted!r} not in hf:{path} (columns: {', '.join(columns)})")
+        return found
+
+    image = pick(image_key, HF_IMAGE_KEYS, "image_key")
+    if image is None:
+        raise ConfigError(f"image_key: no image column in hf:{path} (columns: {', '.join(columns)}); set image_key")
+    return image, pick(caption_key, HF_CAPTION_KEYS, "caption_key")
+
+
+class _Columns:
+    """``fields`` of a row with an image column (bytes / path / PIL image) and a caption column."""
+
+    def fields(self, raw: dict) -> dict:
+        image = raw.get(self.image_col)
+        if isinstance(image, dict):  # datasets.Image(decode=False): {"bytes", "path"}
+            image = image.get("bytes") or image.get("path")
+        if image is None:
+            raise BadSample(f"no image in column {self.image_col!r}")
+        caption = raw.get(self.caption_col) if self.caption_col else None
+        return {"image": image, "caption": None if caption is None else str(caption).strip()}
+
+
+def _is_saved_dataset(path: str) -> bool:
+    return any(os.path.isfile(os.path.join(path, f)) for f in ("state.json", "dataset_dict.json"))
+
+
+class HFStreamShards(_Columns):
+    """A local folder that ``datasets.load_dataset(path, streaming=True)`` reads (parquet / json / csv files, an
+    image folder with metadata.jsonl, ...); its shards are the data files ``datasets`` streams separately."""
+
+    def __init__(self, path: str, image_key: str = "", caption_key: str = "", key: str = "dataset"):
+        import datasets
+
+        try:
+            ds = datasets.load_dataset(path, split="train", streaming=True)
+        except Exception as e:  # noqa: BLE001 - datasets raises many types for a folder it cannot read
+            raise ConfigError(f"{key}: hf:{path} cannot be loaded by datasets.load_dataset ({e})") from None
+        columns = list(ds.features) if ds.features else list(next(iter(ds)))
+        self.image_col, self.caption_col = _pick_columns(columns, image_key, caption_key, path)
+        self.ds = ds.decode(False)  # images as {"bytes", "path"}: decoded (or skipped) one by one by us
+        self.names = [f"{path}[part {i} of {ds.n_shards}]" for i in range(ds.n_shards)]
+
+    def __len__(self):
+        return len(self.names)
+
+    def read(self, i: int, start: int = 0):
+        part = self.ds.shard(num_shards=len(self.names), index=i)
+        offset = 0
+        # .iter(), not iter(): inside a loader worker, datasets would split the part over the workers once more
+        for chunk in part.iter(batch_size=HF_READ_ROWS):
+            for j in range(len(chunk[self.image_col])):
+                if offset >= start:
+                    row = {c: chunk[c][j] for c in chunk}
+                    image = row[self.image_col]
+                    path = image.get("path") if isinstance(image, dict) else None
+                    yield offset, os.path.basename(path) if path else f"{i}/{offset}", row
+                offset += 1
+
+
+class HFShards(_Columns):
     """A saved Hugging Face dataset (``datasets.load_from_disk``), memory-mapped; shards are blocks of rows."""
 
     def __init__(self, path: str, image_key: str = "", caption_key: str = "", key: str = "dataset"):
@@ -148,19 +216,7 @@ class HFShards:
             if "train" not in ds:
                 raise ConfigError(f"{key}: hf:{path} has no 'train' split (splits: {', '.join(ds)})")
             ds = ds["train"]
-        columns = list(ds.column_names)
-
-        def pick(wanted: str, defaults, what):
-            names = _keys(wanted, defaults)
-            found = next((n for n in names if n in columns), None)
-            if found is None and wanted:
-                raise ConfigError(f"{what}: column {wanted!r} not in hf:{path} (columns: {', '.join(columns)})")
-            return found
-
-        self.image_col = pick(image_key, HF_IMAGE_KEYS, "image_key")
-        self.caption_col = pick(caption_key, HF_CAPTION_KEYS, "caption_key")
-        if self.image_col is None:
-            raise ConfigError(f"image_key: no image column in hf:{path} (columns: {', '.join(columns)}); set image_key")
+        self.image_col, self.caption_col = _pick_columns(list(ds.column_names), image_key, caption_key, path)
         if isinstance(ds.features[self.image_col], datasets.Image):  # decoded by us: a bad image is one bad sample
             ds = ds.cast_column(self.image_col, datasets.Image(decode=False))
         self.ds = ds.select_columns([c for c in (self.image_col, self.caption_col) if c is not None])
@@ -179,15 +235,6 @@ class HFShards:
             for j in range(len(chunk[self.image_col])):
                 row = lo + j
                 yield row - a, str(row), {c: chunk[c][j] for c in chunk}
-
-    def fields(self, raw: dict) -> dict:
-        image = raw.get(self.image_col)
-        if isinstance(image, dict):  # datasets.Image(decode=False): {"bytes", "path"}
-            image = image.get("bytes") or image.get("path")
-        if image is None:
-            raise BadSample(f"no image in column {self.image_col!r}")
-        caption = raw.get(self.caption_col) if self.caption_col else None
-        return {"image": image, "caption": None if caption is None else str(caption).strip()}
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -471,6 +518,7 @@ def open_stream(spec: str, *, image_key="", caption_key="", key="dataset"):
     if spec.startswith("hf:"):
         path = spec[len("hf:") :]
         if not os.path.isdir(path):
-            raise ConfigError(f"{key}: hf:{path} does not exist (expected a datasets.save_to_disk folder)")
-        return HFShards(path, image_key, caption_key, key)
+            raise ConfigError(f"{key}: hf:{path} does not exist (expected a datasets folder)")
+        cls = HFShards if _is_saved_dataset(path) else HFStreamShards
+        return cls(path, image_key, caption_key, key)
     raise ConfigError(f"{key}: {spec!r} is not a shards: or hf: dataset")

@@ -83,7 +83,8 @@ class StudentConfig(TrainConfig):
         an image folder with captions, an image folder with one sub-folder per class (labels: the sorted
         folder names, ImageNet's layout), or a prompt file (.txt / .jsonl; no real images). Streamed, for data
         that does not fit in memory (README "Data at scale"): "shards:/data/{00000..00099}.tar" (webdataset tar
-        shards), "hf:/path" (a datasets.save_to_disk folder) or "latents:/dir" (a `stepdistill cache` folder).
+        shards), "hf:/path" (a datasets.save_to_disk folder, or a folder datasets.load_dataset streams) or
+        "latents:/dir" (a `stepdistill cache` folder).
     image_key (`str`, `""`), caption_key (`str`, `""`): streamed datasets: the tar extension / column of the
         image and of the caption (comma list: the first present; "": jpg,jpeg,png,webp / txt,json for shards,
         image,img / text,caption,prompt for hf).
