@@ -56,6 +56,7 @@ SLOW_TESTS = {
     "test_lifecycle.py::test_cli_refuses_a_foreign_export_dir_with_one_line": "a subprocess that imports the trainers",
     "test_data_scale.py::test_two_processes_with_two_workers_each_read_every_sample_once": "a 2-process launch, 50 s",
     "test_data_scale.py::test_host_memory_while_training_from_shards_does_not_grow_with_the_dataset": "2 subprocesses",
+    "test_data_scale.py::test_the_cache_command_on_two_processes_writes_the_same_cache": "a 2-process launch",
 }
 
 

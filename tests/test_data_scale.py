@@ -329,7 +329,9 @@ def latent_cache(sd_teacher, sources, tmp_path_factory):
     return out
 
 
-def test_the_cache_holds_the_latents_and_embeddings_the_trainer_would_compute(sd_teacher, sources, latent_cache):
+def test_the_cache_holds_the_latents_and_embeddings_the_trainer_would_compute(
+    sd_teacher, sources, latent_cache, capsys
+):
     from safetensors.torch import load_file
 
     from stepdistill.data.cache import load_encoders, read_index
@@ -351,6 +353,7 @@ def test_the_cache_holds_the_latents_and_embeddings_the_trainer_would_compute(sd
 
     before = {f: os.path.getmtime(os.path.join(latent_cache, f)) for f in os.listdir(latent_cache)}
     assert main(["cache", "--teacher", sd_teacher, "--dataset", sources["shards"], "--out", latent_cache]) == 0
+    assert "process 0 of 1: 0 shard(s) encoded, 8 kept from an earlier run" in capsys.readouterr().out
     assert all(os.path.getmtime(os.path.join(latent_cache, f)) == t for f, t in before.items() if f != "index.json")
 
 
@@ -471,3 +474,27 @@ def test_host_memory_while_training_from_shards_does_not_grow_with_the_dataset(s
     mib = {n: round(p / 2**20, 1) for n, p in peaks.items()}
     print(f"peak RSS (process + loader workers) over 50 iterations: 500 images {mib[500]} MiB, 5000 {mib[5000]} MiB")
     assert peaks[5000] <= peaks[500] + 8 * 2**20, mib
+
+
+def test_the_cache_command_on_two_processes_writes_the_same_cache(sd_teacher, sources, latent_cache, tmp_path):
+    """accelerate launch, 2 CPU processes: shard i on process i mod 2; the files equal the 1-process cache's."""
+    from safetensors.torch import load_file
+
+    out = str(tmp_path / "latents2")
+    path = os.pathsep.join([HERE, os.path.dirname(HERE)])
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
+    cmd = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+        "--main_process_port", str(29700 + os.getpid() % 1000), "-m", "stepdistill.cli", "cache",
+        "--teacher", sd_teacher, "--dataset", sources["shards"], "--out", out, "--batch-size", "4",
+    ]  # fmt: skip
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-4000:]
+    for rank in (0, 1):
+        assert f"process {rank} of 2: 4 shard(s) encoded, 0 kept" in r.stdout, r.stdout
+    one, two = (json.load(open(os.path.join(d, "index.json"))) for d in (latent_cache, out))
+    assert two["shards"] == one["shards"] and two["fingerprint"] == one["fingerprint"]
+    for s in one["shards"]:
+        a, b = load_file(os.path.join(latent_cache, s["file"])), load_file(os.path.join(out, s["file"]))
+        assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a), s["file"]

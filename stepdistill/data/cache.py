@@ -250,7 +250,10 @@ def write_cache(
         raise ConfigError(f"--dataset: {spec!r} is not a shards:<pattern> or hf:<folder> dataset")
     if dtype not in DTYPES:
         raise ConfigError(f"--dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
-    state = PartialState()
+    from accelerate.utils import parse_flag_from_env
+
+    # PartialState reads no ACCELERATE_USE_CPU (AcceleratorState does): without it a CPU launch is n lone processes
+    state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
     vae, cond, pixels = load_encoders(teacher, pixels)
     fp = fingerprint(vae, cond, pixels)  # of the fp32 weights: a bf16 cache serves the same fp32 teacher
     fp_id = _fingerprint_id(fp)
@@ -266,10 +269,12 @@ def write_cache(
     seen_bad: set = set()
     mine = [i for i in range(len(source)) if i % state.num_processes == state.process_index]
     bar = tqdm(mine, desc="stepdistill cache", disable=not (progress and state.is_main_process), unit="shard")
+    kept = 0
     for i in bar:
         path = os.path.join(out, f"{i:05d}.safetensors")
         meta = _shard_meta(path) if os.path.isfile(path) else None
         if meta is not None and meta["fingerprint"] == fp_id:
+            kept += 1
             continue  # done by an earlier run
         tensors, metadata = _encode_shard(stream, i, seen_bad, vae, cond, batch_size, DTYPES[dtype])
         metadata["fingerprint"] = fp_id
@@ -279,6 +284,11 @@ def write_cache(
                 "warning above); fix or remove them, or raise --max-bad-samples"
             )
         io.save_safetensors(tensors, path, metadata=metadata)
+    print(
+        f"stepdistill cache: process {state.process_index} of {state.num_processes}: {len(mine) - kept} shard(s) "
+        f"encoded, {kept} kept from an earlier run",
+        flush=True,
+    )
     state.wait_for_everyone()
     index = None
     if state.is_main_process:
