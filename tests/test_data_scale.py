@@ -498,3 +498,26 @@ def test_the_cache_command_on_two_processes_writes_the_same_cache(sd_teacher, so
     for s in one["shards"]:
         a, b = load_file(os.path.join(latent_cache, s["file"])), load_file(os.path.join(out, s["file"]))
         assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a), s["file"]
+
+
+def test_an_sdxl_cache_holds_both_embeddings_and_trains(sources, tmp_path):
+    """SDXL: the cache keeps the hidden states and the pooled embedding (from an hf: image folder); DMD2 trains from
+    it without running a text encoder (SDXL's null branch is zeros)."""
+    from diffusers import StableDiffusionXLPipeline
+    from safetensors.torch import load_file
+    from tiny_models import tiny_sdxl_components
+
+    from stepdistill.cli import main
+
+    teacher = save_tiny_pipeline(tiny_sdxl_components(tmp_path / "src"), StableDiffusionXLPipeline, tmp_path / "sdxl")
+    out = str(tmp_path / "latents")
+    assert main(["cache", "--teacher", teacher, "--dataset", sources["hf_folder"], "--out", out]) == 0
+    shard = load_file(os.path.join(out, "00000.safetensors"))
+    assert {"latents", "emb.ehs", "emb.pooled"} <= set(shard) and shard["emb.pooled"].shape[0] == 12
+    trainer = _dmd2(teacher, f"latents:{out}", tmp_path / "run")
+    trainer.setup()
+    encoded = []
+    encode_rows = trainer.conditioner._encode_rows
+    trainer.conditioner._encode_rows = lambda prompts: encoded.extend(prompts) or encode_rows(prompts)
+    trainer.train()
+    assert len(trainer.history) == 2 and encoded == []
