@@ -386,6 +386,8 @@ def test_a_stale_cache_is_refused(sd_teacher, latent_cache, tmp_path):
         _dmd2(str(other), f"latents:{latent_cache}", tmp_path / "run").setup()
     with pytest.raises(ConfigError, match=r"is stale: .*pixels 16 -> 32"):
         _dmd2(sd_teacher, f"latents:{latent_cache}", tmp_path / "run2", resolution=16).setup()
+    with pytest.raises(ConfigError, match="cache_text_embeddings: true .* the cache already holds the embeddings"):
+        _dmd2(sd_teacher, f"latents:{latent_cache}", tmp_path / "run4", cache_text_embeddings=True).setup()
     with pytest.raises(ConfigError, match="not a finished latent cache"):
         _dmd2(sd_teacher, f"latents:{tmp_path}", tmp_path / "run3").setup()
 
@@ -521,3 +523,11 @@ def test_an_sdxl_cache_holds_both_embeddings_and_trains(sources, tmp_path):
     trainer.conditioner._encode_rows = lambda prompts: encoded.extend(prompts) or encode_rows(prompts)
     trainer.train()
     assert len(trainer.history) == 2 and encoded == []
+
+
+def test_teacher_offload_with_shards_encodes_with_the_offloaded_vae(sd_teacher, sources, tmp_path):
+    """teacher_offload moves the VAE to the host after build; streamed batches still encode (on an accelerator the
+    VAE comes to it for each batch and goes back; on this CPU-only test the device is the host: no move)."""
+    trainer = _lcm(sd_teacher, sources["shards"], tmp_path, teacher_offload=True, generator_mode="full")
+    trainer.train()
+    assert len(trainer.history) == 2 and next(trainer.vae.parameters()).device.type == "cpu"

@@ -1220,9 +1220,14 @@ def _stream_for(c, sample_shape, vae, conditioner):
     from ..data.shards import ImageDecoder, ShardStream, open_stream
 
     if c.cache_text_embeddings:
+        fix = (
+            "the cache already holds the embeddings: set cache_text_embeddings: false"
+            if c.dataset.startswith("latents:")
+            else "encode them once with `stepdistill cache` and train on dataset: latents:<dir>"
+        )
         raise ConfigError(
             f"cache_text_embeddings: true with the streamed dataset {c.dataset!r}: its prompts are not listed up "
-            "front; encode them once with `stepdistill cache` and train on dataset: latents:<dir>"
+            f"front; {fix}"
         )
     options = dict(spec=c.dataset, workers=c.data_workers, shuffle_window=c.shuffle_window, max_bad=c.max_bad_samples)
     text = isinstance(conditioner, TextConditioner)
@@ -1241,11 +1246,21 @@ def _stream_for(c, sample_shape, vae, conditioner):
             )
         return ShardStream(source, LatentDecoder(), on_batch=partial(_cached_embeddings, conditioner), **options)
     source = open_stream(c.dataset, image_key=c.image_key, caption_key=c.caption_key)
-    return ShardStream(source, ImageDecoder(size, need_caption=text), on_batch=partial(_encode_batch, vae), **options)
+    home = None if vae is None else next(vae.parameters()).device  # the accelerator, before any teacher_offload
+    encode = partial(_encode_batch, vae, home)
+    return ShardStream(source, ImageDecoder(size, need_caption=text), on_batch=encode, **options)
 
 
-def _encode_batch(vae, batch):
-    batch["image"] = _encode_images(vae, batch["image"])
+def _encode_batch(vae, device, batch):
+    """VAE-encode a streamed batch on ``device``; a VAE that teacher_offload moved to the CPU comes over for it."""
+    moved = vae is not None and next(vae.parameters()).device != device
+    if moved:
+        vae.to(device)
+    try:
+        batch["image"] = _encode_images(vae, batch["image"])
+    finally:
+        if moved:
+            vae.to("cpu")
     return batch
 
 
