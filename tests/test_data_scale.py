@@ -157,7 +157,7 @@ def _record_keys(trainer) -> list:
 
     def record(batch):
         keys.append(list(batch["_n"]))
-        return encode(batch)
+        return encode(batch) if encode is not None else batch
 
     trainer.dataset.on_batch = record
     return keys
@@ -531,3 +531,21 @@ def test_teacher_offload_with_shards_encodes_with_the_offloaded_vae(sd_teacher, 
     trainer = _lcm(sd_teacher, sources["shards"], tmp_path, teacher_offload=True, generator_mode="full")
     trainer.train()
     assert len(trainer.history) == 2 and next(trainer.vae.parameters()).device.type == "cpu"
+
+
+@pytest.mark.parametrize("source", ["shards", "hf"])
+def test_captions_only_for_a_prompt_only_run(sd_teacher, sources, tmp_path, source):
+    """image_key: none: a DMD2 run without GAN and with backward simulation reads the caption column alone (no image
+    decoded or encoded); a run that needs real images is refused."""
+    trainer = _dmd2(
+        sd_teacher, sources[source], tmp_path, image_key="none", gan_generator_weight=0.0, backward_simulation=True
+    )
+    keys = _record_keys(trainer)
+    assert not trainer.dataset.has_images
+    trainer.vae.encode = None  # never called
+    trainer.train()
+    assert len(trainer.history) == 2 and len(keys) == 2
+    batch = next(iter(trainer.loader))
+    assert "image" not in batch and all(c.startswith("a ") for c in batch["caption"])
+    with pytest.raises(ConfigError, match="real images"):
+        _dmd2(sd_teacher, sources[source], tmp_path / "gan", image_key="none").setup()

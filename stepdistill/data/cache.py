@@ -248,6 +248,8 @@ def write_cache(
 
     if not is_stream_spec(spec) or spec.startswith("latents:"):
         raise ConfigError(f"--dataset: {spec!r} is not a shards:<pattern> or hf:<folder> dataset")
+    if image_key == "none":
+        raise ConfigError("--image-key none: the cache encodes images (a prompt-only run reads the captions directly)")
     if dtype not in DTYPES:
         raise ConfigError(f"--dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     from accelerate.utils import parse_flag_from_env

@@ -95,7 +95,7 @@ class TarShards:
 
     def __init__(self, files: list[str], image_key: str = "", caption_key: str = ""):
         self.names = list(files)
-        self.image_keys = _keys(image_key, TAR_IMAGE_KEYS)
+        self.image_keys = () if image_key == "none" else _keys(image_key, TAR_IMAGE_KEYS)
         self.caption_keys = _keys(caption_key, TAR_CAPTION_KEYS)
 
     def __len__(self):
@@ -115,7 +115,7 @@ class TarShards:
 
     def fields(self, raw: dict) -> dict:
         image = next((raw[k] for k in self.image_keys if k in raw), None)
-        if image is None:
+        if image is None and self.image_keys:
             raise BadSample(f"no image ({', '.join('.' + k for k in self.image_keys)})")
         caption = None
         for k in self.caption_keys:
@@ -146,6 +146,8 @@ def _pick_columns(columns: list[str], image_key: str, caption_key: str, path: st
             raise ConfigError(f"{what}: column {wanted!r} not in hf:{path} (columns: {', '.join(columns)})")
         return found
 
+    if image_key == "none":
+        return None, pick(caption_key, HF_CAPTION_KEYS, "caption_key")
     image = pick(image_key, HF_IMAGE_KEYS, "image_key")
     if image is None:
         raise ConfigError(f"image_key: no image column in hf:{path} (columns: {', '.join(columns)}); set image_key")
@@ -156,10 +158,10 @@ class _Columns:
     """``fields`` of a row with an image column (bytes / path / PIL image) and a caption column."""
 
     def fields(self, raw: dict) -> dict:
-        image = raw.get(self.image_col)
+        image = raw.get(self.image_col) if self.image_col else None
         if isinstance(image, dict):  # datasets.Image(decode=False): {"bytes", "path"}
             image = image.get("bytes") or image.get("path")
-        if image is None:
+        if image is None and self.image_col:
             raise BadSample(f"no image in column {self.image_col!r}")
         caption = raw.get(self.caption_col) if self.caption_col else None
         return {"image": image, "caption": None if caption is None else str(caption).strip()}
@@ -193,10 +195,10 @@ class HFStreamShards(_Columns):
         offset = 0
         # .iter(), not iter(): inside a loader worker, datasets would split the part over the workers once more
         for chunk in part.iter(batch_size=HF_READ_ROWS):
-            for j in range(len(chunk[self.image_col])):
+            for j in range(len(next(iter(chunk.values())))):
                 if offset >= start:
                     row = {c: chunk[c][j] for c in chunk}
-                    image = row[self.image_col]
+                    image = row.get(self.image_col)
                     path = image.get("path") if isinstance(image, dict) else None
                     yield offset, os.path.basename(path) if path else f"{i}/{offset}", row
                 offset += 1
@@ -217,7 +219,8 @@ class HFShards(_Columns):
                 raise ConfigError(f"{key}: hf:{path} has no 'train' split (splits: {', '.join(ds)})")
             ds = ds["train"]
         self.image_col, self.caption_col = _pick_columns(list(ds.column_names), image_key, caption_key, path)
-        if isinstance(ds.features[self.image_col], datasets.Image):  # decoded by us: a bad image is one bad sample
+        # decoded by us, so that a bad image is one bad sample
+        if self.image_col and isinstance(ds.features[self.image_col], datasets.Image):
             ds = ds.cast_column(self.image_col, datasets.Image(decode=False))
         self.ds = ds.select_columns([c for c in (self.image_col, self.caption_col) if c is not None])
         n = len(ds)
@@ -232,7 +235,7 @@ class HFShards(_Columns):
         a, b = self.bounds[i]
         for lo in range(a + start, b, HF_READ_ROWS):
             chunk = self.ds[lo : min(lo + HF_READ_ROWS, b)]
-            for j in range(len(chunk[self.image_col])):
+            for j in range(len(next(iter(chunk.values())))):
                 row = lo + j
                 yield row - a, str(row), {c: chunk[c][j] for c in chunk}
 
@@ -245,12 +248,15 @@ class HFShards(_Columns):
 class ImageDecoder:
     """Fields -> ``{"image": (3, R, R) in [-1, 1], "caption": str}`` (picklable: it runs in loader workers)."""
 
-    def __init__(self, resolution: int, center_crop: bool = True, need_caption: bool = True):
+    def __init__(self, resolution: int, center_crop: bool = True, need_caption: bool = True, images: bool = True):
         self.resolution, self.center_crop, self.need_caption = resolution, center_crop, need_caption
+        self.images = images  # False: captions only (prompt-only methods), no image is read
 
     def __call__(self, fields: dict) -> dict:
         if self.need_caption and not fields.get("caption"):
             raise BadSample("no caption")
+        if not self.images:
+            return {"caption": fields["caption"]}
         try:
             image = decode_image(fields["image"], self.resolution, self.center_crop)
         except (OSError, ValueError, SyntaxError) as e:
@@ -304,6 +310,7 @@ class ShardStream(torch.utils.data.IterableDataset):
         self.source, self.decode, self.spec = source, decode, spec
         self.workers, self.shuffle_window, self.max_bad = workers, max(1, shuffle_window), max_bad
         self.on_batch = on_batch
+        self.has_images = getattr(decode, "images", True)
         self.captions = ()  # streamed: never listed in full
         # set per run by the reader (before the loader forks its workers)
         self.batch_size, self.rank, self.world, self.seed = 1, 0, 1, 0

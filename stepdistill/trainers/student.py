@@ -87,7 +87,8 @@ class StudentConfig(TrainConfig):
         "latents:/dir" (a `stepdistill cache` folder).
     image_key (`str`, `""`), caption_key (`str`, `""`): streamed datasets: the tar extension / column of the
         image and of the caption (comma list: the first present; "": jpg,jpeg,png,webp / txt,json for shards,
-        image,img / text,caption,prompt for hf).
+        image,img / text,caption,prompt for hf). image_key "none": captions only, for prompt-only (data-free)
+        methods (SIM, VSD, DMD2 without GAN): no image is read, decoded or encoded.
     data_workers (`int`, `2`): streamed datasets: dataloader worker processes per process.
     shuffle_window (`int`, `256`): streamed datasets: samples permuted together inside a shard (the shard
         order is permuted every epoch too).
@@ -1246,6 +1247,14 @@ def _stream_for(c, sample_shape, vae, conditioner):
             )
         return ShardStream(source, LatentDecoder(), on_batch=partial(_cached_embeddings, conditioner), **options)
     source = open_stream(c.dataset, image_key=c.image_key, caption_key=c.caption_key)
+    if c.image_key == "none":  # captions only: nothing to decode or encode
+        if not text:
+            raise ConfigError(f"image_key: none leaves {c.dataset!r} without images, and the teacher takes no text")
+        if not getattr(c, "backward_simulation", True) and len(getattr(c, "denoising_timesteps", ())) > 1:
+            raise ConfigError(
+                "backward_simulation=false trains later steps on noised real images; image_key: none reads none"
+            )
+        return ShardStream(source, ImageDecoder(size, images=False), **options)
     home = None if vae is None else next(vae.parameters()).device  # the accelerator, before any teacher_offload
     encode = partial(_encode_batch, vae, home)
     return ShardStream(source, ImageDecoder(size, need_caption=text), on_batch=encode, **options)
