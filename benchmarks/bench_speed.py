@@ -7,7 +7,9 @@ the same tiny SDXL twin (tests/tiny_models.py, latent side 8) and the same overr
 * ``lcm_lora``: recipes/consistency/lcm_lora_sdxl.yaml (LCM-LoRA, the LoRA is the student, teacher = adapters
   off, target = the LoRA network under no_grad);
 * ``dmd2``: recipes/dmd2/sdxl_4step.yaml (4 steps, backward simulation, GAN on) with
-  ``dfake_gen_update_ratio=1`` so that every iteration is one generator update + one fake-score update.
+  ``dfake_gen_update_ratio=1`` so that every iteration is one generator update + one fake-score update;
+* ``dmd2_shared`` (not run unless asked: ``--configs dmd2_shared``): ``dmd2`` with ``share_fake_forward=true``
+  (only against a ref that has the key).
 
 Each run is its own process with one thread (``OMP_NUM_THREADS=1``, ``torch.set_num_threads(1)``), fp32, batch
 ``--batch``; the figure of a run is the median over its iterations (the first two are warm-up and dropped) of
@@ -31,7 +33,10 @@ ROOT = os.path.abspath(os.path.join(os.path.dirname(os.path.abspath(__file__)), 
 CONFIGS = {
     "lcm_lora": ("consistency/lcm_lora_sdxl.yaml", []),
     "dmd2": ("dmd2/sdxl_4step.yaml", ["dfake_gen_update_ratio=1"]),
+    # opt-in: DM loss and GAN generator term on one fake forward (a ref before share_fake_forward refuses the key)
+    "dmd2_shared": ("dmd2/sdxl_4step.yaml", ["dfake_gen_update_ratio=1", "share_fake_forward=true"]),
 }
+DEFAULT_CONFIGS = ("lcm_lora", "dmd2")
 WARMUP = 2
 
 
@@ -117,7 +122,7 @@ def main(argv=None):
     p.add_argument("--pairs", type=int, default=3)
     p.add_argument("--steps", type=int, default=12, help="iterations per run (the first two are dropped)")
     p.add_argument("--batch", type=int, default=4)
-    p.add_argument("--configs", default=",".join(CONFIGS), help="comma-separated subset of " + ", ".join(CONFIGS))
+    p.add_argument("--configs", default=",".join(DEFAULT_CONFIGS), help="comma-separated, among " + ", ".join(CONFIGS))
     p.add_argument("--child", nargs=5, default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:

@@ -31,6 +31,7 @@ ROWS = [
     ("progressive", "lora", "-"),
     ("sdxl_twin", "lcm_lora", "-"),
     ("sdxl_twin", "dmd2", "full"),
+    ("sdxl_twin", "dmd2_shared", "full"),
 ]
 
 # the evaluations each algorithm needs per iteration (B = batch): what the trainer's counts are compared with
@@ -48,6 +49,9 @@ MINIMUM = {
     ("sdxl_twin", "dmd2", "full"): "generator 1 x B + k x B no grad (backward simulation, k uniform in 0..3: "
     "1.5 on average); teacher 1 x 2B (CFG 8); fake 1 x B (DM, no grad) + 1 x B (DSM) + 2 to the GAN layer "
     "(generator's GAN loss 1 x B, discriminator real + fake batched 1 x 2B)",
+    ("sdxl_twin", "dmd2_shared", "full"): "as dmd2, but the DM loss and the generator's GAN loss share one fake "
+    "forward (with input grad, share_fake_forward: true): fake 1 x B (DM + GAN) + 1 x B (DSM) + 1 to the GAN layer "
+    "(discriminator real + fake batched 1 x 2B)",
 }
 
 

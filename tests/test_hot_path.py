@@ -287,3 +287,190 @@ def test_gan_features_stop_at_the_tapped_layer_and_equal_the_full_forwards_tap(n
 
 def _inside(m, module):
     return any(m is sub for sub in module.modules())
+
+
+# ------------------------------------------------------------------------------------------------ compile
+def _compiled(net) -> bool:
+    return getattr(net, "_compiled_call_impl", None) is not None
+
+
+def _inner_nets(trainer):
+    from stepdistill.models.denoiser import _unwrap
+
+    return {n: _unwrap(getattr(trainer, n).net) for n in ("generator", "fake", "teacher") if hasattr(trainer, n)}
+
+
+def _train_both(make, **compile_keys):
+    """The same run eager and with ``compile: true``: (eager trainer, compiled trainer)."""
+    out = []
+    for keys in ({}, dict(compile=True, **compile_keys)):
+        trainer = make(**keys)
+        trainer.setup()
+        before = {n: {k: v.clone() for k, v in net.state_dict().items()} for n, net in _inner_nets(trainer).items()}
+        trainer.train()
+        trainer.weights_before = before
+        out.append(trainer)
+    return out
+
+
+def _check_same_run(eager, comp, trained=("generator", "fake")):
+    assert all(_compiled(net) for net in _inner_nets(comp).values())
+    assert not any(_compiled(net) for net in _inner_nets(eager).values())
+    assert len(comp.history) == len(eager.history) > 0
+    for a, b in zip(eager.history, comp.history):
+        for key, value in a.items():
+            if key.startswith("loss"):
+                torch.testing.assert_close(float(b[key]), float(value), rtol=1e-5, atol=1e-7)
+    for name, net in _inner_nets(comp).items():
+        mine, ref = net.state_dict(), _inner_nets(eager)[name].state_dict()
+        assert list(mine) == list(ref)  # parameter names / checkpoint keys unchanged
+        for k in ref:
+            torch.testing.assert_close(mine[k], ref[k], rtol=1e-4, atol=1e-6)
+        if name in trained:
+            assert any(not torch.equal(mine[k], comp.weights_before[name][k]) for k in mine), f"{name} did not train"
+
+
+@pytest.mark.parametrize("modes", [dict(), dict(generator_mode="lora", fake_score_mode="lora", lora_rank=4)])
+def test_compile_trains_like_eager_on_the_toy(modes, toy_teacher, tmp_path):
+    """``compile: true`` (backend aot_eager: no C++ toolchain needed, and seconds instead of minutes of inductor
+    compilation on CPU) gives the eager run's losses and weights; with LoRA generator and fake score the one shared
+    base switches adapters between compiled calls."""
+    extra = dict(dfake_gen_update_ratio=1, denoising_timesteps=[999, 499], **modes)
+
+    def make(**keys):
+        return _trainer("dmd2", toy_teacher, tmp_path / str(len(keys)), **extra, **keys)
+
+    eager, comp = _train_both(make, compile_backend="aot_eager")
+    _check_same_run(eager, comp)
+
+
+def _tiny_unet_teacher(folder):
+    """A class-conditional tiny UNet2DModel (tests/tiny_models.py) on 16 x 16 one-channel digits."""
+    from diffusers import DDIMScheduler
+    from tiny_models import tiny_unet2d
+
+    tiny_unet2d(in_channels=1, sample_size=16).save_pretrained(folder / "unet")
+    DDIMScheduler(num_train_timesteps=1000, prediction_type="v_prediction").save_pretrained(folder / "scheduler")
+    return str(folder)
+
+
+def test_compile_trains_like_eager_on_a_tiny_unet_with_the_gan_and_gradient_checkpointing(tmp_path):
+    """A diffusers UNet compiled (aot_eager) under DMD2 with the GAN on (the head's forward stops at the mid block
+    from a hook: a graph break, not a wrong result) and gradient checkpointing: the eager run's losses and weights."""
+    teacher = _tiny_unet_teacher(tmp_path / "teacher")
+    extra = dict(
+        dataset="digits",
+        dfake_gen_update_ratio=1,
+        denoising_timesteps=[999, 499],
+        gan_generator_weight=0.05,
+        gradient_checkpointing=True,
+        global_batch=4,
+    )
+
+    def make(**keys):
+        return _trainer("dmd2", teacher, tmp_path / str(len(keys)), **extra, **keys)
+
+    eager, comp = _train_both(make, compile_backend="aot_eager")
+    _check_same_run(eager, comp)
+
+
+@pytest.mark.parametrize(
+    "keys,words",
+    [
+        (["compile_mode=fastest"], ["compile_mode", "'fastest'", "max-autotune"]),
+        (["compile_backend=nvc"], ["compile_backend", "'nvc'", "inductor"]),
+        (["compile_mode=max-autotune", "compile_backend=aot_eager"], ["compile_mode", "inductor", "aot_eager"]),
+    ],
+)
+def test_compile_settings_are_checked_before_anything_loads(keys, words, tmp_path, capsys, monkeypatch):
+    from stepdistill.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "r.yaml").write_text("method: dmd2\noutput_dir: run\nmax_steps: 1\nglobal_batch: 2\nprogress: false\n")
+    code = main(["train", "--config", "r.yaml", "compile=true", *keys])
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("error: "), err
+    assert all(w in lines[0] for w in words), lines[0]
+    assert not (tmp_path / "run").exists()
+
+
+# ------------------------------------------------------------------------------------------------ shared DM / GAN
+def _counted_dmd2_run(teacher, out, share: bool, force_equal_draws: bool = False, **extra):
+    """A DMD2 run with the GAN on; returns (trainer, {group: [fake-score forwards per step]}). With
+    ``force_equal_draws`` the GAN generator term is fed the DM loss's own noise and times (its draw is skipped)."""
+    trainer = _trainer("dmd2", teacher, out, share_fake_forward=share, **extra)
+    trainer.setup()
+    calls, per_group = [0], {}
+    fake_net = trainer.fake.net.module if hasattr(trainer.fake.net, "module") else trainer.fake.net
+    fake_net.register_forward_pre_hook(lambda m, a: calls.__setitem__(0, calls[0] + 1))
+    compute = trainer.compute_loss
+
+    def counted(batch, group):
+        start = calls[0]
+        result = compute(batch, group)
+        per_group.setdefault(group, []).append(calls[0] - start)
+        return result
+
+    trainer.compute_loss = counted
+    if not force_equal_draws:
+        trainer.train()
+        return trainer, per_group
+    last, forced = {}, []
+    at, gan_input, randn_like = trainer._dm_loss_at, trainer._gan_input, rnd.randn_like
+
+    def dm_at(x, x_t, t, cond, fake=None):
+        forced.append((last["noise"], t))
+        return at(x, x_t, t, cond, fake)
+
+    def noise_like(x, *a, **k):
+        last["noise"] = randn_like(x, *a, **k)
+        return last["noise"]
+
+    def gan_in(x):  # the generator term's draw is forced; the discriminator's are drawn as usual
+        if not forced:
+            return gan_input(x)
+        noise, t = forced.pop()
+        return trainer.schedule.add_noise(x, noise, t), t
+
+    trainer._dm_loss_at, trainer._gan_input = dm_at, gan_in
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(rnd, "randn_like", noise_like)
+        trainer.train()
+    return trainer, per_group
+
+
+def test_shared_fake_forward_saves_a_fake_forward_and_equals_two_forwards_at_equal_draws(toy_teacher, tmp_path):
+    """``share_fake_forward``: one fake-score forward per generator update instead of two (DM + GAN generator
+    term); forcing the unshared GAN term onto the DM loss's timesteps and noise gives the same losses and weights."""
+    from stepdistill.models.denoiser import _unwrap
+
+    extra = dict(dfake_gen_update_ratio=1, denoising_timesteps=[999, 499], gan_generator_weight=0.1, max_steps=4)
+    plain, plain_calls = _counted_dmd2_run(toy_teacher, tmp_path / "a", False, force_equal_draws=True, **extra)
+    shared, shared_calls = _counted_dmd2_run(toy_teacher, tmp_path / "b", True, **extra)
+    gen = ("generator",)
+    assert plain_calls[gen] == [2] * 4 and shared_calls[gen] == [1] * 4  # DM + GAN term -> one forward
+    fake_group = ("fake_score", "head")
+    assert plain_calls[fake_group] == shared_calls[fake_group] == [2] * 4  # DSM + the discriminator: unchanged
+    for a, b in zip(plain.history, shared.history):
+        assert set(a) == set(b)
+        for key in a:
+            torch.testing.assert_close(float(b[key]), float(a[key]), rtol=1e-6, atol=1e-9)
+    for name in ("generator", "fake", "head"):
+        ref, got = (_unwrap(getattr(getattr(t, name), "net", getattr(t, name))).state_dict() for t in (plain, shared))
+        for k in ref:
+            torch.testing.assert_close(got[k], ref[k], rtol=1e-5, atol=1e-7)
+
+
+def test_shared_fake_forward_is_refused_where_there_is_nothing_to_share(tmp_path):
+    from stepdistill.config import ConfigError
+    from stepdistill.trainers.dmd2 import DMD2Config
+
+    for keys in (
+        dict(),
+        dict(gan_generator_weight=0.01, gan_noise="none"),
+        dict(gan_generator_weight=0.01, fake_guidance_scale=2.0),
+    ):
+        with pytest.raises(ConfigError, match="share_fake_forward"):
+            build_config(DMD2Config, dict(share_fake_forward=True, **keys))
+    build_config(DMD2Config, dict(share_fake_forward=True, gan_generator_weight=0.01))

@@ -48,6 +48,7 @@ SAFE_RESUME_KEYS = frozenset(
         "output_dir", "resume", "overwrite", "max_steps", "log_every", "checkpoint_every", "checkpoints_total_limit",
         "sample_every", "sample_steps", "report_to", "progress", "max_nonfinite", "export_dir", "save_rounds",
         "ema_decay", "gradient_checkpointing", "teacher_offload", "cache_text_embeddings", "max_bad_samples",
+        "compile", "compile_mode", "compile_backend",
     }
 )  # fmt: skip
 
@@ -78,6 +79,14 @@ class TrainConfig:
     "tensorboard"), max_nonfinite (`int`, `10`): abort after this many non-finite losses in a row.
     overwrite (`bool`, `false`): let a fresh run (no ``resume``) start in an ``output_dir`` that holds another
         run's checkpoints (they are left in place, never rotated nor resumed by ``resume: latest``).
+    > Compilation
+    compile (`bool`, `false`): torch.compile the networks of the generator, the fake score, the teacher (and a
+        consistency target / progressive round teacher present at setup): each inner network's own call is
+        compiled in place, so wrappers, parameter names, state-dict keys, checkpoints, EMA and export are
+        unchanged. The first calls of each kind (grad / no grad, adapters on / off) compile; later ones reuse.
+    compile_mode (`str`, `"default"`): torch.compile's mode ("default", "reduce-overhead", "max-autotune",
+        ...; inductor only). compile_backend (`str`, `"inductor"`): torch.compile's backend ("aot_eager" needs
+        no C++ compiler).
     Launcher settings: ``mixed_precision`` and ``grad_accum`` set in the recipe or on the command line win; left
     unset, the values of ``accelerate launch`` / its config (ACCELERATE_MIXED_PRECISION,
     ACCELERATE_GRADIENT_ACCUMULATION_STEPS) are used; an explicit value that differs from the launcher's is
@@ -107,6 +116,9 @@ class TrainConfig:
     max_nonfinite: int = 10
     progress: bool = True
     overwrite: bool = False
+    compile: bool = False
+    compile_mode: str = "default"
+    compile_backend: str = "inductor"
 
 
 @dataclass
@@ -119,6 +131,25 @@ class NetSpec:
     weight_decay: float | None = None
     params: list | None = None  # default: the parameters that require grad when the trainer starts
     extra: dict = field(default_factory=dict)
+
+
+def check_compile_settings(c) -> None:
+    """``compile_mode`` / ``compile_backend`` are ones torch.compile knows (imports torch._dynamo: only when set)."""
+    import torch._dynamo
+    from torch._inductor import list_mode_options
+
+    modes = ["default", *[m for m in list_mode_options() if m != "default"]]
+    if c.compile_mode not in modes:
+        raise ConfigError(f"compile_mode must be one of {modes}, got {c.compile_mode!r}")
+    backends = torch._dynamo.list_backends(exclude_tags=())
+    if c.compile_backend not in backends:
+        raise ConfigError(
+            f"compile_backend must be one of torch.compile's backends {backends}, got {c.compile_backend!r}"
+        )
+    if c.compile_mode != "default" and c.compile_backend != "inductor":
+        raise ConfigError(
+            f"compile_mode={c.compile_mode!r} is an inductor setting; compile_backend={c.compile_backend!r} ignores it"
+        )
 
 
 class NonFiniteLossError(UserError, RuntimeError):
@@ -285,6 +316,8 @@ class DistillTrainer:
         if c.resume and c.overwrite:
             raise ConfigError("resume and overwrite: true exclude each other (overwrite only applies to a fresh run)")
         check_ranges(c)
+        if c.compile or c.compile_mode != "default" or c.compile_backend != "inductor":
+            check_compile_settings(c)
         if not 0.0 <= c.ema_decay < 1.0:
             raise ConfigError(f"ema_decay must be in [0, 1), got {c.ema_decay}")
         if c.resume not in ("", "latest") and not os.path.isdir(c.resume):
@@ -367,6 +400,8 @@ class DistillTrainer:
             spec.module = module
             self.opts[name], self.lr_scheds[name], self.params[name] = opt, sched, params
         self.on_prepared()
+        if c.compile:
+            self.compile_networks()
         self.ema = {}
         if c.ema_decay > 0:
             for name in self.ema_networks():
@@ -637,6 +672,19 @@ class DistillTrainer:
 
     def on_prepared(self):
         """Called after every network is prepared (e.g. to wrap prepared modules into Denoisers)."""
+
+    def compile_networks(self):
+        """``compile: true``: compile each Denoiser network's own call in place (``Module.compile``), once per
+        network (a LoRA generator / fake score and the teacher share one)."""
+        from ..models.denoiser import _unwrap
+
+        c, done = self.config, set()
+        for name in ("generator", "fake", "teacher", "target", "round_teacher"):
+            net = getattr(getattr(self, name, None), "net", None)
+            inner = _unwrap(net) if isinstance(net, nn.Module) else None
+            if inner is not None and id(inner) not in done:
+                done.add(id(inner))
+                inner.compile(mode=None if c.compile_mode == "default" else c.compile_mode, backend=c.compile_backend)
 
     def _sharded(self) -> bool:
         from accelerate.utils import DistributedType

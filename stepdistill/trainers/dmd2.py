@@ -79,6 +79,12 @@ class DMD2Config(StudentConfig):
         integer timesteps uniform in [0, gan_max_timestep) (DMD2's ``diffusion_gan_max_timestep``; >= 1).
     gan_noise (`str`, `"diffusion"`): "diffusion" (DMD2's ``--diffusion_gan``, every script) or "none"
         (DMD2 without it: the head sees clean samples at timestep 0).
+    share_fake_forward (`bool`, `false`): the generator's GAN term reads the bottleneck of the DM loss's own
+        fake-score forward (one fake forward per generator update instead of two: the DM's, run with the input
+        gradient, its output detached). This changes the algorithm: DMD2 draws the GAN term's timestep and noise
+        separately (uniform in [0, gan_max_timestep)); shared, the GAN generator term sees the DM's x_t (timesteps
+        in [min_step_percent, max_step_percent]). The discriminator's inputs are drawn as before. DMD2 only,
+        with the GAN on, gan_noise: diffusion and fake_guidance_scale: 1.
     gan_head (`str`, `"dmd2"`): "dmd2" (DMD2's ``cls_pred_branch``: Conv 4x4 s2 + GroupNorm + SiLU down to
         4x4, Conv 4x4 s4 + GroupNorm + SiLU to 1x1, Conv 1x1 to the logit) or "pooled" (stepdistill's earlier
         head: stride-2 convs down to 2x2, a 1x1 conv, global average, 1x1 logit).
@@ -134,6 +140,7 @@ class DMD2Config(StudentConfig):
     gan_max_timestep: int = 1000
     gan_noise: str = "diffusion"
     gan_head: str = "dmd2"
+    share_fake_forward: bool = False
     regression_weight: float = 0.0
     regression_pairs: int = 1024
     regression_steps: int = 25
@@ -224,6 +231,14 @@ class DMD2Config(StudentConfig):
             raise ConfigError(f"gan_noise must be 'diffusion' or 'none', got {self.gan_noise!r}")
         if self.gan_head not in ("dmd2", "pooled"):
             raise ConfigError(f"gan_head must be 'dmd2' or 'pooled', got {self.gan_head!r}")
+        if self.share_fake_forward and (
+            self.gan_generator_weight <= 0 or self.gan_noise != "diffusion" or self.fake_guidance_scale != 1.0
+        ):
+            raise ConfigError(
+                "share_fake_forward=true shares the DM loss's fake-score forward with the GAN generator term: it "
+                "needs gan_generator_weight > 0, gan_noise: diffusion and fake_guidance_scale: 1 (got "
+                f"{self.gan_generator_weight}, {self.gan_noise!r}, {self.fake_guidance_scale})"
+            )
         if self.gan_generator_weight > 0 and self.dataset.endswith((".txt", ".jsonl")):
             raise ConfigError(
                 "gan_generator_weight > 0 needs real images, but dataset "
@@ -381,6 +396,11 @@ class DMD2Trainer(StudentTrainer):
                 "generator_mode=lora with fake_score_mode=lora puts both adapters on one shared base "
                 "network, which DDP / FSDP cannot wrap twice; use fake_score_mode: full with several "
                 "processes"
+            )
+        if c.share_fake_forward and type(self).generator_loss is not DMD2Trainer.generator_loss:
+            raise ConfigError(
+                f"share_fake_forward=true is DMD2's option (its DM loss's fake forward); {type(self).__name__} "
+                "computes another generator loss: set share_fake_forward: false"
             )
 
     def build(self):
@@ -582,14 +602,33 @@ class DMD2Trainer(StudentTrainer):
         logits = self.head(_as_map(h).float())
         return [logits[i::k] for i in range(k)]
 
-    def dm_loss(self, x, cond):
+    def dm_loss(self, x, cond, with_gan: bool = False):
+        """DMD2's distribution-matching loss at x_t drawn here. ``with_gan`` (``share_fake_forward``): the fake
+        score's forward at this x_t also feeds the GAN head; returns (loss, the head's logits on x) then."""
         c = self.config
         t = self.draw_t(x.shape[0], c.min_step_percent, c.max_step_percent, x.device)
         x_t = self.schedule.add_noise(x.detach(), rnd.randn_like(x), t)
+        fake, logits = self._shared_fake_forward(x, x_t, t, cond) if with_gan else (None, None)
+        loss = self._dm_loss_at(x, x_t, t, cond, fake)
+        return (loss, logits) if with_gan else loss
+
+    def _shared_fake_forward(self, x, x_t, t, cond):
+        """One fake-score forward at x_t, differentiable w.r.t. the generator's x (the fake score's weights are
+        frozen in the generator group): its output (detached) for the DM loss and the GAN head's logits on its
+        bottleneck. x_t + add_noise(x - sg(x), 0, t) has x_t's value and add_noise's gradient w.r.t. x."""
+        x_g = x_t + self.schedule.add_noise(x - x.detach(), torch.zeros_like(x), t)
+        with FeatureTap(self.fake.net) as tap:
+            out = self.fake.raw(x_g, t, cond)
+        return out.detach(), self.head(_as_map(tap.value).float())
+
+    def _dm_loss_at(self, x, x_t, t, cond, fake=None):
+        """The DM loss at x_t; ``fake``: the fake score's raw output there when it is already computed."""
+        c = self.config
         if resolve_backend(None, x) == "triton":  # CUDA: CFG'd teacher + fake -> x0 -> g in two fused passes
             with torch.no_grad():
                 real = self.teacher.raw(x_t, t, cond, c.real_guidance_scale)
-                fake = self.fake.raw(x_t, t, cond, c.fake_guidance_scale)
+                if fake is None:
+                    fake = self.fake.raw(x_t, t, cond, c.fake_guidance_scale)
             a, s = step_coefficients(self.schedule, t, x.device)
             g = fused_dmd_gradient(
                 x,
@@ -606,7 +645,12 @@ class DMD2Trainer(StudentTrainer):
             x0_real = self.teacher.predict(
                 x_t, t, cond, target="x0", guidance_scale=c.real_guidance_scale, float64=True
             )
-            x0_fake = self.fake.predict(x_t, t, cond, target="x0", guidance_scale=c.fake_guidance_scale, float64=True)
+            if fake is None:
+                x0_fake = self.fake.predict(
+                    x_t, t, cond, target="x0", guidance_scale=c.fake_guidance_scale, float64=True
+                )
+            else:  # as predict(float64=True) converts its raw output
+                x0_fake = self.schedule.convert(fake.double(), x_t.double(), t, self.fake.prediction_type, "x0")
         g = dmd_gradient(x, x0_real, x0_fake)
         return distribution_matching_loss(x, g)
 
@@ -645,9 +689,14 @@ class DMD2Trainer(StudentTrainer):
             x = self.generate(batch, cond, self.global_step, grad=True)
             if c.update_order == "generator_first":  # the fake score then fits this batch
                 self._cache = (x.detach(), cond)
-            loss, out = self.generator_loss(x, cond)
+            if c.share_fake_forward:  # one fake forward for the DM loss and the GAN generator term
+                loss_dm, logits = self.dm_loss(x, cond, with_gan=True)
+                loss, out = c.dm_loss_weight * loss_dm, {"loss_dm": loss_dm.detach()}
+            else:
+                loss, out = self.generator_loss(x, cond)
+                logits = self.gan_logits([x], cond)[0] if self.use_gan else None
             if self.use_gan:
-                loss_g = gan_generator_loss(self.gan_logits([x], cond)[0])
+                loss_g = gan_generator_loss(logits)
                 loss = loss + c.gan_generator_weight * loss_g
                 out["loss_gan_g"] = loss_g.detach()
             if self.pairs is not None:
