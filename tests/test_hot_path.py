@@ -4,9 +4,12 @@ draws of a step served by the step's global-batch generator, never by torch's gl
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
+from safetensors.torch import load_file
 
 from stepdistill.config import build_config
 from stepdistill.models.adapters import adapter_active, adapters_disabled, add_lora
@@ -328,20 +331,35 @@ def _check_same_run(eager, comp, trained=("generator", "fake")):
             torch.testing.assert_close(mine[k], ref[k], rtol=1e-4, atol=1e-6)
         if name in trained:
             assert any(not torch.equal(mine[k], comp.weights_before[name][k]) for k in mine), f"{name} did not train"
+    # the export of a compiled run: the same files, the same weights
+    folders = [Path(t.export()) for t in (eager, comp)]
+    files = [sorted(p.relative_to(f) for p in f.rglob("*.safetensors")) for f in folders]
+    assert files[0] == files[1] and files[0]
+    for rel in files[0]:
+        ref, got = (load_file(f / rel) for f in folders)
+        assert list(got) == list(ref)
+        for k in ref:
+            torch.testing.assert_close(got[k], ref[k], rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize("modes", [dict(), dict(generator_mode="lora", fake_score_mode="lora", lora_rank=4)])
-def test_compile_trains_like_eager_on_the_toy(modes, toy_teacher, tmp_path):
+COMPILE_CASES = [
+    ("dmd2", dict(dfake_gen_update_ratio=1, denoising_timesteps=[999, 499])),
+    ("dmd2", dict(dfake_gen_update_ratio=1, generator_mode="lora", lora_rank=4)),
+    ("consistency", dict(mode="lcm", num_ddim_timesteps=10, generator_mode="lora", lora_rank=4)),
+]
+
+
+@pytest.mark.parametrize("method,extra", COMPILE_CASES, ids=["dmd2", "dmd2-lora", "lcm-lora"])
+def test_compile_trains_like_eager_on_the_toy(method, extra, toy_teacher, tmp_path):
     """``compile: true`` (backend aot_eager: no C++ toolchain needed, and seconds instead of minutes of inductor
-    compilation on CPU) gives the eager run's losses and weights; with LoRA generator and fake score the one shared
-    base switches adapters between compiled calls."""
-    extra = dict(dfake_gen_update_ratio=1, denoising_timesteps=[999, 499], **modes)
+    compilation on CPU) gives the eager run's losses and weights; a LoRA student on the teacher's base switches
+    adapters (on for the student, off for the teacher) between calls of the one compiled network."""
 
     def make(**keys):
-        return _trainer("dmd2", toy_teacher, tmp_path / str(len(keys)), **extra, **keys)
+        return _trainer(method, toy_teacher, tmp_path / str(len(keys)), **extra, **keys)
 
     eager, comp = _train_both(make, compile_backend="aot_eager")
-    _check_same_run(eager, comp)
+    _check_same_run(eager, comp, trained=("generator", "fake") if method == "dmd2" else ("generator",))
 
 
 def _tiny_unet_teacher(folder):
