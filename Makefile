@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.stepdistill-installed
 
-.PHONY: install test test-fast lint demo bench bench-quality bench-kernels check-docs clean
+.PHONY: install test test-fast lint demo bench bench-quality bench-kernels bench-exact check-docs clean
 
 install: $(STAMP)
 
@@ -38,6 +38,11 @@ bench: install
 # FD-digits vs network evaluations: teacher DDIM steps and every trainer's digits student (about 20 min on CPU)
 bench-quality: install
 	$(PY) benchmarks/bench_quality.py --out outputs/bench/quality
+
+# Every method distils an exact Gaussian-mixture teacher (2-D ring, 10 modes in 64-D), two seeds: sliced Wasserstein
+# ratio to the teacher's 100-step floor and per-mode shares (CPU, about N min). ARGS=--quick: 2-D, one seed.
+bench-exact: install
+	$(PY) benchmarks/bench_exact.py --out outputs/bench/exact.md $(ARGS)
 
 # Fused sampling kernels: eager torch vs torch.compile vs Triton (the Triton column needs CUDA; CPU reports the
 # reference and compiled paths only). Add ARGS=--quick on CPU.

@@ -295,10 +295,49 @@ def make_trainer(method: str, settings: dict, mixture: GaussianMixture, init_net
     return OnExactTeacher(build_config(cfg_cls, base))
 
 
+def empirical_posterior_mean(samples: torch.Tensor, x_t: torch.Tensor, alpha, sigma) -> torch.Tensor:
+    """E[x0 | x_t] under the empirical distribution of ``samples`` (float64): the exact denoiser of those points."""
+    a = torch.as_tensor(alpha, dtype=torch.float64).reshape(-1, 1)
+    s = torch.as_tensor(sigma, dtype=torch.float64).reshape(-1, 1)
+    pts = samples.double()
+    d2 = torch.cdist(x_t.double() / a, pts).square()  # |x_t - a x0_i|^2 = a^2 |x_t / a - x0_i|^2
+    w = torch.softmax(-0.5 * d2 * (a * a) / (s * s), dim=1)
+    return w @ pts
+
+
+def use_oracle_fake(trainer, n: int = 4096) -> None:
+    """Diagnostic: the generator loss reads, instead of the trained fake score, the exact denoiser of ``n`` fresh
+    generator samples (drawn at each call). What a perfect fake score would give, up to the finite sample."""
+    fake = trainer.fake
+
+    def predict(x_t, t, cond=None, *, target="x0", guidance_scale=None, float64=False):
+        with torch.no_grad():
+            z = torch.randn(n, *trainer.sample_shape, device=x_t.device)
+            pts = trainer.generator(trainer.generator.initial_noise(z), None, trainer.gen_times[0].expand(n))
+        t = fake._time(t, x_t)
+        a, s = trainer.schedule.alpha(t), trainer.schedule.sigma(t)
+        x0 = empirical_posterior_mean(pts, x_t, a, s)
+        out = trainer.schedule.convert(x0, x_t.double(), t, "x0", target)
+        return out if float64 else out.to(x_t.dtype)
+
+    fake.predict = predict
+
+
 def generator_samples(trainer, noise: torch.Tensor, steps: int) -> torch.Tensor:
+    """The trained generator's ``steps``-step samples (its EMA weights when the run keeps an EMA: what export
+    writes)."""
     g = trainer.generator
-    torch.manual_seed(0)
-    return g.sample(noise.to(trainer.accelerator.device), None, num_steps=steps, generator=torch.Generator().manual_seed(5))
+    net = trainer._inner("generator")
+    ema = trainer.ema.get("generator") if getattr(trainer, "ema", None) else None
+    saved = {k: v.detach().clone() for k, v in net.state_dict().items()} if ema is not None else None
+    if ema is not None:
+        net.load_state_dict(ema)
+    try:
+        return g.sample(noise.to(trainer.accelerator.device), None, num_steps=steps,
+                        generator=torch.Generator().manual_seed(5))
+    finally:
+        if saved is not None:
+            net.load_state_dict(saved)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -327,7 +366,8 @@ def budget(method: str, cfg) -> str:
     return f"{cfg.max_steps} it ({cfg.max_steps // r} gen.), batch {cfg.global_batch}"
 
 
-def run_row(label, method, steps, overrides, mixture, init_net, ev, seed, scale=1.0, trace=0, log=print):
+def run_row(label, method, steps, overrides, mixture, init_net, ev, seed, scale=1.0, trace=0, log=print,
+            oracle_fake=False):
     settings = recipe_settings(method)
     settings.update(overrides)
     if scale != 1.0:
@@ -337,6 +377,8 @@ def run_row(label, method, steps, overrides, mixture, init_net, ev, seed, scale=
     with tempfile.TemporaryDirectory() as out:
         trainer = make_trainer(method, settings, mixture, init_net, out, seed)
         trainer.setup()
+        if oracle_fake:
+            use_oracle_fake(trainer)
         total = trainer.config.max_steps if method != "progressive" else None
         t0 = time.time()
         curve = []
@@ -382,6 +424,8 @@ def main(argv=None):
     p.add_argument("--eval", type=int, default=4000, help="samples per evaluation")
     p.add_argument("--scale", type=float, default=1.0, help="multiply every row's iterations")
     p.add_argument("--trace", type=int, default=0, help="print the SW ratio every N iterations")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key of every selected row (YAML value), e.g. --set generator_lr=1e-4")
     p.add_argument("--quick", action="store_true", help="2-D problem, one seed, a quarter of the iterations")
     args = p.parse_args(argv)
     if args.quick:
@@ -389,6 +433,11 @@ def main(argv=None):
     torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "2"))))
     wanted = [m.strip() for m in args.methods.split(",") if m.strip()]
     rows = [r for r in ROWS if not wanted or r[0] in wanted]
+    extra = {}
+    for item in args.set:
+        key, _, value = item.partition("=")
+        extra[key.strip()] = yaml.safe_load(value)
+    rows = [(label, method, steps, {**over, **extra}) for label, method, steps, over in rows]
     lines = list(HEADER)
     t_all = time.time()
     for name in args.problems.split(","):
@@ -416,6 +465,7 @@ def main(argv=None):
         [
             f"Exact-score benchmark ({platform.processor() or platform.machine()}, torch {torch.__version__}, "
             f"{args.seeds} seed(s), {args.eval} samples, scale {args.scale}, {time.time() - t_all:.0f} s)",
+            *([f"Overrides of every row: {', '.join(args.set)}"] if args.set else []),
             "",
             *lines,
         ]
