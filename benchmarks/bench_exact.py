@@ -261,38 +261,23 @@ def recipe_settings(method: str) -> dict:
 
 def make_trainer(method: str, settings: dict, mixture: GaussianMixture, init_net: ToyMLP, out: str, seed: int,
                  teacher_prediction: str = "v"):
-    """The method's trainer with the exact teacher, MLP networks copied from ``init_net`` and a dataset of
-    20000 mixture samples (consistency / progressive noise real samples; the others only count the batch)."""
-    from stepdistill.trainers.base import DistillTrainer
-    from stepdistill.trainers.student import DistillDataset
-
+    """The method's trainer through the object API: the exact teacher, a generator (and a fake score for DMD2 /
+    SIM / VSD) copied from ``init_net``, and 20000 mixture samples (consistency and progressive noise them; the
+    others only count the batch)."""
     cls, cfg_cls = _trainer_classes(method)
-    exact = exact_teacher(mixture, teacher_prediction)
-
-    class OnExactTeacher(cls):
-        def validate(self):  # the config's teacher / dataset strings are placeholders here
-            DistillTrainer.validate(self)
-            self.config.check_memory_options()
-
-        def build_teacher(self):
-            # build() copies the generator / fake score from this teacher's network: the fitted MLP (v)
-            self.teacher = Teacher(copy.deepcopy(init_net), exact.schedule, "v")
-            self.schedule = self.teacher.schedule
-            self.conditioner, self.vae = None, None
-            self.sample_shape = (mixture.dim,)
-            self.dataset = DistillDataset(images=mixture.sample(20000, torch.Generator().manual_seed(seed))[0])
-
-        def build(self):
-            super().build()
-            self.teacher = exact  # then every score / ODE step reads the exact teacher
-            if getattr(self, "round_teacher", None) is not None:  # progressive's first round teacher
-                self.round_teacher = exact
-            if getattr(self, "pairs", None) is not None:  # DMD v1 regression pairs from the exact teacher
-                self.pairs = self._make_regression_pairs()
-
     base = dict(settings)
-    base.update(output_dir=out, teacher=out, dataset="toy2d:gmm8", checkpoint_every=0, progress=False, seed=seed)
-    return OnExactTeacher(build_config(cfg_cls, base))
+    base.update(output_dir=out, checkpoint_every=0, progress=False, seed=seed)
+    for key in ("fake_score_mode", "lora_rank", "lora_target_modules"):  # the objects are trained in full
+        base.pop(key, None)
+    objects = dict(
+        teacher=exact_teacher(mixture, teacher_prediction),
+        generator=copy.deepcopy(init_net).train(),
+        dataset=mixture.sample(20000, torch.Generator().manual_seed(seed))[0],
+        sample_shape=(mixture.dim,),
+    )
+    if method in ("dmd2", "sim", "vsd"):
+        objects["fake_score"] = copy.deepcopy(init_net).train()
+    return cls(build_config(cfg_cls, base), **objects)
 
 
 def empirical_posterior_mean(samples: torch.Tensor, x_t: torch.Tensor, alpha, sigma) -> torch.Tensor:
@@ -345,6 +330,7 @@ def generator_samples(trainer, noise: torch.Tensor, steps: int) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------------------
 # (label, method, steps evaluated, overrides of the recipe). Budgets: the recipes' max_steps unless overridden.
 ROWS = [
+    ("DMD2 (input t 999, no regression)", "dmd2", (1,), {"denoising_timesteps": [999], "regression_weight": 0.0}),
     ("DMD2", "dmd2", (1,), {}),
     ("DMD2 4-step", "dmd2", (4,), {"denoising_timesteps": [999, 749, 499, 249]}),
     ("SIM", "sim", (1,), {}),
@@ -353,7 +339,6 @@ ROWS = [
     ("progressive", "progressive", (1,), {}),
     ("progressive 4-step", "progressive", (4,), {"final_steps": 4}),
 ]
-
 
 def budget(method: str, cfg) -> str:
     """Iterations and generator updates of a run (the cost the table states)."""
@@ -426,6 +411,9 @@ def main(argv=None):
     p.add_argument("--trace", type=int, default=0, help="print the SW ratio every N iterations")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key of every selected row (YAML value), e.g. --set generator_lr=1e-4")
+    p.add_argument("--oracle-fake", action="store_true",
+                   help="diagnostic: DMD2 / SIM / VSD read the exact denoiser of 4096 fresh generator samples instead of "
+                   "the trained fake score in the generator loss")
     p.add_argument("--quick", action="store_true", help="2-D problem, one seed, a quarter of the iterations")
     args = p.parse_args(argv)
     if args.quick:
@@ -454,7 +442,8 @@ def main(argv=None):
         print(lines[-2], lines[-1], sep="\n", flush=True)
         for label, method, steps, overrides in rows:
             results = [
-                run_row(label, method, steps, overrides, mixture, init_net, ev, seed, args.scale, args.trace)
+                run_row(label, method, steps, overrides, mixture, init_net, ev, seed, args.scale, args.trace,
+                        oracle_fake=args.oracle_fake and method in ("dmd2", "sim", "vsd"))
                 for seed in range(args.seeds)
             ]
             for n in steps:
@@ -466,6 +455,7 @@ def main(argv=None):
             f"Exact-score benchmark ({platform.processor() or platform.machine()}, torch {torch.__version__}, "
             f"{args.seeds} seed(s), {args.eval} samples, scale {args.scale}, {time.time() - t_all:.0f} s)",
             *([f"Overrides of every row: {', '.join(args.set)}"] if args.set else []),
+            *(["Oracle fake score (diagnostic)"] if args.oracle_fake else []),
             "",
             *lines,
         ]
