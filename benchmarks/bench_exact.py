@@ -412,7 +412,8 @@ def main(argv=None):
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key of every selected row (YAML value), e.g. --set generator_lr=1e-4")
     p.add_argument("--oracle-fake", action="store_true",
-                   help="diagnostic: DMD2 / SIM / VSD read the exact denoiser of 4096 fresh generator samples instead of "
+                   help="diagnostic: DMD2 / SIM / VSD read the exact denoiser of 4096 fresh generator samples "
+                   "instead of "
                    "the trained fake score in the generator loss")
     p.add_argument("--quick", action="store_true", help="2-D problem, one seed, a quarter of the iterations")
     args = p.parse_args(argv)
