@@ -40,7 +40,8 @@ bench-quality: install
 	$(PY) benchmarks/bench_quality.py --out outputs/bench/quality
 
 # Every method distils an exact Gaussian-mixture teacher (2-D ring, 10 modes in 64-D), two seeds: sliced Wasserstein
-# ratio to the teacher's 100-step floor and per-mode shares (CPU, about N min). ARGS=--quick: 2-D, one seed.
+# ratio to the teacher's 100-step floor and per-mode shares (about 40 min on a shared 2-core CPU). ARGS=--quick: 2-D,
+# one seed, a quarter of the iterations (a few minutes).
 bench-exact: install
 	$(PY) benchmarks/bench_exact.py --out outputs/bench/exact.md $(ARGS)
 
