@@ -6,8 +6,8 @@ for data x0 ~ sum_k w_k N(mu_k, s^2 I) and x_t = alpha x0 + sigma eps,
     E[x0 | x_t] = sum_k r_k(x_t) (mu_k + alpha s^2 / (alpha^2 s^2 + sigma^2) (x_t - alpha mu_k)),
     r_k ∝ w_k N(x_t; alpha mu_k, (alpha^2 s^2 + sigma^2) I),
 
-returned as v (the teacher's prediction type here; ``--teacher-prediction x0`` for x0). No teacher error, so
-what remains is the method's own. Two problems: ``ring``, 8 modes on a circle of radius 2 in 2-D (std 0.1, the
+returned as v (``exact_teacher(mixture, "x0")`` gives x0). No teacher error, so what remains is the method's
+own. Two problems: ``ring``, 8 modes on a circle of radius 2 in 2-D (std 0.1, the
 toy2d:gmm8 set), and ``mix64``, 10 modes in 64 dimensions (means N(0, I), std 0.2, seeded).
 
 Each method trains through its trainer class (DMD2, SIM, VSD, consistency/LCM, progressive) on small MLP
