@@ -12,6 +12,15 @@ stepdistill). The scheduler reproduces the trained update rule (the trainer's ``
   consistency students: the trained grid is the trailing DDIM grid at the trained step count);
 * ``"tcd"``: ``TCDScheduler`` on the trained timesteps (eta is a call argument, 0 = deterministic).
 
+EDM / Karras generators get ``EDMEulerScheduler`` (the teacher's sigma_min / sigma_max / rho / sigma_data, and
+diffusers' EDM "epsilon", the network output F with x0 = c_skip x + c_out F): the pipeline sets its sigmas to the
+trained Karras-grid levels (``set_timesteps(sigmas=ramp)``, ramp = 1 - timestep / (T - 1)), starts from sigma_0 z,
+and feeds the network ``scale_model_input`` (c_in x) at ``t`` = c_noise. Its Euler step to the next sigma is our
+deterministic "ddim" step (for EDM, DDIM and Euler in sigma are the same step) and, into sigma = 0, the x0 of
+one-step students; for "lcm" students (x0, then fresh noise) the pipeline re-noises itself (x0 + sigma' z,
+``renoise`` in model_index.json), since neither EDM scheduler of diffusers does (EDMDPMSolverMultistepScheduler's
+SDE step keeps part of x).
+
 Flow-matching generators (SD3) get ``FlowMatchEulerDiscreteScheduler`` with ``shift=1`` and the trained
 sigmas (timesteps / T) as call arguments: ``stochastic_sampling=True`` for "lcm" (x0 = x - sigma v, then
 fresh noise to the next sigma) and plain Euler for "ddim" (the deterministic DDIM step of a flow model).
@@ -111,6 +120,31 @@ with torch.no_grad():
         x = scheduler.step(out, t, x, generator=generator).prev_sample  # generator: the seeded re-noising
 images = (x / 2 + 0.5).clamp(0, 1)  # (N, C, H, W) in [0, 1]"""
 
+_EDM_PIXEL_LOOP = """import torch
+from diffusers import EDMEulerScheduler, UNet2DModel
+
+unet = UNet2DModel.from_pretrained("{folder}", subfolder="unet").eval()
+scheduler = EDMEulerScheduler.from_pretrained("{folder}", subfolder="scheduler")
+# the trained noise levels: timesteps {timesteps} of the teacher's {T}-level Karras grid (sigmas= takes ramp
+# positions, 0 = sigma_max; needs diffusers >= 0.33)
+scheduler.set_timesteps({n}, sigmas=1 - torch.tensor({timesteps}, dtype=torch.float64) / {T_1})
+{batch}
+generator = torch.Generator().manual_seed(0)
+size = unet.config.sample_size
+x = torch.randn(n, unet.config.in_channels, size, size, generator=generator) * scheduler.sigmas[0]
+with torch.no_grad():
+    for i, t in enumerate(scheduler.timesteps):
+        out = unet(scheduler.scale_model_input(x, t), t{unet_args}).sample  # EDM's F at c_noise = t
+        step = scheduler.step(out, t, x)
+        if i + 1 == len(scheduler.timesteps):  # x0 (the Euler step into sigma = 0, up to rounding)
+            x = step.pred_original_sample
+        else:
+            x = {next_x}
+images = (x / 2 + 0.5).clamp(0, 1)  # (N, C, H, W) in [0, 1]"""
+
+# the trained rule of "lcm" students: x0, then fresh noise at the next sigma
+_EDM_RENOISE = "step.pred_original_sample + scheduler.sigmas[i + 1] * torch.randn(x.shape, generator=generator)"
+
 _W_SETUP = """
 # a w-conditioned student: the guidance scale is an input (one network evaluation per step)
 w_emb = guidance_scale_embedding(torch.full((n,), {w} - 1.0), unet.config.time_cond_proj_dim)"""
@@ -209,6 +243,29 @@ def lcm_scheduler_for(teacher_schedule_config: dict, timesteps: list[int]):
     )
 
 
+EDM_SCHEDULERS = ("lcm", "ddim")
+
+
+def edm_scheduler_for(kind: str, teacher_schedule_config: dict):
+    """``EDMEulerScheduler`` with the teacher's Karras levels for an EDM student (see the module docstring); its
+    step is the "ddim" rule, and the pipeline adds the fresh noise of "lcm" students."""
+    from diffusers import EDMEulerScheduler
+
+    if kind not in EDM_SCHEDULERS:
+        raise ValueError(f"export scheduler {kind!r} has no EDM form; expected one of {EDM_SCHEDULERS}")
+    cfg = teacher_schedule_config
+    if cfg.get("sigma_schedule", "karras") != "karras":
+        raise ValueError(f"an EDM teacher with sigma_schedule={cfg['sigma_schedule']!r} is not supported (karras only)")
+    return EDMEulerScheduler(
+        sigma_min=cfg.get("sigma_min", 0.002),
+        sigma_max=cfg.get("sigma_max", 80.0),
+        sigma_data=cfg.get("sigma_data", 0.5),
+        rho=cfg.get("rho", 7.0),
+        num_train_timesteps=cfg.get("num_train_timesteps", 1000),
+        prediction_type="epsilon",  # diffusers' EDM "epsilon" is EDM's F (x0 = c_skip x + c_out F)
+    )
+
+
 def student_scheduler(kind: str, teacher_schedule_config: dict, timesteps: list[int]):
     """The diffusers scheduler that reproduces a student's trained steps (see the module docstring)."""
     if kind == "lcm":
@@ -248,6 +305,14 @@ def student_scheduler(kind: str, teacher_schedule_config: dict, timesteps: list[
             set_alpha_to_one=True,
         )
     raise ValueError(f"unknown export scheduler {kind!r}; expected one of {SCHEDULERS}")
+
+
+def edm_renoise(scheduler, kind: str):
+    """The pipeline's ``renoise`` setting: True for an EDM "lcm" student (the pipeline adds the fresh noise that
+    diffusers' EDM step lacks), None (not written) otherwise."""
+    from .pipelines import is_edm_scheduler
+
+    return True if is_edm_scheduler(scheduler) and kind == "lcm" else None
 
 
 def _set_timesteps_arg(kind: str, timesteps: list[int]) -> str:
@@ -306,13 +371,17 @@ def export_generator(trainer, path: str) -> str:
     teacher_path = trainer._teacher_path()
     sched_cfg = _teacher_json(teacher_path, "scheduler_config.json", "scheduler")
     pred = trainer.generator.prediction_type  # a student may output another type than its teacher
-    timesteps = [int(t) for t in trainer.export_timesteps()]
+    timesteps = [t if isinstance(t, float) else int(t) for t in trainer.export_timesteps()]  # EDM: may be off-grid
     kind = getattr(trainer, "export_scheduler", "lcm")
     name = type(net).__name__
     if trainer.generator.schedule.kind == "flow":
         if pred != "flow":
             raise ValueError(f"a flow-matching generator must predict the velocity ('flow') to export, not {pred!r}")
         scheduler = flow_scheduler_for(kind, sched_cfg)
+    elif trainer.generator.schedule.kind == "edm":
+        if pred != "edm":
+            raise ValueError(f"an EDM generator must output EDM's F ('edm') to export, not {pred!r}")
+        scheduler = edm_scheduler_for(kind, sched_cfg)
     else:
         if normalize_prediction_type(sched_cfg.get("prediction_type", "epsilon")) != pred:
             sched_cfg = {**sched_cfg, "prediction_type": _DIFFUSERS_PREDICTION[pred]}
@@ -322,6 +391,8 @@ def export_generator(trainer, path: str) -> str:
     if w_cond and w is None:
         w = 1.0
     tmp = begin_export(path)  # beside path: a previous export stays until this one is complete
+    if trainer.generator.schedule.kind == "edm" and name not in ("UNet2DModel", "ToyMLP"):
+        raise ValueError(f"export of a {name} generator of an EDM teacher is not supported (UNet2DModel, ToyMLP)")
     if name in ("UNet2DModel", "GuidedUNet2DModel"):
         card = _pixel_pipeline(net, scheduler, timesteps, path, kind, w)
     elif name == "UNet2DConditionModel":
@@ -331,7 +402,7 @@ def export_generator(trainer, path: str) -> str:
     elif name == "SD3Transformer2DModel":
         card = _sd3_pipeline(teacher_path, net, scheduler, timesteps, path, w)
     elif name == "ToyMLP":
-        card = _toy_pipeline(net, scheduler, timesteps, path)
+        card = _toy_pipeline(net, scheduler, timesteps, path, kind)
     else:
         raise ValueError(
             f"export of a {name} generator is not supported (UNet2DModel, UNet2DConditionModel, "
@@ -425,11 +496,16 @@ def _teacher_license(teacher_path) -> dict:
 def _pixel_pipeline(net, scheduler, timesteps, path, kind, w):
     """StepDistillClassPipeline; the stock path is a loop over UNet2DModel + the scheduler, except for
     w-conditioned students (GuidedUNet2DModel has no stock diffusers class)."""
-    from .pipelines import StepDistillClassPipeline
+    from .pipelines import StepDistillClassPipeline, is_edm_scheduler
 
     w_cond = bool(getattr(net.config, "time_cond_proj_dim", None))
+    edm = is_edm_scheduler(scheduler)
     pipe = StepDistillClassPipeline(
-        unet=net, scheduler=scheduler, trained_timesteps=timesteps, default_guidance_scale=w
+        unet=net,
+        scheduler=scheduler,
+        trained_timesteps=timesteps,
+        default_guidance_scale=w,
+        renoise=edm_renoise(scheduler, kind),
     )
     labelled = bool(net.config.num_class_embeds)
     seeded = 'generator=torch.Generator().manual_seed(0), output_type="pt"'
@@ -437,16 +513,30 @@ def _pixel_pipeline(net, scheduler, timesteps, path, kind, w):
     unet_args = ", class_labels=labels" if labelled else ""
     if w_cond:
         unet_args += ", timestep_cond=w_emb"
-    loop = _PIXEL_LOOP.format(
-        folder=path,
-        scheduler_class=type(scheduler).__name__,
-        imports=type(scheduler).__name__ + ("" if w_cond else ", UNet2DModel"),
-        unet_class="GuidedUNet2DModel" if w_cond else "UNet2DModel",
-        set_timesteps=_set_timesteps_arg(kind, timesteps),
-        batch=f"labels = torch.tensor({_LABELS})\nn = len(labels)" if labelled else "n = 4",
-        w_setup=_W_SETUP.format(w=w) if w_cond else "",
-        unet_args=unet_args,
-    )
+    batch = f"labels = torch.tensor({_LABELS})\nn = len(labels)" if labelled else "n = 4"
+    if edm:
+        T = scheduler.config.num_train_timesteps
+        loop = _EDM_PIXEL_LOOP.format(
+            folder=path,
+            timesteps=list(timesteps),
+            T=T,
+            T_1=T - 1,
+            n=len(timesteps),
+            batch=batch,
+            unet_args=unet_args,
+            next_x=_EDM_RENOISE if edm_renoise(scheduler, kind) else "step.prev_sample  # the Euler (DDIM) step",
+        )
+    else:
+        loop = _PIXEL_LOOP.format(
+            folder=path,
+            scheduler_class=type(scheduler).__name__,
+            imports=type(scheduler).__name__ + ("" if w_cond else ", UNet2DModel"),
+            unet_class="GuidedUNet2DModel" if w_cond else "UNet2DModel",
+            set_timesteps=_set_timesteps_arg(kind, timesteps),
+            batch=batch,
+            w_setup=_W_SETUP.format(w=w) if w_cond else "",
+            unet_args=unet_args,
+        )
     plain = _plain(path, f"images = {call}.images  # (N, C, H, W) in [0, 1]: the same images as the loop")
     card = {"pipe": pipe, "plain_call": plain, "pipeline_tag": "unconditional-image-generation"}
     if not w_cond:
@@ -470,11 +560,13 @@ def _pixel_pipeline(net, scheduler, timesteps, path, kind, w):
     return card
 
 
-def _toy_pipeline(net, scheduler, timesteps, path):
+def _toy_pipeline(net, scheduler, timesteps, path, kind="lcm"):
     """StepDistillToyPipeline: the ToyMLP (safetensors + config.json) and the student scheduler."""
     from .pipelines import StepDistillToyPipeline
 
-    pipe = StepDistillToyPipeline(unet=net, scheduler=scheduler, trained_timesteps=timesteps)
+    pipe = StepDistillToyPipeline(
+        unet=net, scheduler=scheduler, trained_timesteps=timesteps, renoise=edm_renoise(scheduler, kind)
+    )
     plain = _plain(
         path, "points = pipe(num_samples=1000, generator=torch.Generator().manual_seed(0)).samples  # (N, 2)"
     )

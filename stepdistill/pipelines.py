@@ -41,11 +41,11 @@ from .models import toy as _toy_module  # noqa: F401
 # "_" without a word, so a stock class (StableDiffusionXLPipeline.from_pretrained(folder)) loads the folder without
 # "config attributes ... are not expected" warnings, and our classes read them back (extract_init_dict below)
 META_KEY = "_stepdistill"
-META_FIELDS = ("trained_timesteps", "default_guidance_scale")
+META_FIELDS = ("trained_timesteps", "default_guidance_scale", "renoise")
 
 
 class _PrivateSettings:
-    """Writes ``trained_timesteps`` / ``default_guidance_scale`` under the private ``_stepdistill`` key of
+    """Writes ``trained_timesteps`` / ``default_guidance_scale`` / ``renoise`` under the private ``_stepdistill`` key of
     model_index.json and reads them back when loading (in memory they stay plain config keys:
     ``pipe.config.trained_timesteps``). Folders written before this hold them as plain keys, which still load."""
 
@@ -72,7 +72,8 @@ class StepDistillClassPipeline(_PrivateSettings, DiffusionPipeline):
 
     Components: ``unet`` (UNet2DModel, or GuidedUNet2DModel for w-conditioned students) and ``scheduler``
     (LCMScheduler: x0 prediction, then fresh noise to the next trained timestep; DDIMScheduler with trailing
-    spacing for deterministic students; TCDScheduler).
+    spacing for deterministic students; TCDScheduler; EDMEulerScheduler for students of EDM teachers, see
+    :func:`edm_step`).
 
     ``guidance_scale`` (uncond + w (cond - uncond)): a w-conditioned unet takes it as an input (one network
     evaluation per step, default: the scale it was exported with); any other class-conditional unet runs
@@ -80,13 +81,14 @@ class StepDistillClassPipeline(_PrivateSettings, DiffusionPipeline):
 
     model_cpu_offload_seq = "unet"
 
-    def __init__(self, unet, scheduler, trained_timesteps=None, default_guidance_scale=None):
+    def __init__(self, unet, scheduler, trained_timesteps=None, default_guidance_scale=None, renoise=None):
         super().__init__()
         self.register_modules(unet=unet, scheduler=scheduler)
         self.register_to_config(
             trained_timesteps=list(trained_timesteps or [scheduler.config.num_train_timesteps - 1]),
             default_guidance_scale=default_guidance_scale,
         )
+        _register_renoise(self, renoise)
 
     @torch.no_grad()
     def __call__(
@@ -116,7 +118,7 @@ class StepDistillClassPipeline(_PrivateSettings, DiffusionPipeline):
         )
         size = self.unet.config.sample_size
         shape = (num_images, self.unet.config.in_channels, size, size)
-        x = randn_tensor(shape, generator=generator, device=self.device, dtype=self.unet.dtype)
+        x = initial_sample(self.scheduler, shape, generator, self.device, self.unet.dtype)
         kwargs = {"class_labels": labels.to(self.device)} if labels is not None else {}
         w_dim = getattr(self.unet.config, "time_cond_proj_dim", None)
         if guidance_scale is None:
@@ -133,13 +135,14 @@ class StepDistillClassPipeline(_PrivateSettings, DiffusionPipeline):
                 raise ValueError(f"guidance_scale={guidance_scale} needs a class-conditional model")
             null = torch.full_like(labels, n_classes - 1)
             kwargs = {"class_labels": torch.cat([labels, null]).to(self.device)}
-        for t in self.progress_bar(self.scheduler.timesteps):
+        for i, t in enumerate(self.progress_bar(self.scheduler.timesteps)):
+            x_in = self.scheduler.scale_model_input(x, t)  # EDM: c_in x; identity for the VP schedulers
             if cfg:
-                out_c, out_u = self.unet(torch.cat([x, x]), t, **kwargs).sample.chunk(2)
+                out_c, out_u = self.unet(torch.cat([x_in, x_in]), t, **kwargs).sample.chunk(2)
                 out = out_u + guidance_scale * (out_c - out_u)
             else:
-                out = self.unet(x, t, **kwargs).sample
-            x = self.scheduler.step(out, t, x, generator=generator).prev_sample
+                out = self.unet(x_in, t, **kwargs).sample
+            x = student_step(self.scheduler, out, t, x, i, generator, self.config.get("renoise", None))
         image = (x / 2 + 0.5).clamp(0, 1)
         if output_type == "pt":
             images = image
@@ -248,10 +251,11 @@ class StepDistillToyPipeline(_PrivateSettings, DiffusionPipeline):
 
     model_cpu_offload_seq = "unet"
 
-    def __init__(self, unet, scheduler, trained_timesteps=None):
+    def __init__(self, unet, scheduler, trained_timesteps=None, renoise=None):
         super().__init__()
         self.register_modules(unet=unet, scheduler=scheduler)
         self.register_to_config(trained_timesteps=list(trained_timesteps or [scheduler.config.num_train_timesteps - 1]))
+        _register_renoise(self, renoise)
 
     @torch.no_grad()
     def __call__(
@@ -267,10 +271,11 @@ class StepDistillToyPipeline(_PrivateSettings, DiffusionPipeline):
             self.scheduler, self.config.trained_timesteps, num_inference_steps, timesteps, self.device
         )
         shape = (int(num_samples), self.unet.config.dim)
-        x = randn_tensor(shape, generator=generator, device=self.device, dtype=self.unet.dtype)
-        for t in self.progress_bar(self.scheduler.timesteps):
-            out = self.unet(x, torch.as_tensor(t, device=self.device, dtype=torch.float32))
-            x = self.scheduler.step(out, t, x, generator=generator).prev_sample
+        x = initial_sample(self.scheduler, shape, generator, self.device, self.unet.dtype)
+        for i, t in enumerate(self.progress_bar(self.scheduler.timesteps)):
+            x_in = self.scheduler.scale_model_input(x, t)
+            out = self.unet(x_in, torch.as_tensor(t, device=self.device, dtype=torch.float32))
+            x = student_step(self.scheduler, out, t, x, i, generator, self.config.get("renoise", None))
         samples = x if output_type == "pt" else x.cpu().float().numpy()
         if not return_dict:
             return (samples,)
@@ -347,12 +352,65 @@ def save_points_png(points: torch.Tensor, path: str, size: int = 400) -> str:
     return path
 
 
+def is_edm_scheduler(scheduler) -> bool:
+    """diffusers' EDM schedulers (sigmas on a Karras grid, ``precondition_*``): EDMEulerScheduler and
+    EDMDPMSolverMultistepScheduler."""
+    return type(scheduler).__name__.startswith("EDM")
+
+
+def _register_renoise(pipe, renoise) -> None:
+    """``renoise`` is written only where it is set (EDM students), so other folders keep their settings as before."""
+    if renoise is not None:
+        pipe.register_to_config(renoise=bool(renoise))
+
+
+def initial_sample(scheduler, shape, generator, device, dtype) -> torch.Tensor:
+    """x at the first step: z ~ N(0, I), times the first sigma for an EDM scheduler (x = x0 + sigma z; diffusers'
+    ``init_noise_sigma`` for EDM is sqrt(sigma_max^2 + 1), the scale of another input convention)."""
+    x = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
+    if is_edm_scheduler(scheduler):
+        x = x * scheduler.sigmas[0].to(device=x.device, dtype=x.dtype)
+    return x
+
+
+def student_step(scheduler, out, t, x, i: int, generator, renoise) -> torch.Tensor:
+    """One trained step: the scheduler's own step, except for ``renoise`` (EDM students trained with fresh noise
+    between steps, DMD2 / consistency): x0, then x0 + sigma_{i+1} z with fresh z, as the trainers' sampler does
+    (``Generator.sample``). EDMEulerScheduler's own step is the Euler (= DDIM, for EDM) step to sigma_{i+1}: the
+    deterministic students' rule. An EDM scheduler's last step returns x0 itself (its Euler step into sigma = 0,
+    x - (x - x0), loses digits at sigma_max = 80)."""
+    step = scheduler.step(out, t, x, generator=generator)
+    if not is_edm_scheduler(scheduler):
+        return step.prev_sample
+    if i + 1 >= len(scheduler.timesteps):
+        return step.pred_original_sample.to(x.dtype)
+    if not renoise:
+        return step.prev_sample
+    z = randn_tensor(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+    x0 = step.pred_original_sample.to(x.dtype)
+    return x0 + scheduler.sigmas[i + 1].to(device=x.device, dtype=x.dtype) * z
+
+
 def set_scheduler_timesteps(scheduler, trained, num_inference_steps=None, timesteps=None, device=None):
-    """The trained timesteps by default; a scheduler without custom timesteps (DDIM) gets the step count."""
+    """The trained timesteps by default; a scheduler without custom timesteps (DDIM) gets the step count. An EDM
+    scheduler takes the trained Karras-grid timesteps as ramp positions (``sigmas``: 1 - timestep / (T - 1))."""
     trained = list(trained)
     timesteps = list(timesteps) if timesteps is not None else None
     if timesteps is None and num_inference_steps in (None, len(trained)):
         timesteps = trained
+    if is_edm_scheduler(scheduler):
+        if timesteps is None:
+            scheduler.set_timesteps(num_inference_steps, device=device)
+            return
+        if "sigmas" not in inspect.signature(scheduler.set_timesteps).parameters:
+            raise ValueError(
+                f"{type(scheduler).__name__}.set_timesteps takes no sigmas in this diffusers version; EDM students "
+                "need diffusers >= 0.33 for their trained noise levels"
+            )
+        T = scheduler.config.num_train_timesteps
+        ramp = 1 - torch.tensor([float(t) for t in timesteps], dtype=torch.float64) / (T - 1)
+        scheduler.set_timesteps(len(timesteps), device=device, sigmas=ramp)
+        return
     if "timesteps" in inspect.signature(scheduler.set_timesteps).parameters:
         if timesteps is not None:
             scheduler.set_timesteps(timesteps=timesteps, device=device)

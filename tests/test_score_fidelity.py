@@ -435,8 +435,10 @@ def test_edm_teacher_trains_every_score_method(method, toy_teacher, tmp_path):
     import json
     import os
 
-    info = json.load(open(os.path.join(out, "student.json")))
-    assert info["sigmas"] == pytest.approx([80.0]) and info["prediction_type"] == "edm"
+    # a diffusers pipeline with EDMEulerScheduler (sampling checked in tests/test_export_edm.py)
+    index = json.load(open(os.path.join(out, "model_index.json")))
+    assert index["scheduler"] == ["diffusers", "EDMEulerScheduler"]
+    assert index["_stepdistill"]["trained_timesteps"] == [999]
     assert os.path.isfile(os.path.join(out, "unet", "config.json"))
 
 
@@ -455,3 +457,95 @@ def test_edm_fake_score_loss_is_dmd2s(toy_teacher, tmp_path):
     d = trainer.fake.predict(x + s * n, t, None, target="x0")
     want = ((s**-2 + 0.5**-2) * (d - x) ** 2).mean()
     torch.testing.assert_close(got, want, rtol=1e-4, atol=0)
+
+
+# --------------------------------------------------------------------------------------------------------
+# SiD's EDM settings (mingyuanzhou/SiD sid_train.py, training/sid_loss.py)
+# --------------------------------------------------------------------------------------------------------
+
+
+def toy_sim(teacher, out, **kw):
+    from stepdistill.trainers.sim import SIMConfig, SIMTrainer
+
+    values = {**TOY, "output_dir": str(out), "teacher": teacher, "max_steps": 2, "global_batch": 16, **kw}
+    return SIMTrainer(build_config(SIMConfig, values))
+
+
+def test_sid_init_sigma_feeds_the_generator_2_5_z_at_sigma_2_5_and_exports_it(toy_teacher, tmp_path):
+    """SiD: G(init_sigma z, init_sigma) with init_sigma 2.5, not sigma_max z at timestep 999; the exported pipeline
+    starts from the same level (an off-grid position of the Karras grid) and samples what the trainer does."""
+    from diffusers import DiffusionPipeline
+
+    teacher = _toy_edm_teacher(toy_teacher, tmp_path)
+    trainer = toy_sim(teacher, tmp_path / "run", init_sigma=2.5, distance="l2")
+    trainer.setup()
+    torch.testing.assert_close(trainer.schedule.sigma(trainer.gen_times), torch.tensor([2.5], dtype=torch.float64))
+    z = torch.randn(4, 2)
+    torch.testing.assert_close(trainer.generator.initial_noise(z), 2.5 * z)
+    seen = []
+    hook = trainer.generator.net.register_forward_hook(lambda m, i, o: seen.append(i[1].detach().reshape(-1)))
+    trainer.generate({"_n": list(range(8))}, None, 0, grad=False)
+    hook.remove()
+    torch.testing.assert_close(torch.exp(4 * torch.cat(seen).double()), torch.full((8,), 2.5, dtype=torch.float64))
+    trainer.train()
+    timestep = trainer.export_timesteps()
+    assert len(timestep) == 1 and 0 < timestep[0] < 999 and timestep[0] != round(timestep[0])
+    pipe = DiffusionPipeline.from_pretrained(trainer.export())
+    pipe.set_progress_bar_config(disable=True)
+    points = pipe(num_samples=64, generator=torch.Generator().manual_seed(0)).samples
+    assert float(pipe.scheduler.sigmas[0]) == pytest.approx(2.5, rel=1e-6)  # the level of the call
+    g = torch.Generator().manual_seed(0)
+    ref = trainer.generator.sample(torch.randn(64, 2, generator=g), None, generator=g)
+    torch.testing.assert_close(points, ref.float(), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        (dict(init_sigma=2.5, denoising_timesteps=[999]), "denoising_timesteps"),
+        (dict(init_sigma=2.5, generator_input="scaled"), "generator_input"),
+        (dict(init_sigma=-1.0), "init_sigma"),
+        (dict(fake_noise="normal"), "fake_noise"),
+        (dict(fake_p_std=0.0), "fake_p_std"),
+    ],
+)
+def test_sid_options_are_validated(kw, match, toy_teacher, tmp_path):
+    with pytest.raises(ConfigError, match=match):
+        toy_sim(toy_teacher, tmp_path, **kw)
+
+
+@pytest.mark.parametrize("kw", [dict(init_sigma=2.5), dict(init_sigma=100.0), dict(fake_noise="lognormal")])
+def test_sid_edm_options_need_an_edm_teacher(kw, toy_teacher, tmp_path):
+    key = next(iter(kw))
+    teacher = toy_teacher if kw != dict(init_sigma=100.0) else _toy_edm_teacher(toy_teacher, tmp_path)
+    trainer = toy_sim(teacher, tmp_path / "run", **kw)
+    with pytest.raises(ConfigError, match=key):
+        trainer.setup()
+        trainer.fake_loss(torch.randn(4, 2), None)
+
+
+def test_sid_lognormal_fake_noise_is_sids_draw_unclamped(toy_teacher, tmp_path):
+    """SiD's fake-score loss: sigma = exp(P_mean + P_std n), weight (sigma^2 + sd^2) / (sigma sd)^2, no clamp to
+    [sigma_min, sigma_max] (a P_mean of 5 puts most levels above sigma_max = 80)."""
+    teacher = _toy_edm_teacher(toy_teacher, tmp_path)
+    for p_mean in (-1.2, 5.0):
+        trainer = toy_sim(teacher, tmp_path / f"r{p_mean}", fake_noise="lognormal", fake_p_mean=p_mean)
+        trainer.setup()
+        x = torch.randn(64, 2)
+        seen = []
+        hook = trainer.fake.net.register_forward_hook(lambda m, i, o: seen.append(i[1].detach().reshape(-1)))
+        torch.manual_seed(3)
+        got = trainer.fake_loss(x, None)
+        hook.remove()
+        torch.manual_seed(3)
+        sigma = torch.exp(p_mean + 1.2 * torch.randn(64, dtype=torch.float64))
+        n = torch.randn_like(x)
+        torch.testing.assert_close(torch.exp(4 * torch.cat(seen).double()), sigma, rtol=1e-5, atol=0)
+        s = sigma.float()[:, None]
+        t = trainer.schedule.t_from_noise_level(sigma) if p_mean < 0 else None
+        if t is not None:  # within the grid: the wrapper's x0 at the same level
+            d = trainer.fake.predict(x + s * n, t, None, target="x0")
+            want = ((s**-2 + 0.5**-2) * (d - x) ** 2).mean()
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=0)
+        else:
+            assert float(sigma.max()) > 80 and torch.isfinite(got)

@@ -492,6 +492,11 @@ class DMD2Trainer(StudentTrainer):
         idx = rnd.randint(a, max(b, a) + 1, (n,))
         return self.schedule.timestep_to_t(idx.to(torch.float64)).to(device)
 
+    def fake_times(self, n: int, device=None) -> torch.Tensor:
+        """The fake-score loss's times: integer timesteps in [fake_min, fake_max] (SIM adds SiD's log-normal)."""
+        c = self.config
+        return self.draw_t(n, c.fake_min_step_percent, c.fake_max_step_percent, device)
+
     def on_step_skipped(self, step):
         self._cache = None
 
@@ -673,7 +678,7 @@ class DMD2Trainer(StudentTrainer):
         """Denoising score matching of the fake score on sg(x) at timesteps [fake_min, fake_max] (DMD2: all),
         with ``fake_guidance_scale`` CFG (DMD2: none) and ``fake_cond_dropout``."""
         c = self.config
-        t = self.draw_t(x.shape[0], c.fake_min_step_percent, c.fake_max_step_percent, x.device)
+        t = self.fake_times(x.shape[0], x.device)
         kw = {}
         if self.schedule.kind == "edm":  # DMD2's EDM fake loss: (sigma^-2 + sigma_data^-2) |D_fake - x|^2
             sd = self.schedule.p.sigma_data

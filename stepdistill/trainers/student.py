@@ -682,8 +682,15 @@ class StudentTrainer(DistillTrainer):
         return self.conditioner(values).to(self.accelerator.device)  # cached embeddings may live on the CPU
 
     # ---------------------------------------------------------------- samples and export
-    def export_timesteps(self) -> list[int]:
-        return [int(round(float(v))) for v in self.schedule.t_to_timestep(self.generator.timesteps)]
+    def export_timesteps(self) -> list:
+        """Integer timesteps of the trained times; an EDM teacher's Karras-grid positions stay exact where they
+        fall between grid points (ECT's trailing times: 499.5 of 0..999), as its pipeline takes them as ramp
+        positions."""
+        out = []
+        for v in self.schedule.t_to_timestep(self.generator.timesteps).tolist():
+            off_grid = self.schedule.kind == "edm" and abs(v - round(v)) > 1e-6
+            out.append(v if off_grid else int(round(v)))
+        return out
 
     @torch.no_grad()
     def sample_images(self, step):
@@ -732,8 +739,16 @@ class StudentTrainer(DistillTrainer):
                 f"the {given} was given as an object (a pipeline is built from a teacher folder's scheduler and "
                 "components around a diffusers network)"
             )
-        if self.schedule.kind == "edm":
-            return "students of EDM teachers have no diffusers pipeline yet"
+        if self.schedule.kind == "edm":  # EDMEulerScheduler pipelines (stepdistill/export.py)
+            net = type(_unwrap(self.generator.net)).__name__
+            if net not in ("UNet2DModel", "ToyMLP"):
+                return f"students of EDM teachers export as a diffusers pipeline for UNet2DModel and ToyMLP, not {net}"
+            if self.generator.prediction_type != "edm":
+                return f"an EDM pipeline reads EDM's F, not a {self.generator.prediction_type!r} output"
+            if getattr(self, "export_scheduler", "lcm") not in ("lcm", "ddim"):
+                return f"export scheduler {self.export_scheduler!r} has no EDM form (lcm or ddim)"
+            if getattr(self, "boundary", "none") != "none":  # consistency students: f is not the EDM denoiser
+                return f"the consistency boundary {self.boundary!r} is not the EDM denoiser EDMEulerScheduler reads"
         if getattr(self.generator, "input_scale", 1.0) != 1.0:
             return "a scaled first input (generator_input: scaled) is not what stock pipelines feed"
         return ""
@@ -783,6 +798,7 @@ class StudentTrainer(DistillTrainer):
             "sampler": self.generator.sampler,
             "network": "unet" if diffusers_net else "generator.safetensors",
             "network_class": f"{type(net).__module__}.{type(net).__qualname__}",
+            "why_not_a_pipeline": why,
         }
         with open(os.path.join(tmp, "student.json"), "w") as f:
             json.dump(info, f, indent=2)
