@@ -533,7 +533,7 @@ def test_sid_lognormal_fake_noise_is_sids_draw_unclamped(toy_teacher, tmp_path):
         trainer.setup()
         x = torch.randn(64, 2)
         seen = []
-        hook = trainer.fake.net.register_forward_hook(lambda m, i, o: seen.append(i[1].detach().reshape(-1)))
+        hook = trainer.fake.net.register_forward_hook(lambda m, i, o, seen=seen: seen.append(i[1].detach().reshape(-1)))
         torch.manual_seed(3)
         got = trainer.fake_loss(x, None)
         hook.remove()
