@@ -385,7 +385,8 @@ def export_generator(trainer, path: str) -> str:
     else:
         if normalize_prediction_type(sched_cfg.get("prediction_type", "epsilon")) != pred:
             sched_cfg = {**sched_cfg, "prediction_type": _DIFFUSERS_PREDICTION[pred]}
-        scheduler = student_scheduler(kind, sched_cfg, timesteps)
+        own = getattr(trainer, "export_scheduler_for", None)  # a method whose sampler no stock grid expresses
+        scheduler = own(sched_cfg) if own is not None else student_scheduler(kind, sched_cfg, timesteps)
     w = getattr(trainer, "export_guidance_scale", None)
     w_cond = bool(getattr(net.config, "time_cond_proj_dim", None))
     if w_cond and w is None:

@@ -13,6 +13,7 @@ METHODS = {
     "dmd2": ("stepdistill.trainers.dmd2", "DMD2Trainer", "distribution matching distillation (DMD2)"),
     "sim": ("stepdistill.trainers.sim", "SIMTrainer", "score implicit matching (SIM; SiD's loss)"),
     "vsd": ("stepdistill.trainers.vsd", "VSDTrainer", "variational score distillation (SwiftBrush)"),
+    "boot": ("stepdistill.trainers.boot", "BOOTTrainer", "data-free distillation by bootstrapping (BOOT)"),
     "progressive": ("stepdistill.trainers.progressive", "ProgressiveTrainer", "progressive / guided distillation"),
     "consistency": (
         "stepdistill.trainers.consistency",
