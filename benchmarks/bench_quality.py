@@ -1,7 +1,7 @@
 """Method comparison on digits: FD-digits vs network evaluations per sample.
 
 The teacher with DDIM at 1 / 2 / 4 / 8 / 25 / 50 steps, and each distillation trainer's one-step student
-trained by its digits recipe with the same budget (the recipes' 500 iterations of batch 64). Writes a markdown
+trained by its digits recipe (500 iterations of batch 64; BOOT's recipe: its own budget). Writes a markdown
 table and a PNG plot. Every FD-digits figure uses 1000 samples, labels 0-9 in turn, seed 0, against the
 held-out digits. Trainers that have not landed yet are simply absent.
 """
@@ -26,6 +26,7 @@ STUDENTS = [
     ("DMD2", "recipes/dmd2/digits.yaml"),
     ("SIM", "recipes/sim/digits.yaml"),
     ("VSD", "recipes/vsd/digits.yaml"),
+    ("BOOT", "recipes/boot/digits.yaml"),
 ]
 
 
@@ -78,7 +79,7 @@ def main(argv=None):
         rows.append(
             {
                 "model": f"{name} student",
-                "nfe": len(trainer.config.denoising_timesteps),
+                "nfe": len(trainer.generator.timesteps),
                 "fd_digits": fd.score(student_samples(trainer, args.num_samples)),
                 "recipe": recipe,
                 "train_iterations": trainer.global_step,

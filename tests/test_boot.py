@@ -20,7 +20,7 @@ from stepdistill.trainers.boot import BOOTConfig, BOOTTrainer, boot_delta, boot_
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 TOY = dict(
     dataset="toy2d:gmm8",
-    max_steps=500,
+    max_steps=1000,
     global_batch=256,
     learning_rate=1e-3,
     warmup_steps=0,
@@ -138,8 +138,9 @@ def test_an_eps_teacher_gets_a_v_student_by_default(toy_teacher, tmp_path):
 @pytest.mark.parametrize("pred", ["x0", "eps"])
 def test_one_step_student_of_an_exact_mixture_teacher(pred, toy_teacher, tmp_path):
     """The student starts as the trained toy network; the teacher is the exact mixture posterior (x0 or eps). After
-    500 steps its one-step samples are within 1.5x of the teacher's own sampling-noise floor (sliced W2 between two
-    100-step DDIM sample sets) from the teacher's 100-step samples, and cover all 8 modes."""
+    1000 steps its one-step samples are within 1.5x of the teacher's own sampling-noise floor (sliced W2 between two
+    100-step DDIM sample sets) from the teacher's 100-step samples, and cover all 8 modes (1000 steps: 1.26x / 1.27x
+    here; after 500 steps the eps case was at 1.51x)."""
     trainer = toy(toy_teacher, tmp_path)
     trainer.setup()
     sched = trainer.schedule

@@ -98,6 +98,7 @@ CASES = [
     ("sim", dict(dfake_gen_update_ratio=1)),
     ("vsd", dict(dfake_gen_update_ratio=1, real_guidance_scale=1.0, fake_score_mode="full")),
     ("progressive", dict(start_steps=4, final_steps=2, steps_per_round=3, max_steps=0)),
+    ("boot", dict(num_steps=5)),
     ("consistency", dict(mode="lcm", num_ddim_timesteps=10)),
     ("consistency", dict(mode="lcm", num_ddim_timesteps=10, generator_mode="lora", lora_rank=4)),
     ("consistency", dict(mode="ict", init="teacher", loss="pseudo_huber", huber_c="ict")),
