@@ -280,3 +280,41 @@ def test_a_flow_teacher_is_refused(toy_teacher, tmp_path):
     trainer.build_teacher = lambda: (BOOTTrainer.build_teacher(trainer), setattr(trainer, "schedule", FlowSchedule()))
     with pytest.raises(ConfigError, match="BOOT here supports discrete VP teachers"):
         trainer.setup()
+
+
+class TimeMLP(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.body = nn.Sequential(nn.Linear(3, 16), nn.SiLU(), nn.Linear(16, 2))
+
+    def forward(self, x, timestep, cond=None):
+        return self.body(torch.cat([x, timestep[:, None].to(x) / 1000], 1))
+
+
+def test_an_object_student_exports_how_to_take_its_one_step(tmp_path):
+    """Teacher and generator given as objects: a network-only export whose student.json says how the one call reads
+    its output (as v at the grid's top time with x = the noise, for an eps teacher)."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from stepdistill.schedules import VPSchedule
+
+    schedule = VPSchedule.from_config({"num_train_timesteps": 1000})
+    cfg = BOOTConfig(output_dir=str(tmp_path / "run"), dataset="toy2d:gmm8", num_steps=5, max_steps=2, global_batch=8,
+                     checkpoint_every=0, progress=False)  # fmt: skip
+    teacher = Teacher(MixtureTeacher(schedule, "eps"), schedule, "eps")
+    trainer = BOOTTrainer(cfg, teacher=teacher, generator=TimeMLP(), sample_shape=(2,))
+    trainer.train()
+    with pytest.warns(UserWarning, match="exported as a network only"):
+        folder = trainer.export()
+    info = json.loads(open(os.path.join(folder, "student.json")).read())
+    assert info["sampler"] == "boot" and info["timesteps"] == [0] and info["prediction_type"] == "v"
+    net = TimeMLP()
+    net.load_state_dict(load_file(os.path.join(folder, "generator.safetensors")))
+    z = torch.randn(16, 2, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        v = net(z, torch.zeros(16))
+    x0 = info["alpha_ref"] * z - info["sigma_ref"] * v  # v read at the top time with x = z
+    torch.testing.assert_close(trainer.generator.sample(z), x0)

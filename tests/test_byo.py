@@ -20,6 +20,7 @@ from stepdistill.config import ConfigError, ObjectError, UserError
 from stepdistill.io import EXPORT_MARKER
 from stepdistill.models import Teacher
 from stepdistill.schedules import VPSchedule
+from stepdistill.trainers.boot import BOOTConfig, BOOTTrainer
 from stepdistill.trainers.consistency import ConsistencyConfig, ConsistencyTrainer
 from stepdistill.trainers.dmd2 import DMD2Config, DMD2Trainer
 from stepdistill.trainers.progressive import ProgressiveConfig, ProgressiveTrainer
@@ -68,6 +69,7 @@ METHODS = {
     "lcm": (ConsistencyConfig, ConsistencyTrainer, dict(num_ddim_timesteps=10, inference_steps=1)),
     "ect": (ConsistencyConfig, ConsistencyTrainer, dict(mode="ect", inference_steps=1)),
     "ict": (ConsistencyConfig, ConsistencyTrainer, dict(mode="ict", inference_steps=1)),  # reinitialises
+    "boot": (BOOTConfig, BOOTTrainer, dict(num_steps=5)),
 }
 
 

@@ -43,7 +43,7 @@ from ..models import Generator
 from ..schedules import _bcast
 from . import randomness as rnd
 from .base import NetSpec
-from .student import StudentConfig, StudentTrainer
+from .student import StudentConfig, StudentTrainer, is_object_label
 
 WEIGHTINGS = ("inv_delta_sq", "constant")
 
@@ -160,9 +160,10 @@ class BOOTTrainer(StudentTrainer):
     export_scheduler = "ddim"  # one deterministic step; the scheduler itself comes from export_scheduler_for
 
     def validate(self):
-        if dataset_kind(self.config.dataset) == "images":
+        c = self.config
+        if self.dataset_object is None and not is_object_label(c.dataset) and dataset_kind(c.dataset) == "images":
             raise ConfigError(
-                f"dataset: {self.config.dataset!r} is an image folder, but BOOT is data-free: it reads class labels "
+                f"dataset: {c.dataset!r} is an image folder, but BOOT is data-free: it reads class labels "
                 "or prompts only; give a prompt file (.txt / .jsonl) or 'digits' (the bundled labels)"
             )
         super().validate()
@@ -255,6 +256,19 @@ class BOOTTrainer(StudentTrainer):
         return {"loss": loss_bs + c.boundary_weight * loss_bc, "loss_bs": loss_bs.detach(), "loss_bc": loss_bc.detach()}
 
     # ---------------------------------------------------------------- export
+    def student_json_extra(self) -> dict:
+        """A network-only export (teacher / generator objects): how the one BOOT call reads its output."""
+        ref = torch.tensor(self.generator.t_ref, dtype=torch.float64)
+        return {
+            "sampler": "boot",
+            "boot": (
+                "x0 = convert(network(z, timestep 0), x = z) from prediction_type to x0 with alpha_ref / sigma_ref "
+                "(the grid's top time), z ~ N(0, I): one network evaluation"
+            ),
+            "alpha_ref": float(self.schedule.alpha(ref)),
+            "sigma_ref": float(self.schedule.sigma(ref)),
+        }
+
     def export_scheduler_for(self, sched_cfg: dict):
         """The one-step scheduler of the export: the pipeline calls the network at timestep 0 (the student's clean
         end) and the step reads its output at alpha_bar(t_0) with x = noise, landing on x0. A DDIMScheduler with

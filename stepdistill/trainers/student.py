@@ -753,6 +753,10 @@ class StudentTrainer(DistillTrainer):
             return "a scaled first input (generator_input: scaled) is not what stock pipelines feed"
         return ""
 
+    def student_json_extra(self) -> dict:
+        """Method-specific sampling facts for ``student.json`` (a network-only export); default none."""
+        return {}
+
     def _export_network(self, path: str, why: str) -> None:
         """Write the generator network, the scheduler config and ``student.json`` (prediction type, trained
         sigmas, alphas and timesteps, first-input scale: x0 = generator(input_scale * sigma_0 * z) at the first
@@ -799,6 +803,7 @@ class StudentTrainer(DistillTrainer):
             "network": "unet" if diffusers_net else "generator.safetensors",
             "network_class": f"{type(net).__module__}.{type(net).__qualname__}",
             "why_not_a_pipeline": why,
+            **self.student_json_extra(),
         }
         with open(os.path.join(tmp, "student.json"), "w") as f:
             json.dump(info, f, indent=2)
