@@ -161,10 +161,12 @@ class BOOTTrainer(StudentTrainer):
 
     def validate(self):
         c = self.config
-        if self.dataset_object is None and not is_object_label(c.dataset) and dataset_kind(c.dataset) == "images":
+        kind = None if self.dataset_object is not None or is_object_label(c.dataset) else dataset_kind(c.dataset)
+        if kind in ("images", "latents") or (kind == "stream" and c.image_key != "none"):
+            what = {"images": "an image folder", "latents": "a latent cache"}.get(kind, "a streamed image dataset")
             raise ConfigError(
-                f"dataset: {c.dataset!r} is an image folder, but BOOT is data-free: it reads class labels "
-                "or prompts only; give a prompt file (.txt / .jsonl) or 'digits' (the bundled labels)"
+                f"dataset: {c.dataset!r} is {what}, but BOOT is data-free: it reads class labels or prompts only; "
+                "give a prompt file (.txt / .jsonl), 'digits' (the bundled labels) or, for a stream, image_key: none"
             )
         super().validate()
 
