@@ -396,6 +396,10 @@ def export_generator(trainer, path: str) -> str:
         raise ValueError(f"export of a {name} generator of an EDM teacher is not supported (UNet2DModel, ToyMLP)")
     if name in ("UNet2DModel", "GuidedUNet2DModel"):
         card = _pixel_pipeline(net, scheduler, timesteps, path, kind, w)
+    elif name == "RoutedUNet2DModel":  # MSD: K students and their routing table
+        from .trainers.msd import routed_pipeline_card
+
+        card = routed_pipeline_card(net, scheduler, timesteps, path, kind)
     elif name == "UNet2DConditionModel":
         card = _text_pipeline(teacher_path, net, scheduler, timesteps, path, kind, w)
     elif name == "DiTTransformer2DModel":

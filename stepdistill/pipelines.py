@@ -35,6 +35,7 @@ from diffusers.utils.torch_utils import randn_tensor
 # ["stepdistill.models.guided_unet", "GuidedUNet2DModel"] (w-conditioned students) and ["stepdistill.models.toy",
 # "ToyMLP"]; this module is imported when the pipeline classes are registered (stepdistill/__init__.py)
 from .models import guided_unet as _guided_unet_module  # noqa: F401
+from .models import routed as _routed_module  # noqa: F401  (MSD: ["stepdistill.models.routed", "RoutedUNet2DModel"])
 from .models import toy as _toy_module  # noqa: F401
 
 # model_index.json keeps stepdistill's own settings under this private key: diffusers drops keys that start with

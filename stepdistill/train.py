@@ -14,6 +14,7 @@ METHODS = {
     "sim": ("stepdistill.trainers.sim", "SIMTrainer", "score implicit matching (SIM; SiD's loss)"),
     "vsd": ("stepdistill.trainers.vsd", "VSDTrainer", "variational score distillation (SwiftBrush)"),
     "boot": ("stepdistill.trainers.boot", "BOOTTrainer", "data-free distillation by bootstrapping (BOOT)"),
+    "msd": ("stepdistill.trainers.msd", "MSDTrainer", "multi-student distillation: K routed DMD2 students"),
     "progressive": ("stepdistill.trainers.progressive", "ProgressiveTrainer", "progressive / guided distillation"),
     "consistency": (
         "stepdistill.trainers.consistency",
