@@ -249,7 +249,7 @@ class MSDTrainer(DMD2Trainer):
             self.accelerator.backward(loss)
             torch.nn.utils.clip_grad_norm_(params, c.max_grad_norm)
             opt.step()
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
         opt.zero_grad(set_to_none=True)
         self.pretrain_losses = losses
         return losses

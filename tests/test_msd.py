@@ -1,0 +1,176 @@
+"""Multi-Student Distillation (stepdistill/trainers/msd.py): routing, per-student updates, export."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from stepdistill.config import ConfigError, ObjectError
+from stepdistill.train import make_trainer
+
+RECIPE = os.path.join(os.path.dirname(__file__), "..", "recipes", "msd", "digits.yaml")
+
+
+def msd(tmp_path, *overrides):
+    keys = [f"output_dir={tmp_path}", "global_batch=10", "checkpoint_every=0", "sample_every=0", "progress=false"]
+    return make_trainer(RECIPE, [*keys, *overrides])
+
+
+def students(trainer, name="generator"):
+    wrapper = trainer.generator if name == "generator" else trainer.fake
+    net = wrapper.net
+    while hasattr(net, "module"):
+        net = net.module
+    return net.nets
+
+
+def snapshot(module):
+    return [p.detach().clone() for p in module.parameters()]
+
+
+def unchanged(module, before):
+    return all(torch.equal(p, q) for p, q in zip(module.parameters(), before))
+
+
+def test_routing_sends_each_label_to_exactly_its_student(tmp_path):
+    trainer = msd(tmp_path, "num_students=5")
+    trainer.setup()
+    assert trainer.partition() == [[0, 1], [2, 3], [4, 5], [6, 7], [8, 9]]
+    seen = {k: [] for k in range(5)}
+    hooks = [
+        s.register_forward_hook(
+            lambda m, args, kw, out, k=k: seen[k].extend(kw["class_labels"].tolist()), with_kwargs=True
+        )
+        for k, s in enumerate(students(trainer))
+    ]
+    labels = torch.tensor([9, 0, 3, 4, 1, 8, 2, 7, 6, 5, 5])
+    cond = trainer.conditioner(labels)
+    x = torch.randn(len(labels), *trainer.sample_shape)
+    with torch.no_grad():
+        out = trainer.generator(x, cond, trainer.gen_times[0].expand(len(labels)))
+    for h in hooks:
+        h.remove()
+    assert {k: sorted(v) for k, v in seen.items()} == {0: [0, 1], 1: [2, 3], 2: [4, 5, 5], 3: [6, 7], 4: [8, 9]}
+    # rows come back in input order: row i is student(label i)'s output on row i
+    k = trainer.routing()[int(labels[2])]
+    with torch.no_grad():
+        alone = trainer.generator(x[2:3], trainer.conditioner(labels[2:3]), trainer.gen_times[0].expand(1))
+    torch.testing.assert_close(out[2:3], alone, atol=1e-5, rtol=0)
+    assert k == 1
+    with pytest.raises(ValueError, match="no student"):  # the null class has no unconditional branch
+        trainer.generator(x[:1], trainer.conditioner(labels[:1]).drop(1.0), trainer.gen_times[0].expand(1))
+
+
+def _step(trainer, labels, group):
+    """One optimiser step of ``group`` on a batch whose labels are ``labels``."""
+    batch = next(iter(trainer.loader))
+    batch["label"] = labels
+    trainer._set_phase(group)
+    out = trainer.compute_loss(batch, group)
+    trainer.accelerator.backward(out["loss"])
+    name = group[0]
+    trainer.opts[name].step()
+    trainer.opts[name].zero_grad(set_to_none=True)
+
+
+@pytest.mark.parametrize("per_student_fake", [False, True])
+def test_only_the_routed_student_changes(tmp_path, per_student_fake):
+    trainer = msd(tmp_path, "num_students=2", f"fake_score_per_student={str(per_student_fake).lower()}")
+    trainer.setup()
+    with torch.no_grad():  # at initialisation fake == teacher and the DM gradient is 0: move the fake score first
+        for p in trainer.fake.net.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    teacher = snapshot(trainer.teacher.net)
+    for k, labels in enumerate(trainer.partition()):
+        batch_labels = torch.tensor(labels * 2)  # 10 rows, all of student k's labels
+        gens = [snapshot(s) for s in students(trainer)]
+        _step(trainer, batch_labels, ("generator",))
+        for j, s in enumerate(students(trainer)):
+            assert unchanged(s, gens[j]) == (j != k), f"generator student {j} after a batch of student {k}'s labels"
+        if per_student_fake:
+            fakes = [snapshot(s) for s in students(trainer, "fake")]
+            _step(trainer, batch_labels, ("fake_score",))
+            for j, s in enumerate(students(trainer, "fake")):
+                assert unchanged(s, fakes[j]) == (j != k), f"fake score {j} after a batch of student {k}'s labels"
+    assert unchanged(trainer.teacher.net, teacher)
+
+
+def test_export_reload_reproduces_trainer_samples_one_evaluation_per_image(tmp_path):
+    import stepdistill  # noqa: F401  (registers the pipeline classes)
+    from diffusers import DiffusionPipeline
+
+    trainer = msd(tmp_path, "num_students=2", "max_steps=2", "partition=[[0, 2, 4, 6, 8], [1, 3, 5, 7, 9]]")
+    trainer.train()
+    path = trainer.export()
+    labels = list(range(10))
+    noise = torch.randn(10, *trainer.sample_shape, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        x = trainer.generator.sample(noise, trainer.conditioner(torch.tensor(labels)), generator=torch.Generator())
+    expected = (x / 2 + 0.5).clamp(0, 1)
+
+    pipe = DiffusionPipeline.from_pretrained(path)
+    pipe.set_progress_bar_config(disable=True)
+    assert type(pipe.unet).__name__ == "RoutedUNet2DModel" and pipe.unet.partition() == trainer.partition()
+    rows = []
+    hooks = [s.register_forward_hook(lambda m, i, o: rows.append(o.sample.shape[0])) for s in pipe.unet.nets]
+    images = pipe(class_labels=labels, generator=torch.Generator().manual_seed(0), output_type="pt").images
+    for h in hooks:
+        h.remove()
+    assert sum(rows) == 10  # one student evaluation per image
+    torch.testing.assert_close(images, expected, atol=1e-5, rtol=0)
+
+    # the model card's stock-diffusers loop gives the same images
+    card = open(os.path.join(path, "README.md")).read()
+    loop = card.split("```python\n", 1)[1].split("```", 1)[0]
+    assert "RoutedUNet2DModel" not in loop and "UNet2DModel" in loop
+    scope: dict = {}
+    exec(loop, scope)  # noqa: S102
+    torch.testing.assert_close(scope["images"], expected, atol=1e-5, rtol=0)
+
+
+def test_smaller_students_pretrain_on_teacher_samples(tmp_path):
+    trainer = msd(
+        tmp_path,
+        "num_students=2",
+        "student_block_out_channels=[16, 32, 32]",
+        "student_pretrain_steps=4",
+        "regression_pairs=16",
+        "regression_steps=2",
+        "regression_batch=8",
+        "learning_rate=0.001",
+    )
+    trainer.setup()
+    teacher_params = sum(p.numel() for p in trainer.teacher.net.parameters())
+    counts = trainer.student_parameter_counts()
+    assert len(counts) == 2 and all(n <= teacher_params / 2 for n in counts)
+    losses = trainer.pretrain_losses
+    assert len(losses) == 4 and all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0]
+
+
+@pytest.mark.parametrize(
+    "overrides, match",
+    [
+        (["partition=[[0, 1, 2], [3, 4, 5, 6, 7, 8]]"], r"partition: labels \[9\] have no student"),
+        (["partition=[[0, 1, 2, 3, 4], [4, 5, 6, 7, 8, 9]]"], "label 4 is in lists 0 and 1"),
+        (["partition=[[0, 1, 2, 3, 4, 10], [5, 6, 7, 8, 9]]"], "label 10 is not a class label"),
+        (["num_students=11"], "num_students=11 must be between 1 and the number of class labels"),
+    ],
+)
+def test_bad_partitions_are_config_errors(tmp_path, overrides, match):
+    with pytest.raises(ConfigError, match=match):
+        msd(tmp_path, *overrides).setup()
+
+
+def test_bad_keys_and_objects(tmp_path):
+    with pytest.raises(ConfigError, match="partition has 2 lists but num_students is 3"):
+        msd(tmp_path, "num_students=3", "partition=[[0], [1, 2, 3, 4, 5, 6, 7, 8, 9]]")
+    with pytest.raises(ConfigError, match="fake_cond_dropout.*fake_score_per_student"):
+        msd(tmp_path, "fake_score_per_student=true", "fake_cond_dropout=0.1")
+    with pytest.raises(ConfigError, match="generator_mode must be 'full'"):
+        msd(tmp_path, "generator_mode=lora")
+    from stepdistill.trainers.msd import MSDConfig, MSDTrainer
+
+    with pytest.raises(ObjectError, match="generator: MSD builds its K students"):
+        MSDTrainer(MSDConfig(), generator=torch.nn.Linear(2, 2))
