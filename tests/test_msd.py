@@ -98,8 +98,9 @@ def test_only_the_routed_student_changes(tmp_path, per_student_fake):
 
 
 def test_export_reload_reproduces_trainer_samples_one_evaluation_per_image(tmp_path):
-    import stepdistill  # noqa: F401  (registers the pipeline classes)
     from diffusers import DiffusionPipeline
+
+    import stepdistill  # noqa: F401  (registers the pipeline classes)
 
     trainer = msd(tmp_path, "num_students=2", "max_steps=2", "partition=[[0, 2, 4, 6, 8], [1, 3, 5, 7, 9]]")
     trainer.train()
