@@ -27,6 +27,7 @@ STUDENTS = [
     ("SIM", "recipes/sim/digits.yaml"),
     ("VSD", "recipes/vsd/digits.yaml"),
     ("BOOT", "recipes/boot/digits.yaml"),
+    ("MSD", "recipes/msd/digits.yaml"),  # K = 2 routed students, same budget
 ]
 
 
