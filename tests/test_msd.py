@@ -38,6 +38,7 @@ def test_routing_sends_each_label_to_exactly_its_student(tmp_path):
     trainer = msd(tmp_path, "num_students=5")
     trainer.setup()
     assert trainer.partition() == [[0, 1], [2, 3], [4, 5], [6, 7], [8, 9]]
+    assert trainer.generator.prediction_type == trainer.student_prediction(trainer.gen_times)  # as a DMD2 student
     seen = {k: [] for k in range(5)}
     hooks = [
         s.register_forward_hook(

@@ -215,7 +215,8 @@ class MSDTrainer(DMD2Trainer):
     def make_generator(self, timesteps, *, sampler: str = "consistency", w_embedding_dim: int = 0) -> Generator:
         """The K students behind one routing table (overrides the single copy of the teacher)."""
         routed = RoutedUNet2DModel.from_students(self._student_nets(), self.routing())
-        return self.wrap_object(Generator, routed, timesteps=timesteps, sampler=sampler)
+        gen = self.wrap_object(Generator, routed, timesteps=timesteps, sampler=sampler)
+        return self.apply_student_prediction(gen, self.student_prediction(timesteps))  # as one DMD2 student
 
     def build(self):
         super().build()  # teacher, routed generator, a shared fake score, the GAN head

@@ -616,6 +616,11 @@ class StudentTrainer(DistillTrainer):
         )
         if self.teacher.offload_device is not None:  # copied from the host weights of an offloaded teacher
             gen.net.to(self.teacher.offload_device)
+        return self.apply_student_prediction(gen, pred)
+
+    def apply_student_prediction(self, gen: Generator, pred: str) -> Generator:
+        """Read ``gen``'s output as ``pred`` (:meth:`student_prediction`), anchored to the teacher over
+        ``student_prediction_warmup`` updates, when it differs from the teacher's type."""
         if pred != self.teacher.prediction_type:
             warmup = self.student_prediction_warmup()
             gen.reinterpret(self.teacher, pred, _AnchorRamp(self, warmup))
