@@ -15,7 +15,8 @@ marked unverified in shared/reference/seed_methods_2.md section 3):
   :class:`~stepdistill.trainers.dmd2.DMD2Trainer` code, unchanged) restricted to its rows; a student with no
   row in a batch is not called, gets no gradient and is not stepped (AdamW skips parameters without a
   gradient; in one process, not checked under DDP, whose reducer may hand it a zero gradient). Each student
-  sees about B |S_k| / C rows per step, as K separate runs of batch B |S_k| / C would, and the students share the generator update schedule (``dfake_gen_update_ratio``).
+  sees about B |S_k| / C rows per step, as K separate runs of batch B |S_k| / C would, and the students share
+  the generator update schedule (``dfake_gen_update_ratio``).
 * Fake score (``fake_score_per_student``): one fake score shared by all students (default; one teacher-size
   copy, conditioned on the label, the paper's cheaper variant) or one per student (K copies, each fitted only
   to its student's samples, routed like the generator; K times the fake-score memory). Per-student fake
