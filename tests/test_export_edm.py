@@ -16,7 +16,7 @@ import pytest
 import torch
 from diffusers import DiffusionPipeline
 from test_consistency import toy as toy_consistency
-from test_score_fidelity import TOY, _toy_edm_teacher, toy_dmd2
+from test_score_fidelity import EDM_SCHEDULER, TOY, _toy_edm_teacher, toy_dmd2
 from tiny_models import tiny_unet2d
 
 import stepdistill  # noqa: F401  (registers the pipeline classes)
@@ -24,16 +24,6 @@ from stepdistill.config import build_config
 from stepdistill.pipelines import StepDistillClassPipeline, StepDistillToyPipeline
 from stepdistill.trainers.dmd2 import DMD2Config, DMD2Trainer
 from stepdistill.trainers.sim import SIMConfig, SIMTrainer
-
-EDM_SCHEDULER = {
-    "_class_name": "EDMEulerScheduler",
-    "sigma_min": 0.002,
-    "sigma_max": 80.0,
-    "sigma_data": 0.5,
-    "rho": 7.0,
-    "num_train_timesteps": 1000,
-    "prediction_type": "epsilon",
-}
 
 
 def _karras_sigma(timestep, T=1000, sigma_min=0.002, sigma_max=80.0, rho=7.0):

@@ -357,6 +357,18 @@ def test_score_recipes_carry_the_official_values():
 # --------------------------------------------------------------------------------------------------------
 
 
+# an EDM-preconditioned teacher's scheduler (diffusers' EDMEulerScheduler with EDM's defaults)
+EDM_SCHEDULER = {
+    "_class_name": "EDMEulerScheduler",
+    "sigma_min": 0.002,
+    "sigma_max": 80.0,
+    "sigma_data": 0.5,
+    "rho": 7.0,
+    "num_train_timesteps": 1000,
+    "prediction_type": "epsilon",
+}
+
+
 def _toy_edm_teacher(toy_teacher, root):
     """The toy MLP behind a diffusers EDMEulerScheduler config: an EDM-preconditioned network (c_in-scaled
     input, c_noise time, output F with x0 = c_skip x + c_out F: what diffusers calls "epsilon" for EDM)."""
@@ -368,16 +380,7 @@ def _toy_edm_teacher(toy_teacher, root):
     if not folder.exists():
         shutil.copytree(os.path.join(toy_teacher, "unet"), folder / "unet")
         (folder / "scheduler").mkdir(parents=True)
-        cfg = {
-            "_class_name": "EDMEulerScheduler",
-            "sigma_min": 0.002,
-            "sigma_max": 80.0,
-            "sigma_data": 0.5,
-            "rho": 7.0,
-            "num_train_timesteps": 1000,
-            "prediction_type": "epsilon",
-        }
-        (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(cfg))
+        (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(EDM_SCHEDULER))
     return str(folder)
 
 
