@@ -51,98 +51,19 @@ if ROOT not in sys.path:
 from stepdistill.config import build_config  # noqa: E402
 from stepdistill.data import sliced_wasserstein  # noqa: E402
 from stepdistill.models import Teacher  # noqa: E402
+from stepdistill.models.analytic import GaussianMixture, ddpm_schedule, mixture_teacher, toy_mixture  # noqa: E402
 from stepdistill.models.toy import ToyMLP  # noqa: E402
 from stepdistill.sampling import sample  # noqa: E402
-from stepdistill.schedules import VPSchedule  # noqa: E402
-
-
-# --------------------------------------------------------------------------------------------------------
-# the mixture and its exact denoiser
-# --------------------------------------------------------------------------------------------------------
-class GaussianMixture:
-    """sum_k w_k N(mu_k, std^2 I) with the exact posterior mean of x0 given x_t = alpha x0 + sigma eps."""
-
-    def __init__(self, means: torch.Tensor, std: float, weights: torch.Tensor | None = None):
-        self.means = torch.as_tensor(means, dtype=torch.float64)
-        self.std = float(std)
-        k = len(self.means)
-        w = torch.full((k,), 1.0 / k, dtype=torch.float64) if weights is None else torch.as_tensor(weights)
-        self.weights = (w / w.sum()).to(torch.float64)
-
-    @property
-    def dim(self) -> int:
-        return self.means.shape[1]
-
-    def sample(self, n: int, generator: torch.Generator | None = None):
-        labels = torch.multinomial(self.weights, n, replacement=True, generator=generator)
-        x = self.means[labels] + self.std * torch.randn(n, self.dim, generator=generator, dtype=torch.float64)
-        return x.float(), labels
-
-    def posterior_mean(self, x_t: torch.Tensor, alpha: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-        """E[x0 | x_t] (float64) for per-sample alpha, sigma of shape (N,) or scalars; differentiable in x_t."""
-        x = x_t.double()
-        a = torch.as_tensor(alpha, dtype=torch.float64, device=x.device).reshape(-1, 1)
-        s = torch.as_tensor(sigma, dtype=torch.float64, device=x.device).reshape(-1, 1)
-        mu = self.means.to(x.device)
-        var = a * a * self.std**2 + s * s  # (N, 1): the variance of each component of x_t
-        diff = x[:, None, :] - a[:, None, :] * mu[None]  # (N, K, D)
-        logits = torch.log(self.weights.to(x.device))[None] - 0.5 * diff.square().sum(-1) / var
-        r = torch.softmax(logits, dim=1)  # (N, K)
-        gain = a * self.std**2 / var  # (N, 1)
-        comp = mu[None] + gain[:, None, :] * diff  # (N, K, D): E[x0 | x_t, k]
-        return (r[:, :, None] * comp).sum(1)
-
-    def assign(self, x: torch.Tensor) -> torch.Tensor:
-        """Index of the nearest mean of each sample."""
-        return torch.cdist(x.double(), self.means).argmin(1)
-
-    def off_mode(self, x: torch.Tensor) -> torch.Tensor:
-        """Samples farther from every mean than the 99.9% quantile of a component's own spread (chi-square with
-        D degrees of freedom, Wilson-Hilferty approximation)."""
-        d = self.dim
-        z = 3.0902  # the 99.9% normal quantile
-        q = d * (1 - 2 / (9 * d) + z * math.sqrt(2 / (9 * d))) ** 3
-        d2 = torch.cdist(x.double(), self.means).min(1).values.square() / self.std**2
-        return d2 > q
 
 
 def problem(name: str) -> GaussianMixture:
-    if name == "ring":
-        ang = torch.arange(8, dtype=torch.float64) * (2 * math.pi / 8)
-        return GaussianMixture(2.0 * torch.stack([ang.cos(), ang.sin()], 1), 0.1)
-    if name == "mix64":
-        g = torch.Generator().manual_seed(64)
-        return GaussianMixture(torch.randn(10, 64, generator=g, dtype=torch.float64), 0.2)
-    raise ValueError(f"unknown problem {name!r}; expected ring or mix64")
-
-
-def ddpm_schedule() -> VPSchedule:
-    """The DDPM linear schedule (1000 steps, beta 1e-4 .. 0.02): alpha at timestep 999 is 0.0064."""
-    return VPSchedule.from_config({"num_train_timesteps": 1000, "beta_schedule": "linear"})
-
-
-class MixtureDenoiser(torch.nn.Module):
-    """The exact teacher as a plain callable ``net(x_t, timestep, cond)``: the posterior mean, returned as
-    ``prediction_type`` ("x0" or "v"). No parameters."""
-
-    def __init__(self, mixture: GaussianMixture, schedule: VPSchedule, prediction_type: str = "v"):
-        super().__init__()
-        self.mixture, self.schedule, self.prediction_type = mixture, schedule, prediction_type
-
-    def forward(self, x_t, timestep, cond=None):
-        t = self.schedule.timestep_to_t(torch.as_tensor(timestep, dtype=torch.float64).cpu()).to(x_t.device)
-        t = t.expand(x_t.shape[0]) if t.ndim == 0 else t
-        a, s = self.schedule.alpha(t).to(x_t.device), self.schedule.sigma(t).to(x_t.device)
-        x0 = self.mixture.posterior_mean(x_t, a, s)
-        if self.prediction_type == "x0":
-            return x0.to(x_t.dtype)
-        eps = (x_t.double() - a[:, None] * x0) / s[:, None]
-        return (a[:, None] * eps - s[:, None] * x0).to(x_t.dtype)
+    if name not in ("ring", "mix64"):
+        raise ValueError(f"unknown problem {name!r}; expected ring or mix64")
+    return toy_mixture(name)
 
 
 def exact_teacher(mixture: GaussianMixture, prediction_type: str = "v") -> Teacher:
-    sched = ddpm_schedule()
-    return Teacher(MixtureDenoiser(mixture, sched, prediction_type), sched, prediction_type)
+    return mixture_teacher(mixture, ddpm_schedule(), prediction_type)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -153,14 +74,7 @@ def sw(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def mode_stats(mixture: GaussianMixture, x: torch.Tensor) -> dict:
-    """min over modes of (share / true share), the per-mode shares, and the off-mode fraction."""
-    counts = torch.bincount(mixture.assign(x), minlength=len(mixture.means)).double()
-    share = counts / len(x)
-    return {
-        "min_share": float((share / mixture.weights).min()),
-        "shares": [round(float(v), 4) for v in share],
-        "off_mode": float(mixture.off_mode(x).double().mean()),
-    }
+    return mixture.mode_stats(x)
 
 
 @torch.no_grad()
