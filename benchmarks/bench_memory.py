@@ -40,6 +40,7 @@ ROOT = os.path.dirname(HERE)
 METHODS = ("dmd2", "sim", "vsd", "progressive", "consistency")
 CAPTIONS = ["a cat", "a dog", "the cat", "a red dog", "a cat and a dog", "the red cat", "a dog of the cat", "red"]
 SIDE = 16  # latent side; the VAE halves: 32 px images
+GUIDED = {"guided": True, "w_embedding_dim": 32, "teacher_cond_dropout": 0.1}
 
 
 def rows(cuda: bool) -> list[tuple[str, str, dict]]:
@@ -47,6 +48,8 @@ def rows(cuda: bool) -> list[tuple[str, str, dict]]:
 
     methods = [m for m in METHODS if m in trainer_classes()]
     out = [(m, mode, {}) for m in methods for mode in ("full", "lora")]
+    if "progressive" in methods:  # guided stage one (LoRA-enhanced guided distillation: w-projection + LoRA)
+        out += [("progressive", mode, GUIDED) for mode in ("full", "lora")]
     for m in ("dmd2", "sim"):
         if m in methods:
             out += [(m, "full", {"gradient_checkpointing": True}), (m, "full", {"teacher_dtype": "bf16"})]
@@ -136,6 +139,8 @@ def config_for(method: str, mode: str, options: dict, assets: dict, steps: int, 
         data.update(fake_score_mode=mode, dfake_gen_update_ratio=1, real_guidance_scale=2.0)
     elif method == "progressive":
         data.update(start_steps=4, final_steps=2, steps_per_round=steps, max_steps=0)
+        if options.get("guided"):  # stage one's updates, then the round
+            data.update(guided_steps=steps)
     elif method == "consistency":
         data.update(mode="lcm", num_ddim_timesteps=50, w_min=2.0, w_max=4.0)
     data.update(options)
@@ -215,9 +220,9 @@ def table(results, batch, steps, cuda, device) -> list[str]:
         f"fake-score step MB | vs full (larger step) | {peak} |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    full = {m: r for (m, mode, o), r in results if mode == "full" and not o}
+    full = {(m, _options(o)): r for (m, mode, o), r in results if mode == "full"}
     for (m, mode, o), r in results:
-        base = full[m]
+        base = full[(m, _options(o) if o.get("guided") else "-")]  # guided rows: vs guided full
 
         def step(r):
             return max(r["saved_mb"].values())

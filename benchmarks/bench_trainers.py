@@ -29,6 +29,8 @@ ROWS = [
     ("vsd", "full", "lora"),
     ("progressive", "full", "-"),
     ("progressive", "lora", "-"),
+    ("progressive_guided", "full", "-"),
+    ("progressive_guided", "lora", "-"),
     ("sdxl_twin", "lcm_lora", "-"),
     ("sdxl_twin", "dmd2", "full"),
     ("sdxl_twin", "dmd2_shared", "full"),
@@ -45,6 +47,8 @@ MINIMUM = {
     ("vsd", "full", "lora"): _DMD_FAMILY,
     ("progressive", "full", "-"): "round teacher 2 x B (two DDIM steps); generator 1 x B",
     ("progressive", "lora", "-"): "round teacher 2 x B (two DDIM steps); generator 1 x B",
+    ("progressive_guided", "full", "-"): "stage one: teacher 1 x 2B (CFG); generator 1 x B (w as an input)",
+    ("progressive_guided", "lora", "-"): "stage one: teacher 1 x 2B (CFG); generator 1 x B (w as an input)",
     ("sdxl_twin", "lcm_lora", "-"): "generator 1 x B; teacher 1 x 2B (CFG); target (the LoRA net, no grad) 1 x B",
     ("sdxl_twin", "dmd2", "full"): "generator 1 x B + k x B no grad (backward simulation, k uniform in 0..3: "
     "1.5 on average); teacher 1 x 2B (CFG 8); fake 1 x B (DM, no grad) + 1 x B (DSM) + 2 to the GAN layer "
@@ -158,6 +162,10 @@ def _make(method, gen, fake, steps, batch, fixtures):
     recipe = os.path.join(here, "..", "recipes", method, "digits.yaml")
     if method == "progressive":  # one round of `steps` updates (64 -> 32 steps), no per-round export
         per_method = ["start_steps=64", "final_steps=32", f"steps_per_round={steps}", "save_rounds=false"]
+    elif method == "progressive_guided":  # `steps` stage-one updates, then one update of a 64 -> 32 round
+        recipe = os.path.join(here, "..", "recipes", "progressive", "digits_guided.yaml")
+        per_method = ["start_steps=64", "final_steps=32", f"guided_steps={steps}", "steps_per_round=1",
+                      "save_rounds=false"]  # fmt: skip
     else:
         per_method = [f"fake_score_mode={fake}", f"max_steps={steps}", "dfake_gen_update_ratio=1"]
     overrides = [
@@ -199,11 +207,13 @@ def child(method: str, gen: str, fake: str, steps: int, batch: int, fixtures=Non
     trainer.on_step_end = stamp
     saved = count_saved_bytes(trainer)  # the generator step's activation memory
     trainer.train()
+    if method == "progressive_guided":  # stage one's iterations only (the last one is the round's)
+        times, cpu, snapshots = times[:-1], cpu[:-1], snapshots[:-1]
     per_iter = (times[-1] - times[1]) / (len(times) - 2)  # skip the first (warm-up) iterations
     n = len(cpu) - 2
     evals = {
         k: [(v[0] - snapshots[1].get(k, [0, 0])[0]) / n, (v[1] - snapshots[1].get(k, [0, 0])[1]) / n]
-        for k, v in counts.items()
+        for k, v in snapshots[-1].items()
     }
     peak = (
         torch.cuda.max_memory_allocated() / 2**20 if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

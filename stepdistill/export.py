@@ -417,7 +417,15 @@ def export_generator(trainer, path: str) -> str:
     pipe.save_pretrained(tmp, safe_serialization=True)
     lora_call = ""
     lora = getattr(trainer.generator, "adapter_name", None) is not None
-    if lora:
+    if lora and getattr(trainer.generator, "w_conditioned", False):
+        import warnings
+
+        warnings.warn(
+            "generator_mode='lora' with a guidance-scale input (guided distillation): the LoRA is exported fused "
+            "into unet/ only; no lora/ file is written, as the teacher it would load onto has no w-projection",
+            stacklevel=2,
+        )
+    elif lora:
         if getattr(pipe, "_stock_class", None) is None:
             import warnings
 

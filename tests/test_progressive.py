@@ -261,6 +261,58 @@ def test_guided_student_costs_one_evaluation_and_follows_w(tmp_path):
     assert "GuidedUNet2DModel" in card and "DDIMScheduler" in card
 
 
+def test_guided_lora_one_base_projection_then_w_conditioned_rounds(tmp_path):
+    """Guided + LoRA (LoRA-enhanced guided distillation): one copy of the weights; the student starts as the
+    teacher's conditional branch; stage one trains the adapter and the zero-initialised w-projection while the
+    teacher runs CFG on the base (doubled batch, no guidance input); the rounds read the folded base as a
+    w-conditioned teacher (one evaluation of the batch per teacher step) and leave the projection frozen; the
+    export is a GuidedUNet2DModel pipeline whose sampler reproduces the trainer's."""
+    trainer = _trainer(tmp_path, guided=True, guided_steps=2, w_min=1.0, w_max=5.0, w_embedding_dim=32,
+                       guidance_scale=2.0, generator_mode="lora", lora_rank=4, lora_alpha=4.0)  # fmt: skip
+    trainer.setup()
+    net = trainer.generator.net
+    assert trainer.teacher.net is net and type(net).__name__ == "GuidedUNet2DModel"
+    assert trainer.generator.w_conditioned and not trainer.teacher.w_conditioned
+    proj = net.time_embedding.cond_proj.weight
+    assert float(proj.detach().abs().max()) == 0 and any(p is proj for p in trainer.generator_params())
+    x = torch.randn(4, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+    t = torch.full((4,), 0.6, dtype=torch.float64)
+    cond = trainer.conditioner(torch.tensor([1, 2, 3, 4]))
+    teacher_cfg = trainer.teacher.raw(x, t, cond, 3.0)
+    torch.testing.assert_close(trainer.generator.raw(x, t, cond, 3.0), trainer.teacher.raw(x, t, cond))
+
+    calls, snaps = [], {}
+    net.register_forward_hook(lambda m, a, kw, o: calls.append((trainer.global_step, a[0].shape[0],
+                                                                 kw.get("timestep_cond") is not None)),
+                              with_kwargs=True)  # fmt: skip
+    end = trainer.on_step_end
+
+    def snapshot(step):
+        snaps[step] = proj.detach().clone()
+        if step == 1:  # stage one is over, before the fold: the teacher's CFG output is unchanged
+            torch.testing.assert_close(trainer.teacher.raw(x, t, cond, 3.0), teacher_cfg)
+        end(step)
+
+    trainer.on_step_end = snapshot
+    trainer.train()
+    assert not torch.equal(snaps[1], torch.zeros_like(snaps[1]))  # the projection trained in stage one
+    assert torch.equal(snaps[3], snaps[1]) and not proj.requires_grad  # and is frozen in the rounds
+    stage_one = [c for c in calls if c[0] < 2 and not c[2]]  # teacher calls: CFG, doubled batch
+    assert stage_one and all(b == 2 * 4 for _, b, _ in stage_one)
+    rounds = [c for c in calls if c[0] >= 2]  # teacher DDIM steps and the student: batch of 4, w as input
+    assert len(rounds) == 3 * 2 and all(b == 4 and w for _, b, w in rounds)
+
+    path = trainer.export()
+    pipe = DiffusionPipeline.from_pretrained(path)
+    assert type(pipe.unet).__name__ == "GuidedUNet2DModel" and pipe.config.trained_timesteps == [999, 499]
+    labels = torch.tensor([3, 5])
+    noise = torch.randn(2, 1, 16, 16, generator=torch.Generator().manual_seed(1))
+    ours = trainer.generator.sample(noise, trainer.conditioner(labels), guidance_scale=2.0)
+    got = pipe(class_labels=[3, 5], guidance_scale=2.0, generator=torch.Generator().manual_seed(1), output_type="pt")
+    got = got.images
+    torch.testing.assert_close(got, (ours / 2 + 0.5).clamp(0, 1), atol=1e-4, rtol=1e-4)
+
+
 def test_stock_ddim_call_reproduces_the_student_sampler(tmp_path):
     trainer = _trainer(tmp_path)
     trainer.train()
@@ -329,8 +381,6 @@ def test_bad_input(tmp_path, toy_teacher):
         _trainer(tmp_path, guided=True, guided_steps=0)
     with pytest.raises(ConfigError, match="max_steps=7"):
         _trainer(tmp_path, max_steps=7)
-    with pytest.raises(ConfigError, match="generator_mode=lora"):
-        _trainer(tmp_path, guided=True, guided_steps=1, generator_mode="lora")
     # a teacher without an unconditional branch cannot be guided at all
     with pytest.raises(ConfigError, match="unconditional branch"):
         _trainer(tmp_path, teacher=toy_teacher, dataset="toy2d:gmm8", guided=True, guided_steps=1).setup()

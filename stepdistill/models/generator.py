@@ -38,6 +38,14 @@ def with_guidance_embedding(net, dim: int):
     raise ValueError(f"a guidance-scale embedding is supported for UNet2DModel and UNet2DConditionModel, not {name}")
 
 
+def guidance_projection_params(net) -> list:
+    """The parameters of a w-conditioned network's guidance projection (``time_embedding.cond_proj``; none for
+    a network without one)."""
+    emb = getattr(_unwrap(net), "time_embedding", None)
+    proj = getattr(emb, "cond_proj", None)
+    return list(proj.parameters()) if proj is not None else []
+
+
 class TeacherAnchor:
     """A network initialised from a teacher's weights whose output is read as another prediction type,
     exactly: ``raw = net(x_t, t) + w * (convert(teacher(x_t, t), T -> P) - teacher(x_t, t))``
@@ -135,13 +143,10 @@ class Generator(TeacherAnchor, Denoiser):
         """Initialise the student from the teacher's weights: a full trainable copy, or a LoRA adapter on
         the teacher's network (the teacher then runs with adapters off). ``w_embedding_dim > 0`` gives a full
         student a guidance-scale input (``time_cond_proj_dim``; the new projection starts at zero, so the
-        student starts as the teacher)."""
-        if w_embedding_dim and mode != "full":
-            raise ValueError(
-                "a guidance-scale embedding (w_embedding_dim > 0) needs new weights (a time_cond_proj_dim "
-                "projection) that a LoRA on the frozen base cannot add; use generator_mode 'full', or no "
-                "w-embedding (LCM-LoRA distils a fixed guidance range into the LoRA instead)"
-            )
+        student starts as the teacher). With a LoRA student the projection is added to the shared base (the
+        teacher's net is replaced by its w-conditioned version, which the teacher runs without the guidance
+        input, i.e. as before) and trains as a full parameter beside the adapter
+        (:func:`guidance_projection_params`; LoRA-enhanced guided distillation)."""
         if mode == "full":
             net = copy.deepcopy(_unwrap(teacher.net))
             if w_embedding_dim and teacher.w_embedding_dim != w_embedding_dim:
@@ -158,7 +163,12 @@ class Generator(TeacherAnchor, Denoiser):
         if mode != "lora":
             raise ValueError(f"generator mode must be 'full' or 'lora', got {mode!r}")
         net = _unwrap(teacher.net)
+        if w_embedding_dim and teacher.w_embedding_dim != w_embedding_dim:
+            net = with_guidance_embedding(net, w_embedding_dim).eval().requires_grad_(False)
+            teacher.replace_net(net)  # one copy of the weights: the teacher never passes the guidance input
         add_lora(net, lora_rank, lora_alpha, adapter_name=adapter_name, target_modules=target_modules)
+        for p in guidance_projection_params(net):
+            p.requires_grad_(True)
         teacher.shares_base = True
         gen = cls(
             net,

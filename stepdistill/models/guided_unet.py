@@ -6,6 +6,8 @@ subclass adds the same mechanism: ``timestep_cond`` (the sinusoidal embedding of
 :func:`stepdistill.guidance.guidance_scale_embedding`) is projected by a bias-free linear layer onto the
 sinusoidal time features before the time MLP, as ``TimestepEmbedding(cond_proj_dim=...)`` does. The
 projection starts at zero, so a student made from a teacher's weights starts as that teacher exactly.
+Without ``timestep_cond`` the projection is skipped: the network is its base UNet2DModel (how a frozen teacher
+that shares these weights with a guided LoRA student runs).
 """
 
 from __future__ import annotations
@@ -58,11 +60,8 @@ class GuidedUNet2DModel(UNet2DModel):
         return model if model.dtype == unet.dtype else model.to(unet.dtype)
 
     def forward(self, sample, timestep, class_labels=None, timestep_cond=None, return_dict: bool = True):
-        if timestep_cond is None:
-            raise ValueError(
-                "GuidedUNet2DModel needs timestep_cond: guidance_scale_embedding(guidance_scale - 1, "
-                f"{self.config.time_cond_proj_dim})"
-            )
+        if timestep_cond is None:  # no guidance input: the base UNet2DModel (a teacher sharing these weights)
+            return super().forward(sample, timestep, class_labels=class_labels, return_dict=return_dict)
         cond = timestep_cond.to(device=sample.device, dtype=self.dtype)
         if cond.shape != (sample.shape[0], self.config.time_cond_proj_dim):
             raise ValueError(

@@ -12,7 +12,7 @@ import torch
 from ..guidance import CFG_UNCOND
 from ..schedules import NoiseSchedule
 from .adapters import adapters_disabled
-from .denoiser import Denoiser, _unwrap
+from .denoiser import Denoiser, _unwrap, network_call
 from .loading import load_network
 
 
@@ -70,6 +70,12 @@ class Teacher(Denoiser):
         if not shares_base and isinstance(net, torch.nn.Module):
             net.eval()
             net.requires_grad_(False)
+
+    def replace_net(self, net) -> None:
+        """Run ``net`` from now on (e.g. the shared base after a w-projection was added to it for a guided LoRA
+        student); the teacher's prediction type, schedule and options stay."""
+        self.net = net
+        self._call = network_call(net)
 
     @classmethod
     def from_pretrained(cls, path: str, subfolder: str | None = None, *, torch_dtype=None, **kw) -> "Teacher":

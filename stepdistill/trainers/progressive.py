@@ -16,6 +16,11 @@ evaluation per step instead of two.
 
 LoRA (Golnari 2023, LoRA-enhanced distillation): each round trains a LoRA on the frozen base (the teacher
 is the base with the adapter off: no second copy of the weights), folded into the base when the round ends.
+Guided + LoRA: the paper has no code and does not say how w enters the student; here the w-embedding
+projection (``time_embedding.cond_proj``, zero at the start) is added to the shared base and trained as a full
+parameter beside the LoRA in stage one (the teacher runs the base without the guidance input, as before). Stage
+one's LoRA is then folded into the base and the projection frozen: from then on the base with its projection is
+the rounds' w-conditioned teacher (one evaluation per step), and each round trains a fresh LoRA only.
 
 Example::
 
@@ -36,6 +41,7 @@ from ..config import ConfigError
 from ..models import Teacher
 from ..models.adapters import fold_lora_into_base
 from ..models.denoiser import _unwrap
+from ..models.generator import guidance_projection_params
 from ..schedules import _bcast
 from . import randomness as rnd
 from .base import NetSpec
@@ -148,11 +154,6 @@ class ProgressiveConfig(StudentConfig):
                 raise ConfigError(f"guided=true needs guided_steps >= 1 (stage-one updates), got {self.guided_steps}")
             if not self.w_min <= self.w_max:
                 raise ConfigError(f"need w_min <= w_max, got w_min={self.w_min}, w_max={self.w_max}")
-            if self.generator_mode == "lora":
-                raise ConfigError(
-                    "guided=true with generator_mode=lora: the guidance embedding is a new weight "
-                    "(time_cond_proj_dim) that a LoRA on the frozen base cannot add; use generator_mode: full"
-                )
         elif self.guided_steps:
             raise ConfigError(f"guided_steps={self.guided_steps} is set but guided is false")
         total = (self.guided_steps if self.guided else 0) + self.rounds * self.steps_per_round
@@ -203,6 +204,11 @@ class ProgressiveTrainer(StudentTrainer):
         self._stage = None
         self._enter_stage(self.stage_at(0))
 
+    @property
+    def find_unused_parameters(self) -> bool:
+        """Guided + LoRA: the w-projection stops training after stage one (DDP must not wait for its grads)."""
+        return self.config.guided and self.config.generator_mode == "lora"
+
     def prediction_warmup_limit(self) -> int:
         """The first stage ends by replacing the teacher (a copy of the student, or the LoRA folded into the
         base): the generator's teacher term must be gone by then."""
@@ -248,9 +254,11 @@ class ProgressiveTrainer(StudentTrainer):
             return self._own_round_teacher
         teacher = self.teacher
         if self._read_as_student and teacher is not None:
-            if teacher.prediction_type != self.generator.prediction_type:
+            w_dim = self.generator.w_embedding_dim
+            if teacher.prediction_type != self.generator.prediction_type or teacher.w_embedding_dim != w_dim:
                 teacher = copy.copy(teacher)  # the same shared base, read as the student's type
                 teacher.prediction_type = self.generator.prediction_type
+                teacher.w_embedding_dim = w_dim  # guided: the base now takes w as an input (one evaluation)
         return teacher
 
     @round_teacher.setter
@@ -278,7 +286,20 @@ class ProgressiveTrainer(StudentTrainer):
         self.generator.timesteps = self.schedule.timesteps(n, "trailing")
         if self.config.generator_mode == "lora" and stage[0] == "round":
             self.round_teacher = None
-            self._read_as_student = stage[1] > 0
+            self._read_as_student = stage[1] > 0 or self.config.guided  # guided: stage one's student is folded in
+        if self.config.generator_mode == "lora" and self.config.guided:
+            self._train_projection(stage[0] == "guided")
+
+    def _train_projection(self, on: bool):
+        """Guided + LoRA: the w-projection trains in stage one and is frozen in the rounds (part of their
+        teacher): off, it leaves the generator's trained parameters, which the loop's phases switch on."""
+        proj = guidance_projection_params(self.generator.net)
+        for p in proj:
+            p.requires_grad_(on)
+        params = getattr(self, "params", {}).get("generator")
+        if params is not None:
+            ids = {id(p) for p in proj}
+            self.params["generator"] = [p for p in params if id(p) not in ids] + (proj if on else [])
 
     def lr_factor(self, name, step):
         c = self.config

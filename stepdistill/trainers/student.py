@@ -23,6 +23,7 @@ from ..data.validate import check_dataset_fits_teacher, dataset_kind
 from ..models import Generator, Teacher
 from ..models.conditioning import ClassConditioner, Cond, TextConditioner
 from ..models.denoiser import Denoiser, _unwrap
+from ..models.generator import guidance_projection_params
 from ..models.loading import looks_like_hub_id, resolve_model_path
 from .base import DistillTrainer, TrainConfig
 
@@ -669,7 +670,9 @@ class StudentTrainer(DistillTrainer):
     def generator_params(self):
         if self.config.generator_mode == "full":
             return [p for p in self.generator.net.parameters() if p.requires_grad]
-        return _adapter_params(self.generator)
+        # a w-conditioned LoRA student (guided progressive) also trains the guidance projection of its base
+        proj = [p for p in guidance_projection_params(self.generator.net) if p.requires_grad]
+        return _adapter_params(self.generator) + proj
 
     def train_dataset(self):
         return self.dataset
