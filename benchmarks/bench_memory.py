@@ -244,6 +244,7 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=2, help="iterations per configuration")
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--jobs", type=int, default=0, help="configurations run at once (0: 2 on CPU, 1 on CUDA)")
+    p.add_argument("--methods", default="", help="comma-separated methods to run (default: every one)")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
@@ -278,7 +279,8 @@ def main(argv=None):
             return row, result
 
         with ThreadPoolExecutor(jobs) as pool:
-            results = list(pool.map(lambda a: run(*a), enumerate(rows(cuda))))
+            wanted = [r for r in rows(cuda) if not args.methods or r[0] in args.methods.split(",")]
+            results = list(pool.map(lambda a: run(*a), enumerate(wanted)))
     print(f"{len(results)} configurations in {time.time() - start:.0f} s ({jobs} at a time)")
     lines = table(results, args.batch, args.steps, cuda, device)
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)

@@ -8,6 +8,10 @@
 
     python benchmarks/bench_progressive.py --run outputs/progressive_digits \
         --guided-run outputs/progressive_digits_guided --out outputs/bench/progressive.md
+
+3. With ``--guided-lora-run``: the guided full and guided LoRA students (LoRA-enhanced guided distillation) side by
+   side, each against the CFG teacher at w = 2 and 4 and against the test digits (``--steps`` with no value skips
+   part 1).
 """
 
 from __future__ import annotations
@@ -51,6 +55,29 @@ def evals_per_sample_step(model: Teacher, steps: int, w: float, n: int = 10) -> 
     return counter.samples / (n * steps)
 
 
+def full_vs_lora(teacher, metric, runs: dict, k: int, n: int) -> list[str]:
+    """FD-digits of each guided run's k-step student vs the CFG teacher (50 steps, same w and labels) and vs the
+    test digits, at w = 2 and 4."""
+    students = {}
+    for label, run in runs.items():
+        found = _rounds(run)
+        if k not in found:
+            return ["", f"(no {k}-step round export in {run})"]
+        students[label] = Teacher.from_pretrained(found[k])
+    head = " | ".join(f"guided {lb} vs CFG teacher | guided {lb} vs test digits" for lb in students)
+    lines = ["", f"Guided distillation, full vs LoRA, {k}-step students (FD-digits, lower is better):", "",
+             f"| w | {head} |", "|---" * (1 + 2 * len(students)) + "|"]  # fmt: skip
+    for w in (2.0, 4.0):
+        ref = FDDigits(reference=sample_digits(teacher, n, 50, guidance_scale=w, seed=1))
+        cells = []
+        for student in students.values():
+            x = sample_digits(student, n, k, guidance_scale=w)
+            cells += [f"{ref.score(x):.2f}", f"{metric.score(x):.2f}"]
+        lines.append(f"| {w:g} | " + " | ".join(cells) + " |")
+        print(lines[-1], flush=True)
+    return lines
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--run", default="outputs/progressive_digits")
@@ -58,6 +85,7 @@ def main(argv=None):
     p.add_argument("--num-samples", type=int, default=1000)
     p.add_argument("--steps", type=int, nargs="*", default=[8, 4, 2, 1])
     p.add_argument("--guided-steps", type=int, default=4, help="step count of the guided student compared")
+    p.add_argument("--guided-lora-run", default="", help="a guided LoRA run compared with --guided-run")
     p.add_argument("--out", default="outputs/bench/progressive.md")
     a = p.parse_args(argv)
     torch.manual_seed(0)
@@ -107,6 +135,8 @@ def main(argv=None):
                 f"| {w:g} | {ref.score(xg):.2f} | {ref.score(xp):.2f} | {e_g:g} | {e_t:g} | {metric.score(xg):.2f} |"
             )
             print(lines[-1], flush=True)
+    if a.guided_lora_run:
+        lines += full_vs_lora(teacher, metric, {"full": a.guided_run, "LoRA": a.guided_lora_run}, k, n)
     text = "\n".join(lines) + "\n"
     print(text)
     os.makedirs(os.path.dirname(a.out) or ".", exist_ok=True)

@@ -332,7 +332,8 @@ def test_stock_ddim_call_reproduces_the_student_sampler(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------- tiny SD
-def test_tiny_sd_round_and_export(tmp_path):
+@pytest.mark.parametrize("mode", ["full", "lora"])
+def test_tiny_sd_round_and_export(tmp_path, mode):
     teacher = save_tiny_pipeline(tiny_sd_components(tmp_path / "src"), StableDiffusionPipeline, tmp_path / "sd")
     images = tmp_path / "images"
     images.mkdir()
@@ -350,6 +351,7 @@ def test_tiny_sd_round_and_export(tmp_path):
         guided_steps=1,
         w_embedding_dim=32,
         teacher_cond_dropout=0.1,
+        **(dict(generator_mode="lora", lora_rank=4, lora_alpha=4.0) if mode == "lora" else {}),
     )
     trainer.train()
     assert trainer.generator.prediction_type == "v"  # eps teacher -> v-prediction student
@@ -358,6 +360,7 @@ def test_tiny_sd_round_and_export(tmp_path):
         sc = json.load(f)
     assert sc["prediction_type"] == "v_prediction" and sc["timestep_spacing"] == "trailing"
     assert json.load(open(os.path.join(path, "unet", "config.json")))["time_cond_proj_dim"] == 32
+    assert not os.path.exists(os.path.join(path, "lora"))  # a teacher + lora/ would have no w-projection
     pipe = DiffusionPipeline.from_pretrained(path)
     out = pipe("a cat", generator=torch.Generator().manual_seed(0), output_type="np")
     assert out.images.shape == (1, 16, 16, 3) and np.isfinite(out.images).all()
