@@ -13,6 +13,7 @@ METHODS = {
     "dmd2": ("stepdistill.trainers.dmd2", "DMD2Trainer", "distribution matching distillation (DMD2)"),
     "sim": ("stepdistill.trainers.sim", "SIMTrainer", "score implicit matching (SIM; SiD's loss)"),
     "vsd": ("stepdistill.trainers.vsd", "VSDTrainer", "variational score distillation (SwiftBrush)"),
+    "disback": ("stepdistill.trainers.disback", "DisBackTrainer", "distribution backtracking on DMD2 / SIM / VSD"),
     "boot": ("stepdistill.trainers.boot", "BOOTTrainer", "data-free distillation by bootstrapping (BOOT)"),
     "msd": ("stepdistill.trainers.msd", "MSDTrainer", "multi-student distillation: K routed DMD2 students"),
     "progressive": ("stepdistill.trainers.progressive", "ProgressiveTrainer", "progressive / guided distillation"),

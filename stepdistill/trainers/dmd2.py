@@ -122,6 +122,9 @@ class DMD2Config(StudentConfig):
         Unlike ``resume``, these load weights only: the teacher stays the one named by ``teacher`` (the real
         score), networks the checkpoint lacks (the GAN head) start fresh, and so do the step counter, the
         optimisers and the LR warm-up. ``resume`` of the new run's own checkpoints still works with them set.
+    real_score (`str`, `""`: the teacher): distil against these frozen weights instead of the teacher's (a
+        .safetensors file, a checkpoint folder's fake score, a diffusers model folder): loaded strictly into a
+        copy of the teacher's network, with ``teacher_dtype`` / ``teacher_offload`` (stepdistill/models/frozen.py).
     > Optimisation (DMD2: AdamW wd 0.01, clip 10, 500 warm-up steps)
     generator_lr / fake_lr (`float`, `0`: use learning_rate).
     """
@@ -157,6 +160,7 @@ class DMD2Config(StudentConfig):
     ema_rampup_ratio: float = 0.05
     init_generator: str = ""
     init_fake_score: str = ""
+    real_score: str = ""
     generator_lr: float = 0.0
     fake_lr: float = 0.0
     weight_decay: float = 0.01
@@ -206,6 +210,8 @@ class DMD2Config(StudentConfig):
         ts = self.denoising_timesteps
         if ts and (any(b >= a for a, b in zip(ts, ts[1:])) or min(ts) < 0):
             raise ConfigError(f"denoising_timesteps must be decreasing non-negative integers, got {ts}")
+        if self.real_score and not os.path.exists(self.real_score):
+            raise ConfigError(f"real_score: {self.real_score!r} does not exist")
         for key in ("init_generator", "init_fake_score"):
             path = getattr(self, key)
             if path and not os.path.isdir(path):
@@ -457,6 +463,8 @@ class DMD2Trainer(StudentTrainer):
                 self.head = self._build_head(device)
             except ValueError as e:  # a fake score without a bottleneck (a fake_score object of one's own)
                 raise ConfigError(f"gan_generator_weight > 0: {e}; set gan_generator_weight: 0") from None
+        if c.real_score:
+            self.swap_real_score(c.real_score)
         self._pairs = None  # (teacher, pairs): made from the current teacher at first use (see ``pairs``)
         self._cache = None
 
@@ -631,7 +639,7 @@ class DMD2Trainer(StudentTrainer):
         c = self.config
         if resolve_backend(None, x) == "triton":  # CUDA: CFG'd teacher + fake -> x0 -> g in two fused passes
             with torch.no_grad():
-                real = self.teacher.raw(x_t, t, cond, c.real_guidance_scale)
+                real = self.real_score.raw(x_t, t, cond, c.real_guidance_scale)
                 if fake is None:
                     fake = self.fake.raw(x_t, t, cond, c.fake_guidance_scale)
             a, s = step_coefficients(self.schedule, t, x.device)
@@ -642,12 +650,12 @@ class DMD2Trainer(StudentTrainer):
                 fake,
                 a,
                 s,
-                real_pred_type=self.teacher.prediction_type,
+                real_pred_type=self.real_score.prediction_type,
                 fake_pred_type=self.fake.prediction_type,
             )
             return distribution_matching_loss(x, g)
         with torch.no_grad():
-            x0_real = self.teacher.predict(
+            x0_real = self.real_score.predict(
                 x_t, t, cond, target="x0", guidance_scale=c.real_guidance_scale, float64=True
             )
             if fake is None:

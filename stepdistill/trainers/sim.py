@@ -123,7 +123,8 @@ class SIMTrainer(DMD2Trainer):
         c = self.config
         t = self.draw_t(x.shape[0], c.min_step_percent, c.max_step_percent, x.device)
         x_t = self.schedule.add_noise(x, rnd.randn_like(x), t)  # no detach: gradients reach x through x_t
-        d_real = self.teacher.predict_with_input_grad(x_t, t, cond, target="x0", guidance_scale=c.real_guidance_scale)
+        w = c.real_guidance_scale
+        d_real = self.real_score.predict_with_input_grad(x_t, t, cond, target="x0", guidance_scale=w)
         # fake-score weights are frozen in this group; SiD-LSG reads it with its own CFG (kappa2 = kappa3)
         d_fake = self.fake.predict(x_t, t, cond, target="x0", guidance_scale=c.fake_guidance_scale)
         if c.distance == "pseudo_huber":

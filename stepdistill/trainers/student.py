@@ -517,6 +517,9 @@ class StudentTrainer(DistillTrainer):
                     enable_gradient_checkpointing(net, teacher.resident if teacher.offload_device is not None else None)
         if c.teacher_dtype != "fp32" and getattr(self, "teacher", None) is not None:
             self.teacher.cast_weights(TEACHER_DTYPES[c.teacher_dtype])
+            slot = self.__dict__.get("_real_slot")
+            if slot is not None and slot.score is not None:  # a real score swapped in before this cast
+                slot.score.cast_weights(TEACHER_DTYPES[c.teacher_dtype])
 
     def timesteps_to_t(self, timesteps, key: str) -> torch.Tensor:
         """Integer teacher timesteps (a config list named ``key``) -> continuous times, range-checked
@@ -688,6 +691,31 @@ class StudentTrainer(DistillTrainer):
         if key == "label":
             return self.conditioner(values.to(self.accelerator.device))
         return self.conditioner(values).to(self.accelerator.device)  # cached embeddings may live on the CPU
+
+    # ---------------------------------------------------------------- the real score (stepdistill/models/frozen.py)
+    @property
+    def real_score(self):
+        """The frozen score the score-distillation losses read as the real one: the teacher, unless
+        :meth:`swap_real_score` replaced it."""
+        slot = self.__dict__.get("_real_slot")
+        return slot.score if slot is not None and slot.active else self.teacher
+
+    def swap_real_score(self, source, like: str = "teacher", key: str = "real_score") -> None:
+        """Replace the real score by ``source`` (a weights path or state dict, loaded strictly into a frozen copy
+        of network ``like``: "teacher" or a trainer attribute such as "fake"; None: the teacher again). Recorded
+        in checkpoints (:meth:`extra_state`)."""
+        from ..models.frozen import RealScoreSlot
+
+        self.__dict__.setdefault("_real_slot", RealScoreSlot()).swap(self, source, like, key)
+
+    def extra_state(self):
+        slot = self.__dict__.get("_real_slot")
+        return slot.state() if slot is not None else ({}, {})
+
+    def load_extra_state(self, tensors, meta):
+        if meta.get("real_score") or "_real_slot" in self.__dict__:
+            self.swap_real_score(None)  # the slot exists from here on
+            self.__dict__["_real_slot"].restore(self, tensors, meta)
 
     # ---------------------------------------------------------------- samples and export
     def export_timesteps(self) -> list:

@@ -86,7 +86,7 @@ class VSDTrainer(DMD2Trainer):
         t = self.draw_t(x.shape[0], c.min_step_percent, c.max_step_percent, x.device)
         x_t = self.schedule.add_noise(x.detach(), rnd.randn_like(x), t)
         w = c.real_guidance_scale
-        eps_real = self.teacher.predict(x_t, t, cond, target="eps", guidance_scale=w, float64=True)
+        eps_real = self.real_score.predict(x_t, t, cond, target="eps", guidance_scale=w, float64=True)
         with torch.no_grad():
             eps_fake = self.fake.predict(x_t, t, cond, target="eps", guidance_scale=w, float64=True)
         g = vsd_gradient(eps_real, eps_fake, self.vp_alpha_sigma(t)[1].to(x.device))
