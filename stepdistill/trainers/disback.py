@@ -86,6 +86,10 @@ class DisBackConfig(SIMConfig):
 
     def check(self):
         super().check()
+        self.check_disback()
+
+    def check_disback(self):
+        """DisBack's own keys (also run by the trainer's ``validate``: object-API configs skip ``check``)."""
         if self.base_method not in BASE_METHODS:
             raise ConfigError(f"base_method must be one of {list(BASE_METHODS)}, got {self.base_method!r}")
         if self.fake_score_mode != "full":
@@ -161,6 +165,10 @@ class DisBackTrainer(DMD2Trainer):
         return super().__new__(cls)
 
     # ---------------------------------------------------------------- setup
+    def validate(self):
+        self.config.check_disback()
+        super().validate()
+
     def build(self):
         super().build()
         c = self.config
