@@ -163,7 +163,7 @@ def test_resume_after_a_swap_restores_the_swapped_score(tmp_path):
 # --------------------------------------------------------------------------------------------------------
 
 
-def fitted_mlp(steps: int = 300) -> ToyMLP:
+def fitted_mlp(steps: int = 200) -> ToyMLP:
     """A ToyMLP regressed onto the analytic ring teacher's v output (the stand-in for "a copy of the teacher")."""
     teacher = mixture_teacher(MIX)
     torch.manual_seed(0)
@@ -217,7 +217,7 @@ def record_real_scores(trainer):
 def test_stage1_nodes_move_from_the_teacher_towards_the_initial_generator(tmp_path, fitted):
     teacher = mixture_teacher(MIX)
     trainer = disback(tmp_path, teacher, fitted, max_steps=61, degradation_steps=60, degradation_nodes=3,
-                      global_batch=64, learning_rate=3e-3)
+                      global_batch=64, learning_rate=5e-4)
     trainer.setup()
     g = torch.Generator().manual_seed(3)
     with torch.no_grad():  # G0's samples (the generator's only update, at step 60, comes after the nodes)

@@ -31,6 +31,8 @@ def _budget(recipe) -> list[str]:
     tiny = ["checkpoint_every=0", "progress=false"]
     if _name(recipe) == "progressive":  # 8 -> 4 -> 2 -> 1: three rounds of one update
         return tiny + ["steps_per_round=1"]
+    if _name(recipe) == "disback":  # one degradation iteration (one node), then two of backtracking
+        return tiny + ["max_steps=3", "degradation_steps=1", "degradation_nodes=1"]
     return tiny + ["max_steps=3"]
 
 
@@ -43,7 +45,7 @@ def teacher(tmp_path_factory):
 
 
 def test_every_toy_recipe_is_covered():
-    assert {_name(p) for p in RECIPES} == {"dmd2", "sim", "vsd", "progressive", "consistency", "boot"}
+    assert {_name(p) for p in RECIPES} == {"dmd2", "sim", "vsd", "progressive", "consistency", "boot", "disback"}
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=_name)

@@ -46,7 +46,7 @@ import stepdistill  # noqa: F401  (registers the StepDistill* pipelines with dif
 from stepdistill.train import make_trainer
 
 ROOT = Path(__file__).resolve().parents[1]
-METHODS = ("dmd2", "sim", "vsd", "consistency", "progressive", "boot")
+METHODS = ("dmd2", "sim", "vsd", "consistency", "progressive", "boot", "disback")
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 SIDE = 8  # latent side of every tiny network; the tiny VAE has 2 blocks: 16 px images
 CAPTIONS = ["a cat", "a dog", "the cat", "a red dog"]
@@ -210,6 +210,8 @@ def _shrink(recipe: str) -> dict:
             out["guided_steps"] = 1
     else:
         out["max_steps"] = 2
+    if r["method"] == "disback":  # two degradation iterations (two nodes), then one on node 1 of the path
+        out.update(max_steps=3, degradation_steps=2, degradation_nodes=2, backtrack_every=1)
     if r.get("regression_weight", 0):
         out.update(regression_pairs=4, regression_steps=2, regression_batch=2)
     if r.get("multiphase_steps"):
@@ -305,7 +307,7 @@ def test_recipe_trains_exports_and_samples_on_its_tiny_twin(recipe, twins, data,
             assert getattr(c, key) == value, f"{_name(recipe)}: {key} = {getattr(c, key)!r}, recipe says {value!r}"
 
     trainer.train()
-    assert [h["step"] for h in trainer.history] == [0, 1]
+    assert [h["step"] for h in trainer.history] == list(range(shrink["max_steps"] or 2))
     for h in trainer.history:
         losses = {k: v for k, v in h.items() if k.startswith("loss")}
         assert losses and all(np.isfinite(v) for v in losses.values()), h
