@@ -82,6 +82,29 @@ def test_swap_changes_what_the_loss_reads_and_strips_prefixes(tmp_path):
     assert trainer.real_score is teacher
 
 
+def test_swapped_score_takes_the_teachers_dtype_and_offload(tmp_path):
+    cfg = base_config(DMD2Config, tmp_path / "run", teacher_dtype="bf16", teacher_offload=True, max_steps=2,
+                      checkpoint_every=1)
+    teacher = toy_teacher()
+    sd = perturbed(teacher.net)
+    trainer = DMD2Trainer(cfg, teacher=teacher, dataset=MixtureDataset(MIX, 64))
+    trainer.setup()
+    trainer.swap_real_score(sd)  # a state dict: checkpointed as tensors
+    score = trainer.real_score
+    assert score.weight_dtype == torch.bfloat16 and score.offload_device is not None
+    assert all(p.dtype == torch.bfloat16 for p in score.net.parameters())
+    for k, v in score.net.state_dict().items():
+        torch.testing.assert_close(v, sd[k].to(torch.bfloat16), rtol=0, atol=0)
+    trainer.train()
+    cfg2 = base_config(DMD2Config, tmp_path / "run", teacher_dtype="bf16", teacher_offload=True, max_steps=2,
+                       checkpoint_every=1, resume=str(tmp_path / "run" / "checkpoints" / "step_0000001"))
+    resumed = DMD2Trainer(cfg2, teacher=toy_teacher(), dataset=MixtureDataset(MIX, 64))
+    resumed.setup()  # the slot is rebuilt before the memory options: it is cast all the same
+    assert all(p.dtype == torch.bfloat16 for p in resumed.real_score.net.parameters())
+    for k, v in resumed.real_score.net.state_dict().items():
+        torch.testing.assert_close(v, sd[k].to(torch.bfloat16), rtol=0, atol=0)
+
+
 def test_bad_sources_are_one_line_errors(tmp_path):
     teacher = toy_teacher()
     trainer = DMD2Trainer(base_config(DMD2Config, tmp_path / "run"), teacher=teacher, dataset=MixtureDataset(MIX, 64))

@@ -54,8 +54,7 @@ class FrozenScore(TeacherAnchor, Teacher):
                 "swappable score needs a network with parameters"
             )
         net = copy.deepcopy(inner)
-        home = teacher.offload_device if teacher.offload_device is not None else _device(template)
-        net.to(home)
+        net.to("cpu" if teacher.offload_device is not None else _device(template))  # offloaded: stays on the host
         score = cls(net, template.schedule, template.prediction_type, cfg_convention=template.cfg_convention)
         if isinstance(template, TeacherAnchor) and template.anchor is not None:
             score.set_anchor(template.anchor, None)  # a fake score's reading of its output (weight 1)
