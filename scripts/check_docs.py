@@ -156,6 +156,8 @@ def tiny_train_overrides(recipe: dict) -> list[str]:
     elif recipe.get("multiphase_steps"):
         stages = len(recipe["multiphase_steps"])
         out = [f"max_steps={stages}", f"multiphase_steps={[1] * stages}"]
+    elif recipe.get("method") == "disback":  # two degradation iterations (two nodes), one of backtracking
+        out = ["max_steps=3", "degradation_steps=2", "degradation_nodes=2", "backtrack_every=1"]
     else:
         out = ["max_steps=2"]
     if recipe.get("regression_weight"):
