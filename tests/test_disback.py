@@ -297,6 +297,15 @@ def test_stage2_backtracks_in_reverse_order_teacher_frozen_generator_trained(tmp
     assert all(not torch.equal(nodes[i]["inp.weight"], nodes[i + 1]["inp.weight"]) for i in range(3))
 
 
+def test_nodes_are_spread_over_stage1_and_the_last_ends_it(tmp_path):
+    trainer = disback(tmp_path, degradation_steps=5, degradation_nodes=2, max_steps=6)
+    saved = []
+    inner = trainer._save_node
+    trainer._save_node = lambda i: saved.append((trainer.global_step + 1, i)) or inner(i)
+    trainer.train()
+    assert saved == [(2, 1), (5, 2)]
+
+
 def test_resume_mid_stage2_continues_exactly(tmp_path):
     full = disback(tmp_path / "full", checkpoint_every=6)
     seen_full = record_real_scores(full)

@@ -7,7 +7,8 @@ generator back along it:
 * **stage 1, degradation recording** (``degradation_steps`` iterations): the generator is frozen (G0, the initial
   generator: the teacher copy, or ``init_generator``); the fake score, a copy of the teacher, is fitted to G0's
   samples by the base method's own fake-score loss (denoising score matching; plus the discriminator when the GAN
-  is on), and a snapshot of it is written every ``degradation_steps / degradation_nodes`` iterations to
+  is on), and a snapshot of it is written every ``degradation_steps / degradation_nodes`` iterations (rounded down;
+  the last one at the end of stage 1) to
   ``<output_dir>/degradation/node_0001.safetensors`` ... ``node_N``: the path from the teacher (node 0) to the
   score of G0's distribution (node N, also where the fake score is when stage 2 starts);
 * **stage 2, backtracking** (the rest of ``max_steps``): the base method's training (``base_method``: dmd2, sim
@@ -172,7 +173,8 @@ class DisBackTrainer(DMD2Trainer):
     def build(self):
         super().build()
         c = self.config
-        self.node_every = c.degradation_steps // c.degradation_nodes if c.degradation_steps else 0
+        n, s1 = c.degradation_nodes, c.degradation_steps
+        self.node_steps = {} if c.degradation_dir else {i * s1 // n: i for i in range(1, n + 1)}  # node N at s1
         if c.degradation_dir:
             self.nodes = recorded_nodes(c.degradation_dir)
             sd = read_weights(self.nodes[-1], "degradation_dir")
@@ -221,10 +223,8 @@ class DisBackTrainer(DMD2Trainer):
         super().on_step_end(step)
         c = self.config
         done = step + 1
-        if not c.degradation_dir and done <= c.degradation_steps and done % self.node_every == 0:
-            i = done // self.node_every
-            if i <= len(self.nodes):
-                self._save_node(i)
+        if done in self.node_steps:
+            self._save_node(self.node_steps[done])
             if done == c.degradation_steps:
                 self.accelerator.wait_for_everyone()  # every process reads the nodes from here on
         self._follow_schedule(done)
