@@ -127,6 +127,11 @@ def test_bad_sources_are_one_line_errors(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
         trainer.swap_real_score(str(tmp_path / "missing.safetensors"))
     assert trainer.real_score is teacher
+    lora = DMD2Trainer(base_config(DMD2Config, tmp_path / "lora", fake_score_mode="lora", lora_rank=2),
+                       teacher=toy_teacher(), dataset=MixtureDataset(MIX, 64))
+    lora.setup()
+    with pytest.raises(ConfigError, match="LoRA adapters"):
+        lora.swap_real_score(sd)
 
 
 def test_cli_real_score_errors_exit_2(tmp_path, capsys):

@@ -53,6 +53,11 @@ class FrozenScore(TeacherAnchor, Teacher):
                 f"real_score: the network {type(inner).__name__} has no weights to replace (a plain callable); a "
                 "swappable score needs a network with parameters"
             )
+        if getattr(template, "shares_base", False) or getattr(template, "adapter_name", None) is not None:
+            raise ConfigError(
+                "real_score: the network carries LoRA adapters of a trainable student / fake score (generator_mode "
+                "or fake_score_mode: lora); a swapped real score needs full networks"
+            )
         net = copy.deepcopy(inner)
         net.to("cpu" if teacher.offload_device is not None else _device(template))  # offloaded: stays on the host
         score = cls(net, template.schedule, template.prediction_type, cfg_convention=template.cfg_convention)
