@@ -31,6 +31,7 @@ __all__ = [
     "VPSchedule",
     "EDMSchedule",
     "FlowSchedule",
+    "TrigFlow",
     "normalize_prediction_type",
     "from_diffusers",
     "vp_alphas_cumprod",
@@ -606,3 +607,78 @@ def from_diffusers(scheduler_or_config, class_name: str | None = None) -> NoiseS
         return FlowSchedule(cfg.get("num_train_timesteps", 1000), cfg.get("shift", 1.0), config=cfg)
     known = sorted(_VP_CLASSES | _EDM_CLASSES | _FLOW_CLASSES)
     raise ValueError(f"unknown scheduler class {name!r}; supported: {', '.join(known)}")
+
+
+# =================================================================================================
+# TrigFlow view (Lu & Song 2024, sCM)
+# =================================================================================================
+
+
+class TrigFlow:
+    """The TrigFlow parameterisation of a schedule (Lu & Song 2024, "Simplifying, stabilizing and scaling
+    continuous-time consistency models", section 2): x_that = cos(that) x0 + sin(that) z, z ~ N(0, sigma_d^2 I),
+    that in [0, pi/2], and the network output F with x0 = cos(that) x_that - sigma_d sin(that) F (so
+    dx_that / dthat = sigma_d F along the probability-flow ODE).
+
+    A VP / EDM / flow schedule's point (x_t, t) is the TrigFlow point of the same signal-to-noise ratio:
+    sigma_d tan(that) = sigma(t) / alpha(t) (the noise level), x_t = x_that sqrt(alpha^2 + (sigma / sigma_d)^2)
+    (FastGen's ``TrigFlowPrecond``). Every map is differentiable in that (forward-mode AD: sCM's JVP goes through
+    it); all work in float64."""
+
+    def __init__(self, schedule: NoiseSchedule, sigma_data: float = 0.5):
+        if not sigma_data > 0:
+            raise ValueError(f"sigma_data must be > 0, got {sigma_data}")
+        self.schedule, self.sigma_data = schedule, float(sigma_data)
+
+    # --- times ------------------------------------------------------------------------------------
+    def t_hat(self, t) -> torch.Tensor:
+        """The TrigFlow time of native time ``t``: atan2(sigma(t), alpha(t) sigma_d)."""
+        s = self.schedule
+        return torch.atan2(s.sigma(t), s.alpha(t) * self.sigma_data)
+
+    def t_native(self, t_hat) -> torch.Tensor:
+        """The native time of TrigFlow time ``t_hat`` (inverse of :meth:`t_hat`; the schedule's
+        ``t_from_noise_level`` of sigma_d tan(that), clamped to its range)."""
+        th = torch.as_tensor(t_hat, dtype=torch.float64)
+        if self.schedule.kind == "flow":  # t / (1 - t) = sigma_d tan(that), finite at that = pi/2
+            sd_sin = self.sigma_data * torch.sin(th)
+            return sd_sin / (torch.cos(th) + sd_sin)
+        return self.schedule.t_from_noise_level(self.sigma_data * torch.tan(th))
+
+    def scale(self, t) -> torch.Tensor:
+        """x_t / x_that at native time ``t``: sqrt(alpha^2 + (sigma / sigma_d)^2)."""
+        s = self.schedule
+        return (s.alpha(t) ** 2 + (s.sigma(t) / self.sigma_data) ** 2).sqrt()
+
+    def to_native(self, x_hat: torch.Tensor, t_hat):
+        """(x_t, t) of the native schedule at TrigFlow (x_that, that)."""
+        t = self.t_native(t_hat)
+        return x_hat * _bcast(self.scale(t), x_hat), t
+
+    def from_native(self, x_t: torch.Tensor, t):
+        """(x_that, that) at the native (x_t, t)."""
+        return x_t / _bcast(self.scale(t), x_t), self.t_hat(t)
+
+    # --- the forward process and the output -------------------------------------------------------
+    def add_noise(self, x0: torch.Tensor, z: torch.Tensor, t_hat) -> torch.Tensor:
+        """x_that = cos(that) x0 + sin(that) z (z already scaled by sigma_d)."""
+        th = torch.as_tensor(t_hat, dtype=torch.float64)
+        return _bcast(torch.cos(th), x0) * x0 + _bcast(torch.sin(th), x0) * z
+
+    def velocity(self, x0: torch.Tensor, z: torch.Tensor, t_hat) -> torch.Tensor:
+        """dx_that / dthat of the pair (x0, z): cos(that) z - sin(that) x0 (sCT's tangent)."""
+        th = torch.as_tensor(t_hat, dtype=torch.float64)
+        return _bcast(torch.cos(th), x0) * z - _bcast(torch.sin(th), x0) * x0
+
+    def F_from_x0(self, x_hat: torch.Tensor, x0: torch.Tensor, t_hat) -> torch.Tensor:
+        """F = (cos(that) x_that - x0) / (sigma_d sin(that))."""
+        th = torch.as_tensor(t_hat, dtype=torch.float64)
+        return (_bcast(torch.cos(th), x_hat) * x_hat - x0) / _bcast(self.sigma_data * torch.sin(th), x_hat)
+
+    def x0_from_F(self, x_hat: torch.Tensor, F: torch.Tensor, t_hat) -> torch.Tensor:
+        """The consistency function f(x_that, that) = cos(that) x_that - sigma_d sin(that) F (= x0)."""
+        th = torch.as_tensor(t_hat, dtype=torch.float64)
+        return _bcast(torch.cos(th), x_hat) * x_hat - _bcast(self.sigma_data * torch.sin(th), x_hat) * F
+
+    def __repr__(self):
+        return f"TrigFlow({self.schedule!r}, sigma_data={self.sigma_data})"

@@ -22,6 +22,7 @@ METHODS = {
         "ConsistencyTrainer",
         "consistency family: LCM / CD, LCM-LoRA, PCM / TSCD, iCT, ECT",
     ),
+    "scm": ("stepdistill.trainers.scm", "SCMTrainer", "continuous-time consistency (sCM: sCD / sCT, TrigFlow)"),
 }
 
 

@@ -45,7 +45,7 @@ def teacher(tmp_path_factory):
 
 
 def test_every_toy_recipe_is_covered():
-    assert {_name(p) for p in RECIPES} == {"dmd2", "sim", "vsd", "progressive", "consistency", "boot", "disback"}
+    assert {_name(p) for p in RECIPES} == {"dmd2", "sim", "vsd", "progressive", "consistency", "boot", "disback", "scm"}
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=_name)
