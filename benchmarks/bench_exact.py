@@ -159,10 +159,14 @@ def _trainer_classes(method: str):
         from stepdistill.trainers.progressive import ProgressiveConfig, ProgressiveTrainer
 
         return ProgressiveTrainer, ProgressiveConfig
+    if method == "scm":
+        from stepdistill.trainers.scm import SCMConfig, SCMTrainer
+
+        return SCMTrainer, SCMConfig
     raise ValueError(f"unknown method {method!r}")
 
 
-RECIPE = {"dmd2": "dmd2", "sim": "sim", "vsd": "vsd", "lcm": "consistency", "progressive": "progressive"}
+RECIPE = {"dmd2": "dmd2", "sim": "sim", "vsd": "vsd", "lcm": "consistency", "progressive": "progressive", "scm": "scm"}
 _NOT_SETTINGS = ("method", "teacher", "output_dir", "dataset", "checkpoint_every", "seed")
 
 
@@ -252,6 +256,7 @@ ROWS = [
     ("LCM", "lcm", (1, 4), {"inference_steps": 4}),
     ("progressive", "progressive", (1,), {}),
     ("progressive 4-step", "progressive", (4,), {"final_steps": 4}),
+    ("sCD", "scm", (1, 2), {}),
 ]
 
 def budget(method: str, cfg) -> str:
@@ -259,7 +264,7 @@ def budget(method: str, cfg) -> str:
     if method == "progressive":
         rounds = int(round(math.log2(cfg.start_steps / cfg.final_steps)))
         return f"{rounds} x {cfg.steps_per_round} it, batch {cfg.global_batch}"
-    if method == "lcm":
+    if method in ("lcm", "scm"):
         return f"{cfg.max_steps} it, batch {cfg.global_batch}"
     r = cfg.dfake_gen_update_ratio
     return f"{cfg.max_steps} it ({cfg.max_steps // r} gen.), batch {cfg.global_batch}"

@@ -128,7 +128,7 @@ def _finite_difference_jvp(fn, primals, tangents, eps):
 
 
 def _prepare(primals, tangents):
-    primals, tangents = tuple(primals), tuple(tangents)
+    primals, tangents = tuple(p.contiguous() if torch.is_tensor(p) else p for p in primals), tuple(tangents)
     if len(primals) != len(tangents):
         raise ValueError(f"jvp: {len(primals)} primals but {len(tangents)} tangents")
     out = []
@@ -140,7 +140,7 @@ def _prepare(primals, tangents):
             v = v.expand_as(p) if v.ndim <= p.ndim else v
         if v.shape != p.shape:
             raise ValueError(f"jvp: tangent {i} has shape {tuple(v.shape)}, its primal {tuple(p.shape)}")
-        out.append(v.to(p.dtype))
+        out.append(v.to(p.dtype).contiguous())  # expanded (overlapping) tensors cannot be dual tensors
     return primals, tuple(out)
 
 
