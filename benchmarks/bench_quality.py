@@ -28,6 +28,7 @@ STUDENTS = [
     ("VSD", "recipes/vsd/digits.yaml"),
     ("BOOT", "recipes/boot/digits.yaml"),
     ("MSD", "recipes/msd/digits.yaml"),  # K = 2 routed students, same budget
+    ("sCM", "recipes/scm/digits.yaml"),  # sCD, 2 steps (its own budget: 300 it of batch 32)
 ]
 
 

@@ -195,3 +195,22 @@ def test_config_check():
         check_jvp_mode("reverse")
     with pytest.raises(ConfigError, match="jvp_eps"):
         check_jvp_mode("finite_difference", 0.0)
+
+
+def test_forward_mode_bypasses_an_autocast_wrapper():
+    """accelerate's mixed precision wraps a prepared network's forward in autocast (keeping ``_original_forward``);
+    the forward-mode pass runs in full precision (bf16 autocast weight casts fail under torch.func.jvp on CPU)."""
+    import types
+
+    torch.manual_seed(0)
+    net = nn.Linear(3, 3)
+    exact = net.weight.detach()
+    net._original_forward = net.forward
+    wrapped = torch.autocast("cpu", dtype=torch.bfloat16)(type(net).forward)
+    net.forward = types.MethodType(wrapped, net)
+    x, v = torch.randn(2, 3), torch.randn(2, 3)
+    assert net(x).dtype == torch.bfloat16  # the wrapper is active outside the JVP
+    out, d = jvp(lambda y: net(y), (x,), (v,), mode="forward", nets=(net,))
+    assert out.dtype == d.dtype == torch.float32
+    torch.testing.assert_close(d, v @ exact.T, rtol=1e-6, atol=1e-6)
+    assert net(x).dtype == torch.bfloat16  # restored

@@ -3,7 +3,8 @@ methods (sCM: Lu & Song 2024; MeanFlow: Geng et al. 2025), which need d/ds f(x +
 
 Three modes (the recipes' ``jvp`` key):
 
-* ``forward``: ``torch.func.jvp`` (forward-mode AD, one pass carrying the tangent) with PyTorch's math
+* ``forward``: ``torch.func.jvp`` (forward-mode AD, one pass carrying the tangent), in full precision (no
+  autocast: accelerate's bf16 wrapper of the ``nets`` passed is bypassed), with PyTorch's math
   attention kernel selected: the fused scaled-dot-product kernels (flash / memory-efficient, the default on CPU
   and GPU) have no forward-AD formula; the math kernel is composed of matmuls and a softmax, which have (FastGen
   switches fused attention off for its JVP too). Works through UNet2DModel, UNet2DConditionModel, DiT and SD3
@@ -32,7 +33,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import torch
 from torch import nn
@@ -98,8 +99,31 @@ class _SameRandomness:
         yield
 
 
-def _forward_jvp(fn, primals, tangents):
-    with _math_attention():
+@contextmanager
+def _full_precision(nets: Sequence):
+    """No autocast in the forward-mode pass (its weight casts break under torch.func.jvp; FastGen's
+    ``precision_amp_jvp: None``): autocast off, and accelerate's autocast wrapper of a prepared network's forward
+    (``_original_forward`` kept beside it) swapped out for the duration."""
+    from .denoiser import _unwrap
+
+    swapped = []
+    for net in nets:
+        for m in {id(net): net, id(_unwrap(net)): _unwrap(net)}.values():
+            original = getattr(m, "_original_forward", None)
+            if isinstance(m, nn.Module) and original is not None and "forward" in m.__dict__:
+                swapped.append((m, m.__dict__["forward"]))
+                m.forward = original
+    cuda = torch.autocast("cuda", enabled=False) if torch.cuda.is_available() else nullcontext()
+    try:
+        with torch.autocast("cpu", enabled=False), cuda:
+            yield
+    finally:
+        for m, fwd in swapped:
+            m.forward = fwd
+
+
+def _forward_jvp(fn, primals, tangents, nets=()):
+    with _math_attention(), _full_precision(nets):
         return torch.func.jvp(fn, primals, tangents)
 
 
@@ -185,7 +209,7 @@ class JVP:
         with torch.set_grad_enabled(create_graph and torch.is_grad_enabled()):
             if forward:
                 try:
-                    out = _forward_jvp(fn, primals, tangents)
+                    out = _forward_jvp(fn, primals, tangents, nets)
                     self.used = "forward"
                     return out
                 except (NotImplementedError, RuntimeError) as e:
