@@ -79,9 +79,9 @@ class SCMConfig(StudentConfig):
     jvp_time_shift (`float`, `0.0`: exact): > 0 takes the time part of the JVP as a central difference that moves
         the network's time input by +- this much (the x part stays ``jvp``'s). A teacher trained at integer
         timesteps only (DDPM, SD) has a sinusoidal embedding whose between-timestep wiggles (frequencies up to 1
-        per timestep) dominate the exact time derivative; a shift of ~1 timestep reads the trend instead (on
-        the toy2d ring this moved the 1-step SW ratio from ~10 to ~5 in 400 iterations where exact forward
-        mode did not improve). For EDM teachers (time input ln(sigma) / 4) the shift is in those units.
+        per timestep) dominate the exact time derivative; a shift of ~1 timestep reads the trend instead (an
+        uncontrolled toy2d observation, README "sCM"). For EDM teachers (time input ln(sigma) / 4) the shift is
+        in those units.
     > Sampling and export
     inference_steps (`int`, `1`): 1 or 2 steps in the exported pipeline.
     two_step_sigma (`float`, `0.821`): the noise level sigma / alpha of the second step (FastGen's CIFAR-10 list
