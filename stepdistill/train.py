@@ -23,6 +23,7 @@ METHODS = {
         "consistency family: LCM / CD, LCM-LoRA, PCM / TSCD, iCT, ECT",
     ),
     "scm": ("stepdistill.trainers.scm", "SCMTrainer", "continuous-time consistency (sCM: sCD / sCT, TrigFlow)"),
+    "hyper_sd": ("stepdistill.trainers.hyper_sd", "HyperSDTrainer", "Hyper-SD: human feedback and one-step stages"),
 }
 
 

@@ -746,8 +746,6 @@ class DMD2Trainer(StudentTrainer):
 
     @torch.no_grad()
     def _make_regression_pairs(self):
-        from ..sampling import sample
-
         c = self.config
         device = self.accelerator.device
         g = torch.Generator().manual_seed(c.seed + 7)
@@ -757,17 +755,21 @@ class DMD2Trainer(StudentTrainer):
         images = []
         for s in range(0, c.regression_pairs, 256):
             sl = slice(s, s + 256)
-            cs = cond.index(sl) if cond is not None else None
-            images.append(
-                sample(
-                    lambda x, t, cs=cs: self.teacher.raw(x, t, cs, c.real_guidance_scale),
-                    self.schedule,
-                    noise[sl],
-                    c.regression_steps,
-                    pred_type=self.teacher.prediction_type,
-                )
-            )
+            images.append(self.regression_images(noise[sl], cond.index(sl) if cond is not None else None, s))
         return noise, torch.cat(images), batch
+
+    def regression_images(self, noise, cond, start: int):
+        """The pairs' images of a chunk of noise (``start``: its first pair): the teacher's DDIM samples."""
+        from ..sampling import sample
+
+        c = self.config
+        return sample(
+            lambda x, t: self.teacher.raw(x, t, cond, c.real_guidance_scale),
+            self.schedule,
+            noise,
+            c.regression_steps,
+            pred_type=self.teacher.prediction_type,
+        )
 
     def regression_loss(self):
         noise, images, batch = self.pairs
