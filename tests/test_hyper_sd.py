@@ -148,7 +148,7 @@ class PullTo(nn.Module):
         return -((x - self.c) ** 2).sum(-1)
 
 
-def toy_hfl(out, rewards, **kw):
+def toy_hfl(out, rewards, perception=None, **kw):
     mix = toy_mixture("gmm8")
     cfg = dict(
         output_dir=str(out),
@@ -168,6 +168,7 @@ def toy_hfl(out, rewards, **kw):
         generator=gen,
         dataset=MixtureDataset(mix, 256),
         rewards=rewards,
+        perception=perception,
     )
 
 
@@ -205,6 +206,42 @@ def test_hfl_with_zero_reward_weight_leaves_the_student_unchanged(tmp_path):
     trainer.train()
     for k, v in trainer.generator.net.state_dict().items():
         torch.testing.assert_close(v, start[k], atol=0, rtol=0)
+
+
+def test_perceptual_term_trains_the_student_on_noised_real_images(tmp_path):
+    """Hyper-SD's perceptual term: real images noised to a trained step's time, the student's x0 from there, the
+    perception model's per-sample loss against the batch's annotation (here the real label's mode centre)."""
+    mix = toy_mixture("gmm8")
+    centres = mix.means.float()
+    seen = []
+
+    class ModeLoss(nn.Module):  # a "perception model" with a parameter: |x0 - centre(label)|^2
+        def __init__(self):
+            super().__init__()
+            self.scale = nn.Parameter(torch.ones(()))
+
+        def forward(self, x, batch):
+            seen.append(batch["label"].clone())
+            return self.scale * ((x - centres[batch["label"]]) ** 2).sum(-1)
+
+    percep = ModeLoss()
+    trainer = toy_hfl(tmp_path / "run", [], percep, perception_weight=1.0, max_steps=15, reward_steps=[0, 1])
+    trainer.train()
+    assert not percep.scale.requires_grad and percep.scale.grad is None
+    first, last = trainer.history[0]["loss_percep"], trainer.history[-1]["loss_percep"]
+    assert last < 0.5 * first and "loss_reward" not in trainer.history[0]
+    assert all(len(b) == 32 for b in seen)
+
+
+def test_digits_perception_is_the_cross_entropy_against_the_label():
+    from stepdistill.eval.fd_digits import DigitsClassifier
+    from stepdistill.rewards import DigitsPerception
+
+    clf = DigitsClassifier()
+    x = torch.randn(3, 1, 16, 16)
+    labels = torch.tensor([1, 4, 9])
+    expected = nn.functional.cross_entropy(clf(x), labels, reduction="none")
+    torch.testing.assert_close(DigitsPerception(classifier=clf)(x, {"label": labels}), expected)
 
 
 def test_one_step_stage_regresses_on_the_starting_students_samples(tmp_path):
