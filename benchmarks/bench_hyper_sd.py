@@ -44,14 +44,20 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("pipelines", nargs="+")
     p.add_argument("--num-samples", type=int, default=1000)
-    p.add_argument("--out", default="")
+    p.add_argument("--out", default="", help="write the rows as JSON here")
+    p.add_argument("--grid", default="", help="PNG: each pipeline's first 20 samples, stacked")
     args = p.parse_args(argv)
     fd = FDDigits()
-    rows = []
+    rows, firsts = [], []
     for folder in args.pipelines:
         images, labels = class_samples(folder, args.num_samples)
+        firsts.append(images[:20])
         rows.append({"pipeline": folder, **label_scores(images, labels), "fd_digits": fd.score(images)})
         print(json.dumps(rows[-1]), flush=True)
+    if args.grid:
+        from stepdistill.utils import save_image_grid
+
+        save_image_grid(torch.cat(firsts), args.grid, nrow=10, scale=2)
     if args.out:
         with open(args.out, "w") as f:
             json.dump(rows, f, indent=2)

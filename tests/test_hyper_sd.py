@@ -5,6 +5,7 @@ student unchanged, and the SD1.5 / SDXL recipes on tiny twins (LoRA: only adapte
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 from pathlib import Path
@@ -208,6 +209,28 @@ def test_hfl_with_zero_reward_weight_leaves_the_student_unchanged(tmp_path):
         torch.testing.assert_close(v, start[k], atol=0, rtol=0)
 
 
+@torch.no_grad()
+def distance_to_start(trainer, start):
+    noise = torch.randn(256, 2, generator=torch.Generator().manual_seed(5))
+    cond = trainer.conditioner(torch.arange(256) % 8)
+    return float((trainer.generator.sample(noise, cond) - start.sample(noise, cond)).pow(2).mean())
+
+
+def test_keep_term_holds_the_student_near_its_start(tmp_path):
+    dist = {}
+    for w in (0.0, 50.0):
+        trainer = toy_hfl(tmp_path / f"w{w}", [PullTo()], keep_weight=w, max_steps=10)
+        trainer.setup()
+        start = trainer.generator.with_net(copy.deepcopy(trainer.generator.net))
+        trainer.train()
+        dist[w] = distance_to_start(trainer, start)
+        if w:
+            assert trainer.history[0]["loss_keep"] == 0  # the student is its start at the first step
+            assert trainer.history[-1]["loss_keep"] > 0
+            assert not any(p.requires_grad for p in trainer.start_generator.net.parameters())
+    assert dist[50.0] < 0.5 * dist[0.0]
+
+
 def test_perceptual_term_trains_the_student_on_noised_real_images(tmp_path):
     """Hyper-SD's perceptual term: real images noised to a trained step's time, the student's x0 from there, the
     perception model's per-sample loss against the batch's annotation (here the real label's mode centre)."""
@@ -289,11 +312,12 @@ def test_config_errors_are_one_line(tmp_path, capsys):
     recipe = str(ROOT / "recipes/hyper_sd/digits.yaml")
     for override, message in (
         ("init_generator=/no/such/tscd", "error: init_generator: folder '/no/such/tscd' does not exist"),
-        ("rewards=[{kind: imagereward}]", "error: rewards[0].kind must be one of"),
+        ("rewards=[{kind:imagereward}]", "error: rewards[0].kind must be one of"),
         ("stage=two_step", "error: stage must be one of"),
         ("gan_generator_weight=0.1", "error: gan_generator_weight > 0 with stage: hfl"),
+        ("stage=one_step keep_weight=1", "error: keep_weight is an HFL-stage term"),
     ):
-        assert main(["train", "--config", recipe, f"output_dir={tmp_path}", "init_generator=", override]) == 2
+        assert main(["train", "--config", recipe, f"output_dir={tmp_path}", "init_generator=", *override.split()]) == 2
         err = capsys.readouterr().err.strip()
         assert err.startswith(message) and "\n" not in err and "Traceback" not in err
     with pytest.raises(ConfigError, match="stage: hfl needs rewards"):

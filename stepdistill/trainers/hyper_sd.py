@@ -31,11 +31,14 @@ Example::
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 
 import torch
 
 from ..config import ConfigError
+from ..losses import denoising_loss
+from ..models.denoiser import _unwrap
 from ..rewards import RewardTerm, as_reward, build_reward, check_entry, freeze
 from ..sampling import ddim_step
 from . import randomness as rnd
@@ -69,6 +72,9 @@ class HyperSDConfig(DMD2Config):
         student's x0 of real images noised to a ``reward_steps`` time, against the image's annotation. Built in:
         ``perception: digits`` (the digits classifier's cross-entropy against the real label; needs real images).
     perception (`str`, `"digits"`), perception_classifier (`str`, `""`: the bundled classifier).
+    keep_weight (`float`, `0.0`: off): hfl: weight of mean |x0 - x0_start|^2, the student's differentiable x0
+        against a frozen copy of the starting student's at the same input (ours, against reward hacking; ReFL
+        regularises with the pre-training loss instead). The copy costs one more network's weights.
     > MSE to the starting student (one-step stage)
     regression_source (`str`, `"teacher"`): "teacher" (DMD v1: teacher DDIM pairs) or "init_generator" (the
         generator's starting weights, from ``init_generator``, sampled at ``init_timesteps`` with ``init_sampler``
@@ -84,6 +90,7 @@ class HyperSDConfig(DMD2Config):
     perception_weight: float = 0.0
     perception: str = "digits"
     perception_classifier: str = ""
+    keep_weight: float = 0.0
     regression_source: str = "teacher"
     init_timesteps: list[int] = field(default_factory=list)
     init_sampler: str = "ddim"
@@ -101,8 +108,11 @@ class HyperSDConfig(DMD2Config):
                 raise ConfigError(f"{key} must be one of {list(allowed)}, got {getattr(self, key)!r}")
         for i, entry in enumerate(self.rewards):
             check_entry(entry, i)
-        if self.perception_weight < 0:
-            raise ConfigError(f"perception_weight must be >= 0, got {self.perception_weight}")
+        for key in ("perception_weight", "keep_weight"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"{key} must be >= 0, got {getattr(self, key)}")
+        if self.stage == "one_step" and self.keep_weight > 0:
+            raise ConfigError("keep_weight is an HFL-stage term (stage: hfl); the one-step stage has regression_weight")
         if self.stage == "hfl" and self.gan_generator_weight > 0:
             raise ConfigError(
                 "gan_generator_weight > 0 with stage: hfl: the GAN head sits on the fake score, which the HFL stage "
@@ -173,6 +183,11 @@ class HyperSDTrainer(DMD2Trainer):
                 from ..rewards import DigitsPerception
 
                 self.perception_fn = DigitsPerception(c.perception_classifier or None).to(device)
+        self.start_generator = None
+        if c.keep_weight > 0:  # a frozen copy of the starting student (full, or base + adapters)
+            start = self.generator.with_net(freeze(copy.deepcopy(_unwrap(self.generator.net))))
+            start.adapter_name = self.generator.adapter_name
+            self.start_generator = start
         if c.regression_weight > 0 and c.regression_source == "init_generator":
             # made now, from the starting weights (a resume rebuilds them from init_generator too)
             self._pairs = (self.teacher, self._make_regression_pairs())
@@ -268,8 +283,17 @@ class HyperSDTrainer(DMD2Trainer):
             self._batch = batch
             return super().compute_loss(batch, phase)
         cond = self._cond_batch(batch)
-        x = self.generate(batch, cond, self.global_step, grad=True)
+        k = self.shared_step_index(self.global_step)
+        x_t = self._generator_input(batch, cond, k)
+        t = self.gen_times[k].expand(x_t.shape[0])
+        x = self.generator(x_t, cond, t)
         loss, out = self.hfl_loss(x, cond, batch)
+        if self.start_generator is not None:
+            with torch.no_grad():
+                x_start = self.start_generator(x_t, cond, t)
+            loss_keep = denoising_loss(x, x_start)
+            loss = loss + self.config.keep_weight * loss_keep
+            out["loss_keep"] = loss_keep.detach()
         if self.pairs is not None:
             loss_r = self.regression_loss()
             loss = loss + self.config.regression_weight * loss_r
