@@ -210,6 +210,23 @@ def test_hfl_with_zero_reward_weight_leaves_the_student_unchanged(tmp_path):
 
 
 @torch.no_grad()
+def test_rollout_is_the_students_own_ddim_sampler(tmp_path):
+    """The no-grad steps before the differentiable one are the student's deterministic DDIM chain: the last
+    step's x0 from the rollout equals Generator.sample from the same noise."""
+    trainer = toy_hfl(tmp_path / "run", [PullTo()], denoising_timesteps=[999, 749, 499, 249])
+    trainer.setup()
+    assert trainer.generator.sampler == "ddim" and trainer.export_scheduler == "ddim"
+    batch = next(iter(trainer.loader))
+    cond = trainer._cond_batch(batch)
+    torch.manual_seed(3)
+    x_t = trainer._generator_input(batch, cond, 3)
+    x0 = trainer.generator(x_t, cond, trainer.gen_times[3].expand(len(x_t)))
+    torch.manual_seed(3)
+    noise = torch.randn(len(x_t), 2)
+    torch.testing.assert_close(x0, trainer.generator.sample(noise, cond))
+
+
+@torch.no_grad()
 def distance_to_start(trainer, start):
     noise = torch.randn(256, 2, generator=torch.Generator().manual_seed(5))
     cond = trainer.conditioner(torch.arange(256) % 8)
