@@ -209,6 +209,17 @@ def test_hfl_with_zero_reward_weight_leaves_the_student_unchanged(tmp_path):
         torch.testing.assert_close(v, start[k], atol=0, rtol=0)
 
 
+def test_hfl_starts_from_init_generator(tmp_path):
+    first = toy_hfl(tmp_path / "a", [PullTo()], max_steps=2, checkpoint_every=2)
+    first.train()
+    trained = {k: v.clone() for k, v in first.generator.net.state_dict().items()}
+    ckpt = tmp_path / "a" / "checkpoints" / "step_0000002"
+    second = toy_hfl(tmp_path / "b", [PullTo()], init_generator=str(ckpt))
+    second.setup()
+    for k, v in second.generator.net.state_dict().items():
+        torch.testing.assert_close(v, trained[k], atol=0, rtol=0)
+
+
 @torch.no_grad()
 def test_rollout_is_the_students_own_ddim_sampler(tmp_path):
     """The no-grad steps before the differentiable one are the student's deterministic DDIM chain: the last
