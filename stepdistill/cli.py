@@ -212,12 +212,14 @@ def cmd_sample(args) -> int:
     from .utils import save_image_grid
 
     path = _model_path(args)
+    trace = [] if args.trace else None
     from .pipelines import sample_toy, toy_model_kind
 
     if toy_model_kind(path):  # a 2-D toy teacher or exported toy generator: a scatter plot (+ the points)
         return sample_toy(path, args.num, args.steps or 50, args.seed, args.out)
     trained = _exported_timesteps(path)
     g = torch.Generator().manual_seed(args.seed)
+    hybrid = _hybrid_teacher(args, trained)  # checked before the student loads
     if trained and args.steps is None:
         # an export samples as it was trained: its own pipeline, timesteps and scheduler
         from diffusers import DiffusionPipeline
@@ -230,10 +232,13 @@ def cmd_sample(args) -> int:
 
             raise ConfigError(f"--model {args.model!r}: `stepdistill sample` draws pixel-space UNet exports only")
         kw = {} if args.guidance_scale is None else {"guidance_scale": args.guidance_scale}
+        kw.update(_hybrid_kwargs(args, pipe, hybrid, trace))
         n_classes = getattr(pipe.unet.config, "num_class_embeds", None)
         labels = {"class_labels": torch.arange(args.num) % (n_classes - 1)} if n_classes else {"num_images": args.num}
         x = pipe(**labels, generator=g, output_type="pt", **kw).images * 2 - 1
         how = f"the export's own sampling: {len(trained)} step(s) at timesteps {trained}"
+        if args.hybrid_teacher_steps:
+            how += f", the first {args.hybrid_teacher_steps} run by the teacher {args.teacher!r}"
     else:
         from .models.conditioning import ClassConditioner
         from .sampling import sample
@@ -254,11 +259,63 @@ def cmd_sample(args) -> int:
             steps,
             pred_type=teacher.prediction_type,
             progress=True,
+            trace=trace,
         )
         how = f"{steps} DDIM steps (trailing)"
     save_image_grid(x, args.out, nrow=10, scale=4)
     print(f"wrote {args.out} ({args.num} images, {how})")
+    if trace is not None:
+        from .hybrid import save_trace_grid
+
+        save_trace_grid(trace, args.trace)
+        print(f"wrote {args.trace} (predicted x0 at each of {len(trace)} steps; a row per sample)")
     return 0
+
+
+def _hybrid_teacher(args, trained):
+    """(teacher, its grid) for ``--hybrid-teacher-steps``, checked against the export's trained timesteps (one-line
+    errors before anything heavy loads); None without the flag."""
+    k = args.hybrid_teacher_steps
+    if not k:
+        return None
+    from .config import ConfigError
+    from .hybrid import handover, teacher_grid_timesteps
+    from .models import Teacher
+
+    if not trained or args.steps is not None:
+        raise ConfigError(
+            f"--hybrid-teacher-steps needs --model to be a stepdistill export (model_index.json with trained "
+            f"timesteps, used as they are: no --steps); got --model {args.model!r}"
+            + (f" with --steps {args.steps}" if args.steps else "")
+        )
+    if args.teacher is None:
+        from .assets import digits_teacher_path
+
+        args.teacher = digits_teacher_path()
+    teacher = Teacher.from_pretrained(args.teacher)
+    grid = teacher_grid_timesteps(teacher, args.teacher_grid_steps) if args.teacher_grid_steps else None
+    try:
+        handover(trained, k, grid)
+    except ValueError as e:
+        raise ConfigError(f"--hybrid-teacher-steps {k}: {e}") from None
+    return teacher, grid
+
+
+def _hybrid_kwargs(args, pipe, hybrid, trace) -> dict:
+    """The pipeline call's hybrid-sampling arguments (the teacher, its steps, CFG and grid) and the trace list."""
+    kw = {} if trace is None else {"trace": trace}
+    if hybrid is None:
+        return kw
+    teacher, grid = hybrid
+    want = (pipe.unet.config.in_channels, pipe.unet.config.sample_size)
+    got = (teacher.net.config.in_channels, teacher.net.config.sample_size)
+    if want != got:
+        from .config import ConfigError
+
+        raise ConfigError(f"--teacher {args.teacher!r} draws (channels, size) {got}, the student {want}")
+    kw.update(teacher=teacher, teacher_steps=args.hybrid_teacher_steps)
+    kw.update(teacher_guidance_scale=args.teacher_guidance_scale, teacher_timesteps=grid)
+    return kw
 
 
 def cmd_fd_digits(args) -> int:
@@ -396,6 +453,23 @@ def build_parser(argv=None) -> argparse.ArgumentParser:
     )
     sp.add_argument("--num", type=_positive("--num"), default=40, help="number of images")
     sp.add_argument("--out", default="samples.png", help="output PNG")
+    sp.add_argument(
+        "--hybrid-teacher-steps",
+        type=_positive("--hybrid-teacher-steps"),
+        default=None,
+        metavar="K",
+        help="hybrid sampling of an export (diversity distillation): the teacher runs the first K steps, the "
+        "student its trained steps from the hand-over timestep on (see stepdistill/hybrid.py)",
+    )
+    sp.add_argument("--teacher", default=None, help="the teacher's folder for --hybrid-teacher-steps (default: digits)")
+    sp.add_argument("--teacher-guidance-scale", type=float, default=1.0, help="the teacher's CFG scale (hybrid)")
+    sp.add_argument(
+        "--teacher-grid-steps",
+        type=_positive("--teacher-grid-steps"),
+        default=None,
+        help="the teacher's own M-step trailing grid for its steps (default: the student's trained timesteps)",
+    )
+    sp.add_argument("--trace", default=None, help="also write the predicted x0 of every step as an image grid here")
     dm = command("demo", "DMD2 on the bundled digits teacher: train, export, reload, metrics")
     dm.add_argument("--out", default="outputs/demo", help="output folder (samples.png, metrics.json, pipeline/)")
     dm.add_argument("--max-steps", type=_positive("--max-steps"), default=None, help="override the recipe's max_steps")

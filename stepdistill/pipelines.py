@@ -102,7 +102,15 @@ class StepDistillClassPipeline(_PrivateSettings, DiffusionPipeline):
         guidance_scale: float | None = None,
         output_type: str = "pil",
         return_dict: bool = True,
+        teacher=None,
+        teacher_steps: int = 0,
+        teacher_guidance_scale: float = 1.0,
+        teacher_timesteps=None,
+        trace: list | None = None,
     ):
+        """``teacher`` / ``teacher_steps`` / ``teacher_guidance_scale`` / ``teacher_timesteps``: hybrid sampling
+        (stepdistill.hybrid: the teacher's first steps, then the student's trained steps from the hand-over);
+        ``trace``: a list that receives the predicted x0 of every step (teacher and student)."""
         n_classes = getattr(self.unet.config, "num_class_embeds", None)
         if class_labels is None:
             num_images = num_images or 1
@@ -136,14 +144,19 @@ class StepDistillClassPipeline(_PrivateSettings, DiffusionPipeline):
                 raise ValueError(f"guidance_scale={guidance_scale} needs a class-conditional model")
             null = torch.full_like(labels, n_classes - 1)
             kwargs = {"class_labels": torch.cat([labels, null]).to(self.device)}
+        x, start = _hybrid_start(
+            self, x, labels, teacher, teacher_steps, teacher_guidance_scale, teacher_timesteps, trace
+        )
         for i, t in enumerate(self.progress_bar(self.scheduler.timesteps)):
+            if i < start:  # run by the teacher (hybrid sampling)
+                continue
             x_in = self.scheduler.scale_model_input(x, t)  # EDM: c_in x; identity for the VP schedulers
             if cfg:
                 out_c, out_u = self.unet(torch.cat([x_in, x_in]), t, **kwargs).sample.chunk(2)
                 out = out_u + guidance_scale * (out_c - out_u)
             else:
                 out = self.unet(x_in, t, **kwargs).sample
-            x = student_step(self.scheduler, out, t, x, i, generator, self.config.get("renoise", None))
+            x = student_step(self.scheduler, out, t, x, i, generator, self.config.get("renoise", None), trace)
         image = (x / 2 + 0.5).clamp(0, 1)
         if output_type == "pt":
             images = image
@@ -267,16 +280,24 @@ class StepDistillToyPipeline(_PrivateSettings, DiffusionPipeline):
         timesteps=None,
         output_type: str = "pt",
         return_dict: bool = True,
+        teacher=None,
+        teacher_steps: int = 0,
+        teacher_timesteps=None,
+        trace: list | None = None,
     ):
+        """``teacher`` / ``teacher_steps`` / ``teacher_timesteps`` / ``trace``: as StepDistillClassPipeline."""
         set_scheduler_timesteps(
             self.scheduler, self.config.trained_timesteps, num_inference_steps, timesteps, self.device
         )
         shape = (int(num_samples), self.unet.config.dim)
         x = initial_sample(self.scheduler, shape, generator, self.device, self.unet.dtype)
+        x, start = _hybrid_start(self, x, None, teacher, teacher_steps, 1.0, teacher_timesteps, trace)
         for i, t in enumerate(self.progress_bar(self.scheduler.timesteps)):
+            if i < start:  # run by the teacher (hybrid sampling)
+                continue
             x_in = self.scheduler.scale_model_input(x, t)
             out = self.unet(x_in, torch.as_tensor(t, device=self.device, dtype=torch.float32))
-            x = student_step(self.scheduler, out, t, x, i, generator, self.config.get("renoise", None))
+            x = student_step(self.scheduler, out, t, x, i, generator, self.config.get("renoise", None), trace)
         samples = x if output_type == "pt" else x.cpu().float().numpy()
         if not return_dict:
             return (samples,)
@@ -374,13 +395,29 @@ def initial_sample(scheduler, shape, generator, device, dtype) -> torch.Tensor:
     return x
 
 
-def student_step(scheduler, out, t, x, i: int, generator, renoise) -> torch.Tensor:
+def _hybrid_start(pipe, x, labels, teacher, steps, guidance_scale, teacher_timesteps, trace):
+    """(x, first student index): the teacher's first ``steps`` steps (stepdistill.hybrid), or x itself and 0."""
+    if not steps:
+        return x, 0
+    if teacher is None:
+        raise ValueError(f"teacher_steps={steps} needs a teacher (stepdistill.models.Teacher)")
+    from .hybrid import teacher_prefix
+
+    trained = pipe.config.trained_timesteps
+    return teacher_prefix(teacher, x, trained, steps, labels, guidance_scale, teacher_timesteps, trace)
+
+
+def student_step(scheduler, out, t, x, i: int, generator, renoise, trace=None) -> torch.Tensor:
     """One trained step: the scheduler's own step, except for ``renoise`` (EDM students trained with fresh noise
     between steps, DMD2 / consistency): x0, then x0 + sigma_{i+1} z with fresh z, as the trainers' sampler does
     (``Generator.sample``). EDMEulerScheduler's own step is the Euler (= DDIM, for EDM) step to sigma_{i+1}: the
     deterministic students' rule. An EDM scheduler's last step returns x0 itself (its Euler step into sigma = 0,
     x - (x - x0), loses digits at sigma_max = 80)."""
     step = scheduler.step(out, t, x, generator=generator)
+    if trace is not None:
+        from .hybrid import step_x0
+
+        trace.append(step_x0(scheduler, step, out, t, x).detach().float().cpu())
     if not is_edm_scheduler(scheduler):
         return step.prev_sample
     if i + 1 >= len(scheduler.timesteps):

@@ -83,11 +83,13 @@ def sample(
     generator: torch.Generator | None = None,
     clip_x0: float | None = None,
     progress: bool = False,
+    trace: list | None = None,
 ) -> torch.Tensor:
     """DDIM / Euler / ancestral sampling of ``model_fn(x_t, t) -> prediction of pred_type``.
 
     ``ts`` (continuous times, noisiest first) defaults to ``schedule.timesteps(num_steps, spacing)``;
-    after the last one the sampler lands on the predicted x0."""
+    after the last one the sampler lands on the predicted x0. ``trace`` (a list) receives the predicted x0 of
+    every step, on the CPU (``stepdistill.hybrid.save_trace_grid`` draws it)."""
     from .ops import fused_ddim_step, resolve_backend, step_coefficients
 
     if ts is None:
@@ -105,7 +107,7 @@ def sample(
         t = ts[i].expand(x.shape[0])
         pred = model_fn(x, t)
         t_prev = ts[i + 1].expand(x.shape[0]) if i + 1 < len(ts) else None
-        if eta == 0 and clip_x0 is None and resolve_backend(None, x) == "triton":
+        if eta == 0 and clip_x0 is None and trace is None and resolve_backend(None, x) == "triton":
             # CUDA: conversion + DDIM / Euler step in one fused pass (stepdistill.ops)
             a, s = step_coefficients(schedule, t, x.device)
             prev = step_coefficients(schedule, t_prev, x.device) if t_prev is not None else (None, None)
@@ -115,6 +117,8 @@ def sample(
         if clip_x0 is not None:
             x0 = x0.clamp(-clip_x0, clip_x0)
             eps = schedule.to_x0_eps(x0, x, t, "x0")[1]
+        if trace is not None:
+            trace.append(x0.detach().float().cpu())
         z = None
         if eta > 0 and t_prev is not None:
             z = rnd.randn(
@@ -167,12 +171,14 @@ def consistency_sample(
     ts,
     *,
     generator: torch.Generator | None = None,
+    trace: list | None = None,
 ) -> torch.Tensor:
     """Multistep consistency sampling (Song et al. 2023, Alg. 1; LCM, Luo et al. 2023, Alg. 3).
 
     ``consistency_fn(x_t, t)`` is the consistency function f (an estimate of x0, boundary conditions included);
     ``ts`` are the continuous sampling times, noisiest first. x = f(x_T, T); then for every next time t the
-    estimate is re-noised with fresh noise, x_t = alpha(t) x + sigma(t) z, and x = f(x_t, t)."""
+    estimate is re-noised with fresh noise, x_t = alpha(t) x + sigma(t) z, and x = f(x_t, t). ``trace`` (a list)
+    receives every step's estimate, on the CPU."""
     ts = torch.as_tensor(ts, dtype=torch.float64).reshape(-1)
     x = noise * initial_noise_scale(schedule, ts[0])
     x0 = None
@@ -187,4 +193,6 @@ def consistency_sample(
             ).to(x.device)
             x = schedule.add_noise(x0, z, t)
         x0 = consistency_fn(x, t)
+        if trace is not None:
+            trace.append(x0.detach().float().cpu())
     return x0

@@ -1,0 +1,157 @@
+"""Diversity distillation (Gandikota & Bau 2025, arXiv 2503.10637): hybrid sampling, teacher first, student after.
+
+Distilled students lose sample diversity, and their structure is fixed by their first step. Running the teacher
+for the first ``k`` steps (with its classifier-free guidance) and handing the latent to the student restores the
+teacher's diversity at nearly the student's cost.
+
+**The hand-over rule.** Times are the teacher's discrete timesteps (0 .. T-1; for EDM students the Karras-grid
+index the export stores). With the student's trained timesteps tau_0 > ... > tau_{N-1} and the teacher's grid
+g_0 > g_1 > ... (by default the student's own trained timesteps; else the teacher's ``M``-step trailing DDIM grid,
+cut to the points below tau_0 and started at tau_0):
+
+* the teacher evaluates at g_0 .. g_{k-1} (deterministic DDIM steps, x0 and eps from its own prediction);
+* where its k-th step would end, at g_k (or at x0 when the grid has no g_k), the student takes over at its first
+  trained timestep at or below it: j = min{ i : tau_i <= g_k }, and the teacher's k-th step lands exactly on
+  tau_j (a DDIM step from g_{k-1} to tau_j). The student then runs its own trained steps tau_j .. tau_{N-1} with
+  its own update rule (re-noising or deterministic), exactly as its plain call would from there.
+
+So the latent the student receives is at the noise level of a trained timestep, never re-noised up nor evaluated
+off its grid. (The official scripts pick the hand-over by the nearest base timestep, which with some scheduler
+pairs runs no base step at all; see shared/reference/seed_methods_2.md section 5.) ``k = 0`` is the student alone,
+bit for bit. A 1-step student has no trained timestep below tau_0, so any ``k >= 1`` is refused (with a
+ValueError naming the timesteps): hybrid sampling needs a multi-step student.
+
+A LoRA student shares its base with the teacher: :func:`lora_teacher` wraps the student's own network as the
+teacher (every adapter switched off for the teacher's calls), so no second copy of the weights is loaded.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .sampling import ddim_step
+
+
+def handover(trained, k: int, teacher_grid=None) -> tuple[list[float], int]:
+    """The hand-over rule (module docstring). ``trained``: the student's trained timesteps, noisiest first;
+    ``teacher_grid``: the teacher's timesteps (default: ``trained``). Returns ``(times, j)``: the teacher
+    evaluates at ``times[:-1]`` and its last step lands on ``times[-1] == trained[j]``; the student runs from
+    index ``j``. ``k = 0`` returns ``([], 0)``."""
+    trained = [float(t) for t in trained]
+    if isinstance(k, bool) or not isinstance(k, int) or k < 0:
+        raise ValueError(f"teacher steps must be an integer >= 0, got {k!r}")
+    if any(b >= a for a, b in zip(trained, trained[1:])):
+        raise ValueError(f"trained timesteps must be decreasing, got {trained}")
+    if k == 0:
+        return [], 0
+    grid = trained if teacher_grid is None else [float(g) for g in teacher_grid]
+    path = [trained[0]] + sorted({g for g in grid if g < trained[0]}, reverse=True)
+    stop = path[k] if k < len(path) else float("-inf")  # where the teacher's k-th step would end
+    later = [i for i, tau in enumerate(trained) if tau <= stop + 1e-9]
+    if not later:
+        where = f"timestep {stop:g}" if k < len(path) else "x0"
+        shown = [round(t, 4) if t % 1 else int(t) for t in trained]
+        raise ValueError(
+            f"{k} teacher step(s) end at {where}, below the student's last trained timestep {trained[-1]:g} "
+            f"(trained timesteps {shown}): no student step is left; use fewer teacher steps (at most "
+            f"{_max_steps(trained, path)})"
+        )
+    j = later[0]
+    return path[:k] + [trained[j]], j
+
+
+def _max_steps(trained, path) -> int:
+    return sum(1 for g in path[1:] if g >= trained[-1] - 1e-9)
+
+
+def teacher_grid_timesteps(teacher, num_steps: int) -> list[float]:
+    """The teacher's ``num_steps``-step trailing DDIM grid as teacher timesteps (for ``teacher_timesteps=``)."""
+    sched = teacher.schedule
+    return [float(v) for v in sched.t_to_timestep(sched.timesteps(num_steps))]
+
+
+@torch.no_grad()
+def teacher_prefix(
+    teacher,
+    x: torch.Tensor,
+    trained,
+    k: int,
+    class_labels=None,
+    guidance_scale: float = 1.0,
+    teacher_timesteps=None,
+    trace: list | None = None,
+) -> tuple[torch.Tensor, int]:
+    """Run the teacher's ``k`` steps from ``x`` (the student's initial sample at ``trained[0]``) and return the
+    latent at the hand-over timestep and the student's index ``j`` there (:func:`handover`). ``teacher`` is a
+    :class:`stepdistill.models.Teacher`; ``class_labels`` (B,) int labels or None; ``guidance_scale`` the
+    teacher's CFG scale. ``trace`` (a list) receives the teacher's predicted x0 at each of its steps."""
+    times, j = handover(trained, k, teacher_timesteps)
+    if not times:
+        return x, 0
+    cond = None
+    if class_labels is not None:
+        from .models.conditioning import ClassConditioner
+
+        cond = ClassConditioner.for_unet2d(teacher.net)(torch.as_tensor(class_labels).to(x.device))
+    sched = teacher.schedule
+    ts = sched.timestep_to_t(torch.tensor(times, dtype=torch.float64)).to(x.device)
+    b = x.shape[0]
+    for i in range(len(ts) - 1):
+        t, t_next = ts[i].expand(b), ts[i + 1].expand(b)
+        pred = teacher.raw(x, t, cond, guidance_scale)
+        x0, eps = sched.to_x0_eps(pred, x, t, teacher.prediction_type)
+        if trace is not None:
+            trace.append(x0.detach().float().cpu())
+        x = ddim_step(sched, x0, eps, t, t_next).to(x.dtype)
+    return x, j
+
+
+def lora_teacher(net, schedule, prediction_type: str):
+    """The teacher of a LoRA student on the same weights: ``net`` (the student's network, carrying the LoRA)
+    with every adapter switched off for the teacher's calls; no copy of the base is made."""
+    from .models import Teacher
+
+    return Teacher(net, schedule, prediction_type, shares_base=True)
+
+
+def step_x0(scheduler, step_output, model_output, t, x) -> torch.Tensor:
+    """The predicted x0 of one scheduler step (for x0 traces): the step's ``pred_original_sample`` (DDIM, EDM)
+    or ``denoised`` (LCM), else (TCD) converted from the model output with the scheduler's alphas."""
+    for name in ("pred_original_sample", "denoised"):
+        value = getattr(step_output, name, None)
+        if value is not None:
+            return value
+    ab = scheduler.alphas_cumprod.to(x.device)[int(t)].to(x.dtype)
+    a, s = ab.sqrt(), (1 - ab).sqrt()
+    kind = scheduler.config.prediction_type
+    if kind == "epsilon":
+        return (x - s * model_output) / a
+    if kind == "v_prediction":
+        return a * x - s * model_output
+    return model_output
+
+
+def hybrid_sample(pipe, teacher, k: int, **call_kwargs):
+    """Sample a stepdistill class / toy pipeline (an export) with the teacher for its first ``k`` steps:
+    ``pipe(..., teacher=teacher, teacher_steps=k)``. ``teacher`` is a :class:`stepdistill.models.Teacher`
+    (``Teacher.from_pretrained(folder)``, or :func:`lora_teacher` for a LoRA student)."""
+    return pipe(teacher=teacher, teacher_steps=k, **call_kwargs)
+
+
+def save_trace_grid(trace, path: str, max_samples: int = 8, scale: int = 4) -> str:
+    """The predicted-x0 trace as an image grid: one row per sample (the first ``max_samples``), one column per
+    sampler step (the paper's DT-visualisation). ``trace``: a list of (B, C, H, W) tensors in [-1, 1]."""
+    from .utils import save_image_grid
+
+    if not trace:
+        raise ValueError("the trace is empty: no sampler step was recorded")
+    steps = torch.stack([x[:max_samples].float().cpu() for x in trace], dim=1)  # (B, S, C, H, W)
+    save_image_grid(steps.flatten(0, 1), path, nrow=len(trace), scale=scale)
+    return path
+
+
+def structure_cosine(trace) -> float:
+    """Mean cosine between each sample's x0 after the first step and its last x0 (1: the structure is fixed
+    by the first step, as for distilled students; lower for teachers that keep changing it)."""
+    first, last = trace[0].flatten(1).double(), trace[-1].flatten(1).double()
+    return float(torch.nn.functional.cosine_similarity(first, last, dim=1).mean())
