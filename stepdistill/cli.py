@@ -173,6 +173,25 @@ def _sample_args(p):
     p.add_argument("--allow-download", action="store_true", help="let a hub id missing from the cache download")
 
 
+def _hybrid_args(p):
+    p.add_argument(
+        "--hybrid-teacher-steps",
+        type=_positive("--hybrid-teacher-steps"),
+        default=None,
+        metavar="K",
+        help="hybrid sampling of an export (diversity distillation): the teacher runs the first K steps, the "
+        "student its trained steps from the hand-over timestep on (see stepdistill/hybrid.py)",
+    )
+    p.add_argument("--teacher", default=None, help="the teacher's folder for --hybrid-teacher-steps (default: digits)")
+    p.add_argument("--teacher-guidance-scale", type=float, default=1.0, help="the teacher's CFG scale (hybrid)")
+    p.add_argument(
+        "--teacher-grid-steps",
+        type=_positive("--teacher-grid-steps"),
+        default=None,
+        help="the teacher's own M-step trailing grid for its steps (default: the student's trained timesteps)",
+    )
+
+
 def _model_path(args) -> str:
     if args.model is None:
         from .assets import digits_teacher_path
@@ -282,11 +301,13 @@ def _hybrid_teacher(args, trained):
     from .hybrid import handover, teacher_grid_timesteps
     from .models import Teacher
 
-    if not trained or args.steps is not None:
+    steps = getattr(args, "steps", None)
+    if not trained or steps is not None:
+        key, value = ("--model", args.model) if hasattr(args, "model") else ("--pipeline", args.pipeline)
         raise ConfigError(
-            f"--hybrid-teacher-steps needs --model to be a stepdistill export (model_index.json with trained "
-            f"timesteps, used as they are: no --steps); got --model {args.model!r}"
-            + (f" with --steps {args.steps}" if args.steps else "")
+            f"--hybrid-teacher-steps needs {key} to be a stepdistill export (model_index.json with trained "
+            f"timesteps, used as they are: no --steps); got {key} {value!r}"
+            + (f" with --steps {steps}" if steps else "")
         )
     if args.teacher is None:
         from .assets import digits_teacher_path
@@ -343,6 +364,13 @@ def cmd_fd_digits(args) -> int:
 def cmd_eval(args) -> int:
     from .eval.run import run_eval
 
+    kwargs = {}
+    if args.hybrid_teacher_steps:
+        trained = _exported_timesteps(args.pipeline) if os.path.isdir(args.pipeline) else None
+        teacher, grid = _hybrid_teacher(args, trained)
+        kwargs = {"teacher": teacher, "teacher_steps": args.hybrid_teacher_steps, "teacher_timesteps": grid}
+        kwargs["teacher_guidance_scale"] = args.teacher_guidance_scale
+
     metrics = run_eval(
         args.pipeline,
         args.reference,
@@ -360,6 +388,7 @@ def cmd_eval(args) -> int:
         kid_subset_size=args.kid_subset_size,
         cache_dir=args.cache_dir,
         resize=args.resize,
+        pipeline_kwargs=kwargs,
     )
     print(json.dumps(metrics, indent=2))
     return 0
@@ -453,22 +482,7 @@ def build_parser(argv=None) -> argparse.ArgumentParser:
     )
     sp.add_argument("--num", type=_positive("--num"), default=40, help="number of images")
     sp.add_argument("--out", default="samples.png", help="output PNG")
-    sp.add_argument(
-        "--hybrid-teacher-steps",
-        type=_positive("--hybrid-teacher-steps"),
-        default=None,
-        metavar="K",
-        help="hybrid sampling of an export (diversity distillation): the teacher runs the first K steps, the "
-        "student its trained steps from the hand-over timestep on (see stepdistill/hybrid.py)",
-    )
-    sp.add_argument("--teacher", default=None, help="the teacher's folder for --hybrid-teacher-steps (default: digits)")
-    sp.add_argument("--teacher-guidance-scale", type=float, default=1.0, help="the teacher's CFG scale (hybrid)")
-    sp.add_argument(
-        "--teacher-grid-steps",
-        type=_positive("--teacher-grid-steps"),
-        default=None,
-        help="the teacher's own M-step trailing grid for its steps (default: the student's trained timesteps)",
-    )
+    _hybrid_args(sp)
     sp.add_argument("--trace", default=None, help="also write the predicted x0 of every step as an image grid here")
     dm = command("demo", "DMD2 on the bundled digits teacher: train, export, reload, metrics")
     dm.add_argument("--out", default="outputs/demo", help="output folder (samples.png, metrics.json, pipeline/)")
@@ -491,7 +505,9 @@ def build_parser(argv=None) -> argparse.ArgumentParser:
     ev.add_argument("--prompts", default=None, help="prompt file (.txt / .jsonl) for text-to-image pipelines")
     ev.add_argument("--num-samples", type=_positive("--num-samples"), default=1000)
     ev.add_argument("--batch-size", type=_positive("--batch-size"), default=250)
-    ev.add_argument("--metrics", default=None, help="comma list of fd_digits,fid,kid,pr,clip (default: by reference)")
+    ev.add_argument(
+        "--metrics", default=None, help="comma list of fd_digits,fid,kid,pr,clip,diversity (default: by reference)"
+    )
     ev.add_argument("--inception-weights", default=None, help="local weights-inception-2015-12-05-6726825d.pth")
     ev.add_argument(
         "--resize",
@@ -516,6 +532,7 @@ def build_parser(argv=None) -> argparse.ArgumentParser:
     ev.add_argument("--cache-dir", default=None, help="where reference statistics (.npz) are cached")
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--out", default="outputs/eval", help="output folder (metrics.json, samples.png)")
+    _hybrid_args(ev)
     fd = command("fd-digits", "FD-digits of a digits model at several DDIM step counts (the stand-in for FID)")
     _sample_args(fd)
     fd.add_argument("--steps", type=_positive("--steps"), nargs="+", default=[1, 4, 10, 25, 50], help="DDIM steps")

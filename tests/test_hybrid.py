@@ -282,3 +282,58 @@ def test_cli_hybrid_errors_are_one_line(folders, tmp_path, capsys, model, extra,
     code, io = _cli(capsys, *args, *extra)
     assert code == 2
     assert io.err.startswith("error:") and message in io.err and len(io.err.strip().splitlines()) == 1
+
+
+# --------------------------------------------------------------------------------------------------------
+# diversity metrics
+# --------------------------------------------------------------------------------------------------------
+
+
+def test_diversity_scores_against_hand_worked_values():
+    from stepdistill.eval.diversity import grouped_diversity, mean_pairwise_distance, vendi_score
+
+    same = torch.tensor([[1.0, 2.0]] * 5)
+    assert mean_pairwise_distance(same) == 0.0
+    assert vendi_score(same) == pytest.approx(1.0)
+    # distances 5, 10, 5 between (0,0), (3,4), (6,8)
+    assert mean_pairwise_distance(torch.tensor([[0.0, 0.0], [3.0, 4.0], [6.0, 8.0]])) == pytest.approx(20 / 3)
+    assert vendi_score(torch.eye(3)) == pytest.approx(3.0)  # mutually orthogonal: 3 distinct samples
+    # two orthogonal directions, one twice: K / 3 has eigenvalues 2/3, 1/3, 0
+    two = torch.tensor([[1.0, 0.0], [0.0, 2.0], [3.0, 0.0]])
+    expect = torch.exp(-(torch.tensor(2 / 3) * torch.log(torch.tensor(2 / 3)) + torch.log(torch.tensor(1 / 3)) / 3))
+    assert vendi_score(two) == pytest.approx(float(expect))
+    div = grouped_diversity(torch.tensor([[0.0, 0.0], [3.0, 4.0], [1.0, 1.0], [1.0, 1.0], [9.0, 9.0]]), [0, 0, 1, 1, 2])
+    assert div["per_group"][0]["pairwise_distance"] == pytest.approx(5.0)
+    assert div["per_group"][1] == {"n": 2, "pairwise_distance": 0.0, "vendi": pytest.approx(1.0)}
+    assert 2 not in div["per_group"]  # one sample: no pair
+    assert div["mean_pairwise_distance"] == pytest.approx(2.5)
+    for bad in (torch.zeros(1, 3), torch.zeros(3)):
+        with pytest.raises(ValueError, match="N >= 2"):
+            mean_pairwise_distance(bad)
+    assert vendi_score(torch.zeros(4, 3)) == pytest.approx(1.0)  # zero vectors: one direction of their own
+    assert vendi_score(torch.tensor([[0.0, 0.0], [0.0, 0.0], [1.0, 0.0]])) == pytest.approx(float(expect))
+
+
+def test_eval_diversity_per_class_beside_recall_and_hybrid_through_eval(tmp_path):
+    """`stepdistill eval`'s diversity metric on a tiny 16x16 digits-shaped export, plain and hybrid."""
+    from stepdistill.eval.run import run_eval
+
+    student = tiny_unet2d(sample_size=16, in_channels=1, seed=2).eval()
+    folder = tmp_path / "student"
+    _pipe(student, "lcm", FOUR).save_pretrained(folder)
+    common = dict(num_samples=40, batch_size=40, metrics="diversity")
+    out = run_eval(str(folder), "digits", str(tmp_path / "e0"), **common)
+    div = out["diversity"]
+    assert div["feature_space"] == "digits" and 0 <= div["recall"] <= 1 and 0 <= div["precision"] <= 1
+    assert sorted(div["per_condition"], key=int) == [str(c) for c in range(10)]
+    assert all(v["n"] == 4 for v in div["per_condition"].values())
+    assert div["mean_pairwise_distance"] > 0 and 1 <= div["mean_vendi"] <= 4
+    assert out["seconds_per_image"] == pytest.approx(out["sampling_seconds"] / 40, rel=1e-3, abs=1e-5)
+    teacher_net = tiny_unet2d(sample_size=16, in_channels=1, seed=1).eval()
+    calls = []
+    hook = _record(teacher_net, "teacher", calls)
+    kw = {"teacher": _vp_teacher(teacher_net), "teacher_steps": 1}
+    hybrid = run_eval(str(folder), "digits", str(tmp_path / "e1"), pipeline_kwargs=kw, **common)
+    hook.remove()
+    assert [t for _, t, *_ in calls] == [999.0]  # one batch of 40: one teacher step
+    assert hybrid["diversity"]["mean_pairwise_distance"] != div["mean_pairwise_distance"]

@@ -17,8 +17,12 @@ cached statistics (rejected as stale when the folder it was computed from still 
 when it was computed with another feature extractor or crop protocol).
 
 Metrics: "fd_digits" (reference "digits"), "fid", "kid", "pr" (improved precision/recall in the same
-Inception feature space) and "clip" (needs prompts and an open_clip model). Default: ("fd_digits",) for the
-digits reference, else ("fid", "kid", "pr") plus "clip" when prompts and a CLIP model are given.
+Inception feature space), "clip" (needs prompts and an open_clip model) and "diversity" (intra-class / intra-prompt
+diversity, :mod:`stepdistill.eval.diversity`: mean pairwise feature distance and Vendi score among the samples of
+each class label or prompt, in the FD-digits classifier's features with the digits reference, beside precision /
+recall in those features; with another reference in the Inception features of fid / kid / pr, one of which it
+needs). Default: ("fd_digits",) for the digits reference, else ("fid", "kid", "pr") plus "clip" when prompts and a
+CLIP model are given.
 
 Sampling convention (reproducible, independent of the number of processes):
 
@@ -54,7 +58,7 @@ import torch
 from ..config import ConfigError, DataError
 from ..utils import save_image_grid, to_uint8, write_json
 
-METRICS = ("fd_digits", "fid", "kid", "pr", "clip")
+METRICS = ("fd_digits", "fid", "kid", "pr", "clip", "diversity")
 INCEPTION_METRICS = ("fid", "kid", "pr")
 DEMO_BATCH_SIZE = 250
 
@@ -84,6 +88,8 @@ def _validate_metrics(metrics, reference, prompts, clip_model) -> tuple[str, ...
         )
     if scored and reference is None:
         raise ConfigError(f"{scored} need a reference (a folder of images or a .npz of statistics)")
+    if "diversity" in metrics and reference != "digits" and not scored:
+        raise ConfigError(f"diversity with reference {reference!r} uses the Inception features: add fid, kid or pr")
     if "clip" in metrics:
         if prompts is None:
             raise ConfigError("the clip metric needs a prompt file (prompts=...)")
@@ -123,8 +129,9 @@ def _is_text_pipeline(pipe) -> bool:
 
 
 class _PipelineSource:
-    def __init__(self, folder, device, seed: int, batch_size: int):
-        """``folder``: an exported pipeline folder, or a hub id to download (``allow_download``)."""
+    def __init__(self, folder, device, seed: int, batch_size: int, call_kwargs=None):
+        """``folder``: an exported pipeline folder, or a hub id to download (``allow_download``); ``call_kwargs``:
+        extra arguments of every pipeline call (e.g. hybrid sampling's ``teacher`` / ``teacher_steps``)."""
         from diffusers import DiffusionPipeline
 
         import stepdistill  # noqa: F401  (registers our pipeline classes with diffusers)
@@ -132,6 +139,7 @@ class _PipelineSource:
         self.pipe = DiffusionPipeline.from_pretrained(str(folder)).to(device)
         self.pipe.set_progress_bar_config(disable=True)
         self.seed, self.batch_size = seed, batch_size
+        self.call_kwargs = dict(call_kwargs or {})
         unet = getattr(self.pipe, "unet", None)
         if _is_text_pipeline(self.pipe):
             self.kind = "text"
@@ -178,12 +186,12 @@ class _PipelineSource:
         if self.kind == "text":
             g = torch.Generator().manual_seed(self.seed * 1000003 + chunk_index)
             chunk_prompts = [prompts[i % len(prompts)] for i in range(start, stop)]
-            out = self.pipe(prompt=chunk_prompts, generator=g, output_type="pt").images
+            out = self.pipe(prompt=chunk_prompts, generator=g, output_type="pt", **self.call_kwargs).images
         elif self.kind == "class":
             labels = torch.arange(start, stop) % self.num_classes
-            out = self.pipe(class_labels=labels, generator=self.generator, output_type="pt").images
+            out = self.pipe(class_labels=labels, generator=self.generator, output_type="pt", **self.call_kwargs).images
         else:
-            out = self.pipe(num_images=n, generator=self.generator, output_type="pt").images
+            out = self.pipe(num_images=n, generator=self.generator, output_type="pt", **self.call_kwargs).images
         return (out.float() * 2 - 1).cpu()
 
 
@@ -202,12 +210,16 @@ def _resolve_pipeline(pipeline, allow_download: bool) -> str:
     return resolve_model_path(str(pipeline), allow_download=bool(allow_download), key="--pipeline")
 
 
-def _open_source(pipeline, num_samples, mode, center_crop_size, device, seed, batch_size):
+def _open_source(pipeline, num_samples, mode, center_crop_size, device, seed, batch_size, call_kwargs=None):
     path = Path(pipeline)
     if not path.is_dir():  # a hub id allowed to download
-        return _PipelineSource(str(pipeline), device, seed, batch_size)
+        return _PipelineSource(str(pipeline), device, seed, batch_size, call_kwargs)
     if (path / "model_index.json").is_file():
-        return _PipelineSource(path, device, seed, batch_size)
+        return _PipelineSource(path, device, seed, batch_size, call_kwargs)
+    if call_kwargs:
+        raise ConfigError(
+            f"{pipeline} is a folder of images: pipeline call arguments {sorted(call_kwargs)} need a pipeline"
+        )
     return _FolderSource(path, num_samples, mode, center_crop_size)
 
 
@@ -312,6 +324,7 @@ def run_eval(
     feature_extractor: torch.nn.Module | None = None,
     grid_size: int | None = None,
     resize: str = "torchmetrics",
+    pipeline_kwargs: dict | None = None,
 ) -> dict:
     """Sample ``num_samples`` images from ``pipeline`` (or read them from a folder) and score them against
     ``reference``; write ``metrics.json`` and ``samples.png`` to ``out_dir`` and return the metrics.
@@ -321,7 +334,8 @@ def run_eval(
     resize to 299, "torchmetrics" or "tf1" (see :mod:`stepdistill.eval.fid`). ``allow_download`` lets the
     Inception weights, an open_clip pretrained tag and a hub-id ``pipeline`` download. See the module docstring
     for sources, references and the sampling convention. Paths, sample counts and settings are checked before
-    any model loads.
+    any model loads. ``pipeline_kwargs``: extra arguments of every pipeline call (hybrid sampling:
+    ``{"teacher": Teacher, "teacher_steps": k, "teacher_guidance_scale": w}``, see :mod:`stepdistill.hybrid`).
     """
     from accelerate import Accelerator
     from accelerate.utils import gather_object
@@ -380,15 +394,17 @@ def run_eval(
         # main process only (it alone scores); the others learn whether it failed, so they do not wait forever
         ref_stats, info = _on_main_process(acc, prepare_reference, share_result=False) or (None, {})
 
-    mode = "L" if "fd_digits" in metrics else "RGB"
-    source = _open_source(pipeline, num_samples, mode, center_crop_size, device, seed, batch_size)
+    digits = "fd_digits" in metrics or ("diversity" in metrics and reference == "digits")  # digit images scored
+    mode = "L" if digits else "RGB"
+    source = _open_source(pipeline, num_samples, mode, center_crop_size, device, seed, batch_size, pipeline_kwargs)
     if source.kind == "text" and prompt_list is None:
         raise ConfigError(f"{pipeline} is a text-to-image pipeline: pass a prompt file (prompts=...)")
-    if "fd_digits" in metrics:
+    if digits:
         from .fd_digits import load_classifier
 
         if source.kind == "text" or (source.kind != "folder" and source.channels != 1):
-            raise ConfigError(f"fd_digits needs 1-channel digit images; {pipeline} produces other images")
+            raise ConfigError(f"{'/'.join(metrics)} need 1-channel digit images; {pipeline} produces other images")
+    if "fd_digits" in metrics:
         need = int(load_classifier().num_features) + 1
         if num_samples < need:
             raise ConfigError(f"FD-digits needs at least {need} generated images, got num_samples={num_samples}")
@@ -412,8 +428,8 @@ def run_eval(
         )
         for c, start, stop in mine:
             imgs = source.images(c, start, stop, prompt_list)
-            res = {"start": start}
-            if "fd_digits" in metrics:
+            res = {"start": start, "groups": _groups(source, start, stop, prompt_list)}
+            if digits:
                 res["digits"] = imgs if imgs.is_floating_point() else imgs.float() / 127.5 - 1
             u8 = imgs if imgs.dtype == torch.uint8 else to_uint8(imgs)
             if center_crop_size is not None and source.kind != "folder":  # folders are cropped when read
@@ -442,6 +458,7 @@ def run_eval(
         "num_processes": acc.num_processes,
         "sampling_seconds": round(time.perf_counter() - t0, 3),
     }
+    header["seconds_per_image"] = round(header["sampling_seconds"] / num_samples, 6)
     if extractor is not None and feature_extractor is None:
         header["inception_resize"] = resize
     run = SimpleNamespace(
@@ -461,6 +478,48 @@ def run_eval(
     )
     gathered = gather_object(results)
     return _on_main_process(acc, lambda: _score(gathered, metrics, header, run), share_result=True)
+
+
+def _groups(source, start: int, stop: int, prompts) -> torch.Tensor:
+    """The condition of each sample (diversity is measured within each): its class label, its prompt's index, or
+    0 (unconditional pipelines, folders)."""
+    index = torch.arange(start, stop)
+    if getattr(source, "kind", None) == "class":
+        return index % source.num_classes
+    if getattr(source, "kind", None) == "text" and prompts:
+        return index % len(prompts)
+    return torch.zeros_like(index)
+
+
+def _diversity(gathered, run: SimpleNamespace, space: str) -> dict:
+    """Intra-condition diversity (stepdistill.eval.diversity) in the digits classifier's features (with
+    precision / recall against the held-out digits in those features) or in the Inception features."""
+    from .diversity import grouped_diversity
+
+    groups = torch.cat([r["groups"] for r in gathered])
+    out = {"feature_space": space}
+    if space == "digits":
+        from ..data.digits import load_digits_tensors
+        from .fd_digits import load_classifier
+        from .precision_recall import precision_recall
+
+        net = load_classifier()
+        images = torch.cat([r["digits"] for r in gathered])
+        with torch.no_grad():
+            feats = torch.cat([net.features(x) for x in images.split(500)])
+            real = load_digits_tensors("test", int(images.shape[-1]))[0]
+            real = torch.cat([net.features(x) for x in real.split(500)])
+        pr = precision_recall(real, feats, k=run.pr_k)
+        out.update({"precision": pr["precision"], "recall": pr["recall"], "pr_k": run.pr_k})
+    else:
+        feats = torch.cat([r["features"] for r in gathered])
+    div = grouped_diversity(feats, groups)
+    out.update(
+        mean_pairwise_distance=div["mean_pairwise_distance"],
+        mean_vendi=div["mean_vendi"],
+        per_condition={str(g): v for g, v in div["per_group"].items()},
+    )
+    return out
 
 
 def _on_main_process(acc, fn, share_result: bool):
@@ -517,6 +576,8 @@ def _score(gathered, metrics, header: dict, run: SimpleNamespace) -> dict:
 
             pr = precision_recall(torch.from_numpy(run.ref_stats.features), feats, k=run.pr_k)
             out.update({"precision": pr["precision"], "recall": pr["recall"], "pr_k": run.pr_k})
+    if "diversity" in metrics:
+        out["diversity"] = _diversity(gathered, run, "digits" if "digits" in gathered[0] else "inception")
     if "clip" in metrics:
         from .clip_score import summarize_cosines
 
