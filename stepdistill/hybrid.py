@@ -155,3 +155,61 @@ def structure_cosine(trace) -> float:
     by the first step, as for distilled students; lower for teachers that keep changing it)."""
     first, last = trace[0].flatten(1).double(), trace[-1].flatten(1).double()
     return float(torch.nn.functional.cosine_similarity(first, last, dim=1).mean())
+
+
+# --------------------------------------------------------------------------------------------------------
+# control transfer: a LoRA trained on the teacher applied to the student, and vice versa
+# --------------------------------------------------------------------------------------------------------
+
+
+def transfer_lora(target, source, adapter_name: str = "default", *, new_name: str | None = None, fuse: bool = False):
+    """Apply the LoRA ``adapter_name`` of ``source`` to ``target`` (Gandikota & Bau 2025, section 5.3): a LoRA
+    (a style, a concept slider) trained on the teacher works unchanged on a distilled student, and vice versa,
+    because a full-copy student (or a LoRA student merged into the base) has the teacher's module names and
+    shapes.
+
+    ``source``: a network carrying the adapter (peft, e.g. :func:`stepdistill.models.adapters.add_lora`), or a
+    ``(peft LoraConfig, state dict in peft naming)`` pair (:func:`~stepdistill.models.adapters.lora_state_dict`).
+    The adapter is injected into ``target`` under ``new_name`` (default ``adapter_name``) and its weights copied;
+    ``fuse=True`` folds it into ``target``'s weights instead (no adapter left). Mismatched module names or shapes
+    raise a ValueError naming them. Returns ``target``."""
+    from peft import inject_adapter_in_model, set_peft_model_state_dict
+
+    from .models.adapters import _forget, adapter_names, lora_state_dict, merge_lora, set_active_adapter
+
+    if isinstance(source, torch.nn.Module):
+        if adapter_name not in adapter_names(source):
+            raise ValueError(f"the source carries no adapter {adapter_name!r}; have {sorted(adapter_names(source))}")
+        config, state = source.peft_config[adapter_name], lora_state_dict(source, adapter_name)
+    else:
+        config, state = source
+    name = new_name or adapter_name
+    if name in adapter_names(target):
+        raise ValueError(f"{type(target).__name__} already carries an adapter named {name!r}; pass new_name=")
+    if fuse and adapter_names(target):
+        raise ValueError(f"merge the adapters {sorted(adapter_names(target))} of the target first, then fuse")
+    modules = dict(target.named_modules())
+    bad = []
+    for key, value in state.items():  # e.g. "down_blocks.0.attentions.0.to_q.lora_A.weight"
+        module_key, _, rest = key.partition(".lora_")
+        base = modules.get(module_key)
+        weight = getattr(base, "weight", None)
+        if weight is None:
+            bad.append(f"{module_key} (missing)")
+            continue
+        axis = 1 if rest.startswith("A") else 0  # lora_A: (r, in), lora_B: (out, r) for linear layers
+        if value.shape[axis] != weight.shape[axis]:
+            bad.append(f"{key} {tuple(value.shape)} vs base {tuple(weight.shape)}")
+    if bad:
+        raise ValueError(f"the LoRA does not fit {type(target).__name__}: " + "; ".join(bad[:5]))
+    inject_adapter_in_model(config, target, adapter_name=name)
+    _forget(target)
+    result = set_peft_model_state_dict(target, state, adapter_name=name)
+    missing = [k for k in getattr(result, "unexpected_keys", []) if "lora_" in k]
+    if missing:
+        raise ValueError(f"LoRA weights not loaded into {type(target).__name__}: {missing[:5]}")
+    if not hasattr(target, "peft_config"):
+        target.peft_config = {}
+    target.peft_config[name] = config
+    set_active_adapter(target, name)
+    return merge_lora(target, name) if fuse else target

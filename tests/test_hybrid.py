@@ -337,3 +337,64 @@ def test_eval_diversity_per_class_beside_recall_and_hybrid_through_eval(tmp_path
     hook.remove()
     assert [t for _, t, *_ in calls] == [999.0]  # one batch of 40: one teacher step
     assert hybrid["diversity"]["mean_pairwise_distance"] != div["mean_pairwise_distance"]
+
+
+# --------------------------------------------------------------------------------------------------------
+# control transfer
+# --------------------------------------------------------------------------------------------------------
+
+
+def _deltas(before, after):
+    b = dict(before.named_parameters())
+    return {k: (v - b[k]).detach() for k, v in after.named_parameters() if k in b}
+
+
+@pytest.mark.parametrize("direction", ["teacher->student", "student->teacher"])
+def test_lora_transfers_between_teacher_and_student_with_the_same_weight_change(direction):
+    from stepdistill.hybrid import transfer_lora
+    from stepdistill.models.adapters import adapters_disabled, merge_lora
+
+    teacher, student = _net(1), _net(2)  # a full-copy student: the teacher's architecture, other weights
+    src, dst = (teacher, student) if direction == "teacher->student" else (student, teacher)
+    src_base, dst_base = copy.deepcopy(src), copy.deepcopy(dst)
+    add_lora(src, rank=2, init_lora_weights=False)
+    src_delta = _deltas(src_base, merge_lora(copy.deepcopy(src), "default"))
+    fused = transfer_lora(copy.deepcopy(dst_base), src, fuse=True)
+    dst_delta = _deltas(dst_base, fused)
+    changed = [k for k, v in src_delta.items() if v.abs().max() > 0]
+    assert changed  # the LoRA changes some weights, and the same change lands on the other network
+    for k in src_delta:
+        torch.testing.assert_close(dst_delta[k], src_delta[k], atol=1e-6, rtol=1e-5)
+    live = transfer_lora(copy.deepcopy(dst_base), src, new_name="style")  # as an adapter, switchable
+    x, t = torch.randn(3, 1, 8, 8), torch.full((3,), 500.0)
+    with torch.no_grad():
+        torch.testing.assert_close(live(x, t, LABELS).sample, fused(x, t, LABELS).sample, atol=1e-5, rtol=1e-5)
+        with adapters_disabled(live):
+            torch.testing.assert_close(live(x, t, LABELS).sample, dst_base(x, t, LABELS).sample)
+    images = _run(_pipe(live, "lcm", FOUR))  # the student's pipeline samples with the transferred control
+    assert images.shape == (3, 1, 8, 8) and torch.isfinite(images).all()
+
+
+def test_lora_transfer_refuses_other_shapes():
+    from diffusers import UNet2DModel
+
+    from stepdistill.hybrid import transfer_lora
+
+    teacher = _net(1)
+    add_lora(teacher, rank=2)
+    other = UNet2DModel(
+        sample_size=8,
+        in_channels=1,
+        out_channels=1,
+        block_out_channels=(8, 24),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+        norm_num_groups=4,
+        attention_head_dim=8,
+        num_class_embeds=11,
+    )
+    with pytest.raises(ValueError, match="does not fit UNet2DModel"):
+        transfer_lora(other, teacher)
+    with pytest.raises(ValueError, match="no adapter 'nope'"):
+        transfer_lora(_net(2), teacher, "nope")
