@@ -142,6 +142,40 @@ def test_one_step_student_k0_runs_the_student_once_and_k1_is_refused():
         h.remove()
 
 
+@pytest.mark.parametrize("kind", ["lcm", "ddim"])
+def test_toy_pipeline_hybrid_counts_and_k0(kind):
+    from stepdistill.models.toy import ToyMLP
+    from stepdistill.pipelines import StepDistillToyPipeline
+
+    torch.manual_seed(0)
+    teacher_net, student_net = ToyMLP(hidden=16, layers=1).eval(), ToyMLP(hidden=16, layers=1).eval()
+    pipe = StepDistillToyPipeline(
+        unet=student_net, scheduler=student_scheduler(kind, VP_EPS, FOUR), trained_timesteps=FOUR
+    )
+    pipe.set_progress_bar_config(disable=True)
+    teacher = _vp_teacher(teacher_net)
+    calls = []
+    hooks = [_record(teacher_net, "teacher", calls), _record(student_net, "student", calls)]
+
+    def run(**kw):
+        return pipe(num_samples=5, generator=torch.Generator().manual_seed(0), **kw).samples
+
+    plain = run()
+    assert torch.equal(run(teacher=teacher, teacher_steps=0), plain)
+    calls.clear()
+    trace = []
+    run(teacher=teacher, teacher_steps=3, trace=trace)
+    for h in hooks:
+        h.remove()
+    assert [(n, t) for n, t, *_ in calls] == [
+        ("teacher", 999.0),
+        ("teacher", 749.0),
+        ("teacher", 499.0),
+        ("student", 249.0),
+    ]
+    assert len(trace) == 4
+
+
 def test_edm_student_hands_over_at_its_trained_noise_level():
     """An EDM student (Karras-grid timesteps, re-noising): the teacher's c_noise, then the student's."""
     teacher_net, student_net = _net(1), _net(2)
