@@ -235,6 +235,10 @@ def cmd_sample(args) -> int:
     from .pipelines import sample_toy, toy_model_kind
 
     if toy_model_kind(path):  # a 2-D toy teacher or exported toy generator: a scatter plot (+ the points)
+        if args.trace or args.hybrid_teacher_steps:
+            from .config import ConfigError
+
+            raise ConfigError("--trace / --hybrid-teacher-steps draw images; for toy pipelines use the Python API")
         return sample_toy(path, args.num, args.steps or 50, args.seed, args.out)
     trained = _exported_timesteps(path)
     g = torch.Generator().manual_seed(args.seed)
