@@ -163,6 +163,8 @@ class _PipelineSource:
         size = unet.config.sample_size
         shape = (n_images, unet.config.in_channels, size, size)
         steps = len(self.pipe.config.trained_timesteps)
+        if self.call_kwargs.get("teacher_steps"):
+            raise RuntimeError("cannot reproduce the noise stream of hybrid sampling across processes; use one process")
         if steps > 1 and not isinstance(self.pipe.scheduler, LCMScheduler):
             raise RuntimeError(
                 f"cannot reproduce the noise stream of a {steps}-step {type(self.pipe.scheduler).__name__} pipeline "
