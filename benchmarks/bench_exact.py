@@ -159,6 +159,10 @@ def _trainer_classes(method: str):
         from stepdistill.trainers.progressive import ProgressiveConfig, ProgressiveTrainer
 
         return ProgressiveTrainer, ProgressiveConfig
+    if method == "meanflow":
+        from stepdistill.trainers.meanflow import MeanFlowConfig, MeanFlowTrainer
+
+        return MeanFlowTrainer, MeanFlowConfig
     if method == "scm":
         from stepdistill.trainers.scm import SCMConfig, SCMTrainer
 
@@ -166,7 +170,8 @@ def _trainer_classes(method: str):
     raise ValueError(f"unknown method {method!r}")
 
 
-RECIPE = {"dmd2": "dmd2", "sim": "sim", "vsd": "vsd", "lcm": "consistency", "progressive": "progressive", "scm": "scm"}
+RECIPE = {"dmd2": "dmd2", "sim": "sim", "vsd": "vsd", "lcm": "consistency", "progressive": "progressive", "scm": "scm",
+          "meanflow": "meanflow"}
 _NOT_SETTINGS = ("method", "teacher", "output_dir", "dataset", "checkpoint_every", "seed")
 
 
@@ -257,6 +262,7 @@ ROWS = [
     ("progressive", "progressive", (1,), {}),
     ("progressive 4-step", "progressive", (4,), {"final_steps": 4}),
     ("sCD", "scm", (1, 2), {}),
+    ("MeanFlow distill", "meanflow", (1, 2), {}),
 ]
 
 def budget(method: str, cfg) -> str:
@@ -264,7 +270,7 @@ def budget(method: str, cfg) -> str:
     if method == "progressive":
         rounds = int(round(math.log2(cfg.start_steps / cfg.final_steps)))
         return f"{rounds} x {cfg.steps_per_round} it, batch {cfg.global_batch}"
-    if method in ("lcm", "scm"):
+    if method in ("lcm", "scm", "meanflow"):
         return f"{cfg.max_steps} it, batch {cfg.global_batch}"
     r = cfg.dfake_gen_update_ratio
     return f"{cfg.max_steps} it ({cfg.max_steps // r} gen.), batch {cfg.global_batch}"

@@ -407,7 +407,7 @@ def export_generator(trainer, path: str) -> str:
     elif name == "SD3Transformer2DModel":
         card = _sd3_pipeline(teacher_path, net, scheduler, timesteps, path, w)
     elif name == "ToyMLP":
-        card = _toy_pipeline(net, scheduler, timesteps, path, kind)
+        card = _toy_pipeline(net, scheduler, timesteps, path, kind, w if w_cond else None)
     else:
         raise ValueError(
             f"export of a {name} generator is not supported (UNet2DModel, UNet2DConditionModel, "
@@ -573,12 +573,17 @@ def _pixel_pipeline(net, scheduler, timesteps, path, kind, w):
     return card
 
 
-def _toy_pipeline(net, scheduler, timesteps, path, kind="lcm"):
-    """StepDistillToyPipeline: the ToyMLP (safetensors + config.json) and the student scheduler."""
+def _toy_pipeline(net, scheduler, timesteps, path, kind="lcm", w=None):
+    """StepDistillToyPipeline: the ToyMLP (safetensors + config.json) and the student scheduler (``w``: the constant
+    ``timestep_cond`` = embed(w - 1) of a ToyMLP with that input)."""
     from .pipelines import StepDistillToyPipeline
 
     pipe = StepDistillToyPipeline(
-        unet=net, scheduler=scheduler, trained_timesteps=timesteps, renoise=edm_renoise(scheduler, kind)
+        unet=net,
+        scheduler=scheduler,
+        trained_timesteps=timesteps,
+        renoise=edm_renoise(scheduler, kind),
+        default_guidance_scale=w,
     )
     plain = _plain(
         path, "points = pipe(num_samples=1000, generator=torch.Generator().manual_seed(0)).samples  # (N, 2)"

@@ -265,11 +265,13 @@ class StepDistillToyPipeline(_PrivateSettings, DiffusionPipeline):
 
     model_cpu_offload_seq = "unet"
 
-    def __init__(self, unet, scheduler, trained_timesteps=None, renoise=None):
+    def __init__(self, unet, scheduler, trained_timesteps=None, renoise=None, default_guidance_scale=None):
         super().__init__()
         self.register_modules(unet=unet, scheduler=scheduler)
         self.register_to_config(trained_timesteps=list(trained_timesteps or [scheduler.config.num_train_timesteps - 1]))
         _register_renoise(self, renoise)
+        if default_guidance_scale is not None:  # a ToyMLP with a timestep_cond input (MeanFlow): embed(w - 1)
+            self.register_to_config(default_guidance_scale=float(default_guidance_scale))
 
     @torch.no_grad()
     def __call__(
@@ -292,11 +294,18 @@ class StepDistillToyPipeline(_PrivateSettings, DiffusionPipeline):
         shape = (int(num_samples), self.unet.config.dim)
         x = initial_sample(self.scheduler, shape, generator, self.device, self.unet.dtype)
         x, start = _hybrid_start(self, x, None, teacher, teacher_steps, 1.0, teacher_timesteps, trace)
+        kwargs = {}
+        w_dim = getattr(self.unet.config, "time_cond_proj_dim", None)
+        if w_dim:
+            from .guidance import guidance_scale_embedding
+
+            w = torch.full((shape[0],), float(self.config.get("default_guidance_scale", 1.0)) - 1.0)
+            kwargs["timestep_cond"] = guidance_scale_embedding(w, w_dim).to(self.device, self.unet.dtype)
         for i, t in enumerate(self.progress_bar(self.scheduler.timesteps)):
             if i < start:  # run by the teacher (hybrid sampling)
                 continue
             x_in = self.scheduler.scale_model_input(x, t)
-            out = self.unet(x_in, torch.as_tensor(t, device=self.device, dtype=torch.float32))
+            out = self.unet(x_in, torch.as_tensor(t, device=self.device, dtype=torch.float32), **kwargs)
             x = student_step(self.scheduler, out, t, x, i, generator, self.config.get("renoise", None), trace)
         samples = x if output_type == "pt" else x.cpu().float().numpy()
         if not return_dict:

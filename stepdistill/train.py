@@ -17,6 +17,7 @@ METHODS = {
     "boot": ("stepdistill.trainers.boot", "BOOTTrainer", "data-free distillation by bootstrapping (BOOT)"),
     "msd": ("stepdistill.trainers.msd", "MSDTrainer", "multi-student distillation: K routed DMD2 students"),
     "progressive": ("stepdistill.trainers.progressive", "ProgressiveTrainer", "progressive / guided distillation"),
+    "meanflow": ("stepdistill.trainers.meanflow", "MeanFlowTrainer", "MeanFlow: one/few-step average-velocity model"),
     "consistency": (
         "stepdistill.trainers.consistency",
         "ConsistencyTrainer",

@@ -45,7 +45,9 @@ def teacher(tmp_path_factory):
 
 
 def test_every_toy_recipe_is_covered():
-    assert {_name(p) for p in RECIPES} == {"dmd2", "sim", "vsd", "progressive", "consistency", "boot", "disback", "scm"}
+    assert {_name(p) for p in RECIPES} == {
+        "dmd2", "sim", "vsd", "progressive", "consistency", "boot", "disback", "meanflow", "scm"
+    }
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=_name)

@@ -67,11 +67,13 @@ def network_call(net) -> Callable:
         )
 
     def call_plain(m, x, time, kw):
-        extra = set(kw) - {"cond"}
+        extra = set(kw) - {"cond", "timestep_cond"}
         if extra:
             raise ValueError(
                 f"plain callables take model(x_t, timestep, cond); unexpected condition keys {sorted(extra)}"
             )
+        if "timestep_cond" in kw:  # a second time / guidance input (ToyMLP with time_cond_proj_dim)
+            return _output(m(x, time, kw.get("cond"), timestep_cond=kw["timestep_cond"]))
         return _output(m(x, time, kw.get("cond")))
 
     return call_plain

@@ -22,9 +22,14 @@ class ToyMLP(ModelMixin, ConfigMixin):
         time_dim: int = 32,
         num_class_embeds: int | None = None,
         time_scale: float = 1000.0,
+        time_cond_proj_dim: int | None = None,
     ):
         super().__init__()
         self.time_proj = nn.Linear(time_dim, hidden)
+        # a second time / guidance input (``timestep_cond``), projected onto the time features, zero-initialised
+        self.cond_proj = nn.Linear(time_cond_proj_dim, time_dim, bias=False) if time_cond_proj_dim else None
+        if self.cond_proj is not None:
+            nn.init.zeros_(self.cond_proj.weight)
         self.class_embed = nn.Embedding(num_class_embeds, hidden) if num_class_embeds else None
         self.inp = nn.Linear(dim, hidden)
         self.blocks = nn.ModuleList(nn.Sequential(nn.SiLU(), nn.Linear(hidden, hidden)) for _ in range(layers))
@@ -36,9 +41,14 @@ class ToyMLP(ModelMixin, ConfigMixin):
         args = (timestep.float().reshape(-1, 1) / self.config.time_scale * 1000.0) * freqs
         return torch.cat([torch.sin(args), torch.cos(args)], dim=1)
 
-    def forward(self, x: torch.Tensor, timestep, cond=None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, timestep, cond=None, timestep_cond=None) -> torch.Tensor:
         timestep = torch.as_tensor(timestep, device=x.device).expand(x.shape[0])
-        h = self.inp(x) + self.time_proj(self._time_embedding(timestep))
+        temb = self._time_embedding(timestep)
+        if self.cond_proj is not None:
+            if timestep_cond is None:
+                raise ValueError(f"this ToyMLP needs timestep_cond (B, {self.config.time_cond_proj_dim})")
+            temb = temb + self.cond_proj(timestep_cond.to(temb.dtype))
+        h = self.inp(x) + self.time_proj(temb)
         if self.class_embed is not None and cond is not None:
             h = h + self.class_embed(cond)
         for block in self.blocks:
