@@ -366,8 +366,24 @@ def cmd_fd_digits(args) -> int:
 
 
 def cmd_eval(args) -> int:
+    from .config import ConfigError
     from .eval.run import run_eval
 
+    if args.forget_label is not None or args.remap_label is not None:  # SFD's forgetting report (class models)
+        from .eval.forget import forget_report
+
+        if args.forget_label is None:
+            raise ConfigError("--remap-label needs --forget-label (the class that was forgotten)")
+        if args.reference != "digits" or args.prompts or args.metrics or args.hybrid_teacher_steps:
+            raise ConfigError("--forget-label scores digits models with the digits classifier; drop --reference, "
+                              "--prompts, --metrics and --hybrid-teacher-steps")
+        metrics = forget_report(
+            args.pipeline, args.forget_label, args.remap_label, num_samples=args.num_samples,
+            forget_samples=args.forget_samples, teacher_steps=args.teacher_steps, batch_size=args.batch_size,
+            seed=args.seed, out_dir=args.out,
+        )
+        print(json.dumps(metrics, indent=2))
+        return 0
     kwargs = {}
     if args.hybrid_teacher_steps:
         trained = _exported_timesteps(args.pipeline) if os.path.isdir(args.pipeline) else None
@@ -537,6 +553,13 @@ def build_parser(argv=None) -> argparse.ArgumentParser:
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--out", default="outputs/eval", help="output folder (metrics.json, samples.png)")
     _hybrid_args(ev)
+    ev.add_argument("--forget-label", type=int, default=None, help="SFD report of a class-conditional digits model: "
+                    "share of this label's samples the classifier still assigns to it, FD-digits of the other labels")
+    ev.add_argument("--remap-label", type=int, default=None, help="with --forget-label: the class it was remapped to")
+    ev.add_argument("--forget-samples", type=_positive("--forget-samples"), default=500,
+                    help="with --forget-label: samples of the forgotten label")
+    ev.add_argument("--teacher-steps", type=_positive("--teacher-steps"), default=50,
+                    help="with --forget-label and a teacher (--pipeline digits or unet/ + scheduler/): DDIM steps")
     fd = command("fd-digits", "FD-digits of a digits model at several DDIM step counts (the stand-in for FID)")
     _sample_args(fd)
     fd.add_argument("--steps", type=_positive("--steps"), nargs="+", default=[1, 4, 10, 25, 50], help="DDIM steps")

@@ -1,0 +1,197 @@
+"""SFD (score forgetting distillation, stepdistill.trainers.sfd): the forgetting term and remapping by hand, the
+trainer on the analytic class-conditional mixture (the forgotten class moves to the remap target's mode, the
+other classes stay, the teacher is untouched), SFD with zero forget weights equal to SIM-l2 on the remaining
+data, one-line config errors, the text-conditional path on tiny SD1.5 components, and the forgetting report."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from stepdistill.cli import main
+from stepdistill.config import ConfigError
+from stepdistill.eval.forget import forget_fractions, remaining_labels
+from stepdistill.models.analytic import GaussianMixture, MixtureDataset, mixture_teacher
+from stepdistill.models.toy import ToyMLP
+from stepdistill.trainers.sfd import SFDConfig, SFDTrainer, remap_labels, remap_prompt, sfd_forget_term
+from stepdistill.trainers.sim import SIMConfig, SIMTrainer
+from stepdistill.trainers.student import PlainLabels
+
+ROOT = Path(__file__).resolve().parents[1]
+DIGITS = str(ROOT / "recipes" / "sfd" / "digits.yaml")
+
+
+# ---------------------------------------------------------------- pure pieces, by hand
+
+
+def test_forget_term_by_hand():
+    # sample 1: D_r - D_f = (1, 0), (D_r - x) - 1.2 (D_r - D_f) = (-0.2, 1): dot -0.2, mean|x - D_r| = 1 -> -0.2
+    # sample 2: D_r - D_f = (2, 0), (D_r - x) - 1.2 (D_r - D_f) = (-0.4, 0): dot -0.8, mean|x - D_r| = 1 -> -0.8
+    x = torch.tensor([[1.0, 0.0], [0.0, 0.0]])
+    d_override = torch.tensor([[2.0, 1.0], [2.0, 0.0]])  # the teacher at the override condition
+    d_fake = torch.tensor([[1.0, 1.0], [0.0, 0.0]])  # the fake score at the forget condition
+    torch.testing.assert_close(sfd_forget_term(x, d_override, d_fake, alpha=1.2), torch.tensor(-0.5))
+    # alpha 1: (D_r - D_f) . (D_f - x) / w: sample 1 (1, 0) . (0, 1) = 0; sample 2 (2, 0) . (0, 0) = 0
+    torch.testing.assert_close(sfd_forget_term(x, d_override, d_fake, alpha=1.0), torch.tensor(0.0))
+    # the gradient w.r.t. x (D's constant here): -(D_r - D_f) / w per sample, over the batch of 2
+    x.requires_grad_(True)
+    sfd_forget_term(x, d_override, d_fake, alpha=1.2).backward()
+    torch.testing.assert_close(x.grad, torch.tensor([[-0.5, 0.0], [-1.0, 0.0]]))
+
+
+def test_remap_labels_and_prompts():
+    labels = torch.tensor([0, 3, 1, 0, 2])
+    assert remap_labels(labels, [0], [1]).tolist() == [1, 3, 1, 1, 2]
+    assert remap_labels(labels, [0, 2], [5, 6]).tolist() == [5, 3, 1, 5, 6]
+    assert remap_labels(labels, [0, 2], [7]).tolist() == [7, 3, 1, 7, 7]
+    assert remap_prompt("A photo of Brad Pitt smiling", "brad pitt", "a middle aged man") == (
+        "A photo of a middle aged man smiling"
+    )
+    assert remap_prompt("a cat", "brad pitt", "a man") == "a cat"
+
+
+def test_forget_fractions_and_remaining_labels():
+    out = forget_fractions(torch.tensor([0, 1, 1, 3, 0, 1, 1, 1]), 0, 1, 4)
+    assert out == {"forget_fraction": 0.25, "forget_predictions": [2, 5, 0, 1], "remap_fraction": 0.625}
+    assert "remap_fraction" not in forget_fractions(torch.tensor([2]), 0, None, 4)
+    assert remaining_labels(7, 4, 1).tolist() == [0, 2, 3, 0, 2, 3, 0]
+
+
+# ---------------------------------------------------------------- the trainer on the analytic mixture
+
+MIX = GaussianMixture([[-2.0, 0.0], [2.0, 0.0], [0.0, 2.0]], 0.1)  # class k = mode k
+
+
+class TeacherPlusResidual(nn.Module):
+    """The analytic denoiser plus a class-conditional MLP whose output starts at 0: a network that starts as the
+    teacher (as a generator / fake score copied from it), which the trainer can move."""
+
+    def __init__(self, teacher_net, seed: int):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.teacher_net = teacher_net
+        self.residual = ToyMLP(dim=2, hidden=32, layers=2, num_class_embeds=3)
+        nn.init.zeros_(self.residual.out[1].weight)
+        nn.init.zeros_(self.residual.out[1].bias)
+
+    def forward(self, x, timestep, cond=None):
+        return self.teacher_net(x, timestep, cond) + self.residual(x, timestep, cond)
+
+
+def analytic_trainer(cls, config_cls, out, dataset, **kw):
+    teacher = mixture_teacher(MIX)
+    gen = TeacherPlusResidual(copy.deepcopy(teacher.net), seed=1)
+    fake = TeacherPlusResidual(copy.deepcopy(teacher.net), seed=2)
+    base = dict(output_dir=str(out), global_batch=64, learning_rate=3e-3, ema_decay=0.0, checkpoint_every=0,
+                progress=False, denoising_timesteps=[999], generator_input="noise", seed=0)
+    cfg = config_cls(**{**base, **kw})
+    return cls(cfg, teacher=teacher, generator=gen, fake_score=fake, dataset=dataset), teacher
+
+
+def labels(label: int, n: int):
+    return PlainLabels(3)(torch.full((n,), label))
+
+
+def generate(trainer, label: int, n: int = 256):
+    g = torch.Generator().manual_seed(5)
+    noise = torch.randn(n, 2, generator=g)
+    with torch.no_grad():
+        return trainer.generator.sample(noise, labels(label, n), generator=g)
+
+
+def test_forgotten_class_moves_to_the_remap_mode_and_the_others_stay(tmp_path):
+    trainer, teacher = analytic_trainer(
+        SFDTrainer, SFDConfig, tmp_path, MixtureDataset(MIX, 600), max_steps=80, learning_rate=5e-3, forget_labels=[0],
+        remap_labels=[1], gen_forget_weight=1.0, fake_forget_weight=1.0,
+    )
+    before = {k: MIX.assign(generate_untrained(trainer, teacher, k)) for k in range(3)}
+    assert all((before[k] == k).float().mean() > 0.95 for k in range(3))  # it starts as the teacher
+    trainer.train()
+    assert (MIX.assign(generate(trainer, 0)) == 1).float().mean() > 0.9  # label 0 now draws mode 1
+    for k in (1, 2):
+        assert (MIX.assign(generate(trainer, k)) == k).float().mean() > 0.9  # the other classes stay
+    # the remaining batches never held the forgotten label; the teacher is exactly the analytic mixture
+    assert 0 not in trainer.remain.labels.tolist()
+    assert teacher.net.mixture is MIX and not list(teacher.net.parameters())
+    x_t = torch.randn(8, 2)
+    t = torch.full((8,), 0.3, dtype=torch.float64)
+    want = MIX.posterior_mean(x_t, teacher.schedule.alpha(t), teacher.schedule.sigma(t), torch.zeros(8).long())
+    got = teacher.predict(x_t, t, labels(0, 8), target="x0")
+    torch.testing.assert_close(got.double(), want, atol=1e-4, rtol=1e-4)
+
+
+def generate_untrained(trainer, teacher, label: int, n: int = 256):
+    """What the generator (teacher + zero residual) draws before training: the teacher's one-step x0."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(n, 2, generator=g)
+    t = teacher.schedule.timestep_to_t(torch.full((n,), 999.0, dtype=torch.float64))
+    return teacher.predict(x, t, labels(label, n), target="x0")
+
+
+def test_zero_forget_weights_equal_sim_l2_on_the_remaining_data(tmp_path):
+    full = MixtureDataset(MIX, 300)
+    keep = full.labels != 0
+    remaining = [(full.x[i], full.labels[i]) for i in range(len(full)) if keep[i]]
+    common = dict(max_steps=4, distance="l2", sid_alpha=1.2, min_step_percent=0.038, max_step_percent=0.711,
+                  fake_min_step_percent=0.038, fake_max_step_percent=0.711, update_order="fake_first",
+                  dfake_gen_update_ratio=1, adam_beta1=0.0, weight_decay=0.0, max_grad_norm=0.0)
+    sfd, _ = analytic_trainer(SFDTrainer, SFDConfig, tmp_path / "sfd", full, forget_labels=[0], remap_labels=[1],
+                              gen_forget_weight=0.0, fake_forget_weight=0.0, grad_clip_value=0.0, **common)
+    sim, _ = analytic_trainer(SIMTrainer, SIMConfig, tmp_path / "sim", remaining, **common)
+    sfd.train()
+    sim.train()
+    for a, b in zip(sfd.generator.net.parameters(), sim.generator.net.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_gradient_values_are_clipped(tmp_path):
+    trainer, _ = analytic_trainer(SFDTrainer, SFDConfig, tmp_path, MixtureDataset(MIX, 100), max_steps=1,
+                                  forget_labels=[2], remap_labels=[0], grad_clip_value=1e-3)
+    trainer.setup()
+    p = next(trainer.generator.net.residual.parameters())
+    p.grad = torch.full_like(p, 5.0)
+    trainer.opts["generator"].optimizer.step()  # the pre-step hook clamps first
+    assert float(p.grad.abs().max()) == pytest.approx(1e-3)
+
+
+# ---------------------------------------------------------------- config errors: one line, exit 2
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (["remap_labels=[0]"], "remapped to itself"),
+        (["forget_labels=[0, 1]", "remap_labels=[1]"], "also in forget_labels"),
+        (["forget_labels=[]"], "either class labels or a text concept"),
+        (["forget_concept=brad pitt"], "both are set"),
+        (["remap_labels=[1, 2]"], "one override label"),
+        (["forget_labels=[12]", "max_steps=1"], "label 12 is not a class of dataset 'digits'"),
+    ],
+)
+def test_bad_forget_settings_are_one_line_errors(overrides, message, tmp_path, capsys):
+    rc = main(["train", "--config", DIGITS, f"output_dir={tmp_path}", "progress=false", *overrides])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith("error: ") and message in err and len(err.strip().splitlines()) == 1
+
+
+def test_unknown_label_in_the_config_object(tmp_path):
+    trainer, _ = analytic_trainer(SFDTrainer, SFDConfig, tmp_path, MixtureDataset(MIX, 60), max_steps=1,
+                                  forget_labels=[0], remap_labels=[5])
+    with pytest.raises(ConfigError, match="remap_labels: label 5 is not a class"):
+        trainer.train()
+
+
+def test_eval_forget_errors_are_one_line(tmp_path, capsys):
+    rc = main(["eval", "--pipeline", "digits", "--remap-label", "1", "--out", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.strip() == "error: --remap-label needs --forget-label (the class that was forgotten)"
+    rc = main(["eval", "--pipeline", "digits", "--forget-label", "3", "--remap-label", "3", "--out", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert rc == 2 and "is the forget label" in err and len(err.strip().splitlines()) == 1
+    rc = main(["eval", "--pipeline", "digits", "--forget-label", "10", "--out", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert rc == 2 and "--forget-label 10 is not a class" in err and len(err.strip().splitlines()) == 1
