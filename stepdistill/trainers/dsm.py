@@ -32,7 +32,9 @@ class DSMConfig(TrainConfig):
 
     > Data
     dataset (`str`, `"digits"`): "digits" (bundled, class-conditional), "toy2d:<name>" (e.g. toy2d:gmm8; a
-        small MLP denoiser, unconditional) or a folder of images.
+        small MLP denoiser, unconditional unless ``toy_classes``) or a folder of images.
+    toy_classes (`bool`, `false`): toy2d: a class-conditional MLP (class = mixture component, its labels passed as
+        ``cond``; no null class, so label_dropout must be 0), e.g. the teacher of recipes/sfd/toy2d.yaml.
     resolution (`int`, `16`): image side; must be divisible by 2^(len(block_out_channels) - 1).
     label_dropout (`float`, `0.1`): probability of replacing the label by the null class (CFG).
     > Network (diffusers UNet2DModel)
@@ -49,6 +51,7 @@ class DSMConfig(TrainConfig):
     dataset: str = "digits"
     resolution: int = 16
     label_dropout: float = 0.1
+    toy_classes: bool = False
     block_out_channels: list[int] = field(default_factory=lambda: [32, 64, 64])
     layers_per_block: int = 1
     attention_levels: list[bool] = field(default_factory=lambda: [False, False, True])
@@ -75,6 +78,8 @@ class DSMConfig(TrainConfig):
                 f"block_out_channels {self.block_out_channels} must be multiples of "
                 f"norm_num_groups={self.norm_num_groups}"
             )
+        if self.toy_classes and (not self.dataset.startswith("toy2d:") or self.label_dropout != 0):
+            raise ConfigError("toy_classes: true is for toy2d datasets, with label_dropout: 0 (no null class)")
         if not 0 <= self.label_dropout < 1:
             raise ConfigError(f"label_dropout must be in [0, 1), got {self.label_dropout}")
         if self.dataset.startswith("toy2d:"):
@@ -132,9 +137,14 @@ class DSMTrainer(DistillTrainer):
             from ..data import Toy2DDataset
             from ..models.toy import ToyMLP
 
+            from .student import PlainLabels
+
             self.dataset = Toy2DDataset(c.dataset[6:], c.toy_samples, seed=c.seed)
-            self.conditioner = None
-            self.unet = ToyMLP(hidden=c.block_out_channels[-1], layers=len(c.block_out_channels))
+            classes = int(self.dataset.labels.max()) + 1 if c.toy_classes else None
+            self.conditioner = PlainLabels(classes) if classes else None
+            self.unet = ToyMLP(
+                hidden=c.block_out_channels[-1], layers=len(c.block_out_channels), num_class_embeds=classes
+            )
             return
         if c.dataset == "digits":
             self.dataset = DigitsDataset("train", c.resolution)
@@ -168,7 +178,7 @@ class DSMTrainer(DistillTrainer):
 
     @torch.no_grad()
     def sample_images(self, step):
-        if self.conditioner is None and self.config.dataset.startswith("toy2d:"):
+        if self.config.dataset.startswith("toy2d:"):
             return None
         net = self.accelerator.unwrap_model(self.specs["model"].module)
         was = net.training

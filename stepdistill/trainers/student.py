@@ -1198,6 +1198,8 @@ def _conditioning_for(path, net, c):
         conditioner = ClassConditioner.for_unet2d(net) if getattr(net.config, "num_class_embeds", None) else None
     elif name in ("DiTTransformer2DModel", "Transformer2DModel"):
         conditioner = ClassConditioner.for_dit(net)
+    elif name == "ToyMLP" and getattr(net.config, "num_class_embeds", None):  # labels as cond (toy_classes)
+        conditioner = PlainLabels(int(net.config.num_class_embeds))
     else:
         conditioner = None
     return conditioner, vae
@@ -1358,8 +1360,8 @@ def _dataset_for(c, sample_shape, vae, conditioner=None):
         labels = torch.stack([d[i]["label"] for i in range(len(d))])
         return DistillDataset(labels=labels, images=imgs)
     if ds.startswith("toy2d:"):
-        x, _ = sample_toy2d(ds[6:], 20000, torch.Generator().manual_seed(c.seed))
-        return DistillDataset(images=x)
+        x, labels = sample_toy2d(ds[6:], 20000, torch.Generator().manual_seed(c.seed))
+        return DistillDataset(labels=labels, images=x)  # labels: the mixture component (class-conditional toys)
     if ds.endswith((".txt", ".jsonl")):
         return DistillDataset(captions=load_prompts(ds))
     if os.path.isdir(ds):
