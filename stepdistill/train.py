@@ -16,7 +16,7 @@ METHODS = {
     "disback": ("stepdistill.trainers.disback", "DisBackTrainer", "distribution backtracking on DMD2 / SIM / VSD"),
     "boot": ("stepdistill.trainers.boot", "BOOTTrainer", "data-free distillation by bootstrapping (BOOT)"),
     "msd": ("stepdistill.trainers.msd", "MSDTrainer", "multi-student distillation: K routed DMD2 students"),
-    "sfd": ("stepdistill.trainers.sfd", "SFDTrainer", "score forgetting distillation (SFD): SiD that unlearns a class or prompt"),
+    "sfd": ("stepdistill.trainers.sfd", "SFDTrainer", "score forgetting distillation (SFD): SiD that unlearns a class"),
     "progressive": ("stepdistill.trainers.progressive", "ProgressiveTrainer", "progressive / guided distillation"),
     "meanflow": ("stepdistill.trainers.meanflow", "MeanFlowTrainer", "MeanFlow: one/few-step average-velocity model"),
     "consistency": (

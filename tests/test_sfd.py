@@ -196,3 +196,41 @@ def test_eval_forget_errors_are_one_line(tmp_path, capsys):
     rc = main(["eval", "--pipeline", "digits", "--forget-label", "10", "--out", str(tmp_path)])
     err = capsys.readouterr().err
     assert rc == 2 and "--forget-label 10 is not a class" in err and len(err.strip().splitlines()) == 1
+
+
+# ---------------------------------------------------------------- text-conditional: tiny SD1.5 components
+
+
+def test_prompt_forgetting_on_tiny_sd15(tmp_path):
+    """The remaining batches never hold the concept; the forget batches reach the fake score as written and the
+    teacher with the concept replaced (recipes/sfd/sd15.yaml on a tiny SD1.5)."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from diffusers import StableDiffusionPipeline
+    from tiny_models import save_tiny_pipeline, tiny_sd_components
+
+    from stepdistill.train import make_trainer
+
+    teacher = save_tiny_pipeline(tiny_sd_components(tmp_path / "src"), StableDiffusionPipeline, tmp_path / "sd")
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a cat\na dog\nBrad Pitt on a horse\na red dog\n")
+    overrides = [f"teacher={teacher}", f"dataset={prompts}", "forget_prompts=", f"output_dir={tmp_path / 'run'}",
+                 "resolution=8", "global_batch=2", "max_steps=2", "checkpoint_every=0", "progress=false"]
+    trainer = make_trainer(str(ROOT / "recipes" / "sfd" / "sd15.yaml"), overrides)
+    trainer.setup()
+    assert trainer.remain.captions == ["a cat", "a dog", "a red dog"]
+    assert trainer.override_prompt_list == ["a middle aged man on a horse"]
+    seen = {"teacher": [], "fake": []}
+    for name, net in (("teacher", trainer.teacher.net), ("fake", trainer.fake.net)):
+        net.register_forward_pre_hook(
+            lambda m, args, kwargs, name=name: seen[name].append(kwargs["encoder_hidden_states"].detach().clone()),
+            with_kwargs=True,
+        )
+    trainer.train()
+    encode = trainer.conditioner
+    override = encode(["a middle aged man on a horse"]).kwargs["encoder_hidden_states"][0]
+    forget = encode(["Brad Pitt on a horse"]).kwargs["encoder_hidden_states"][0]
+    hit = lambda calls, e: any(torch.equal(c[i], e) for c in calls for i in range(len(c)))  # noqa: E731
+    assert hit(seen["teacher"], override) and not hit(seen["teacher"], forget)
+    assert hit(seen["fake"], forget)

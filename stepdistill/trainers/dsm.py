@@ -136,7 +136,6 @@ class DSMTrainer(DistillTrainer):
         if c.dataset.startswith("toy2d:"):
             from ..data import Toy2DDataset
             from ..models.toy import ToyMLP
-
             from .student import PlainLabels
 
             self.dataset = Toy2DDataset(c.dataset[6:], c.toy_samples, seed=c.seed)
