@@ -19,7 +19,7 @@ distribution is pulled to the teacher's c_o-conditional one:
 Example::
 
     stepdistill train --config recipes/sfd/digits.yaml
-    stepdistill eval --model outputs/sfd_digits/pipeline --forget-label 0 --remap-label 1
+    stepdistill eval --pipeline outputs/sfd_digits/pipeline --forget-label 0 --remap-label 1
 """
 
 from __future__ import annotations
