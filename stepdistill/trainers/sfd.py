@@ -178,6 +178,9 @@ class SFDConfig(SIMConfig):
                 f"remap_concept {self.remap_concept!r} is the concept to forget {self.forget_concept!r}; remap it "
                 "to another concept"
             )
+        if self.cache_text_embeddings:
+            raise ConfigError("cache_text_embeddings: true encodes the dataset's prompts only, not SFD's forget and "
+                              "override prompts; set it to false with forget_concept")
         if self.forget_prompts and not os.path.isfile(self.forget_prompts):
             raise ConfigError(f"forget_prompts: file {self.forget_prompts!r} does not exist")
 
