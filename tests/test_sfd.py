@@ -159,6 +159,23 @@ def test_gradient_values_are_clipped(tmp_path):
     assert float(p.grad.abs().max()) == pytest.approx(1e-3)
 
 
+def test_module_teacher_weights_are_unchanged(tmp_path):
+    from stepdistill.models import Teacher
+    from stepdistill.models.analytic import ddpm_schedule
+
+    torch.manual_seed(0)
+    teacher = Teacher(ToyMLP(dim=2, hidden=16, layers=2, num_class_embeds=3), ddpm_schedule(), "v")
+    before = {k: v.clone() for k, v in teacher.net.state_dict().items()}
+    cfg = SFDConfig(output_dir=str(tmp_path), max_steps=3, global_batch=16, learning_rate=1e-2, ema_decay=0.0,
+                    checkpoint_every=0, progress=False, forget_labels=[1], remap_labels=[2], gen_forget_weight=1.0)
+    trainer = SFDTrainer(cfg, teacher=teacher, dataset=MixtureDataset(MIX, 64))
+    trainer.train()
+    for k, v in teacher.net.state_dict().items():
+        torch.testing.assert_close(v, before[k], rtol=0, atol=0)
+    gen = trainer.accelerator.unwrap_model(trainer.generator.net)
+    assert any(not torch.equal(v, before[k]) for k, v in gen.state_dict().items())
+
+
 # ---------------------------------------------------------------- config errors: one line, exit 2
 
 
