@@ -48,6 +48,7 @@ SLOW_TESTS = {
     "test_sim_vsd.py::test_matches_a_gaussian_mixture": "toy quality runs, 24-28 s each",
     "test_progressive.py::test_a_round_halves_the_steps_and_keeps_the_distance": "toy quality run, 17 s",
     "test_boot.py::test_one_step_student_of_an_exact_mixture_teacher": "toy quality runs, 1000 steps, 50-90 s each",
+    "test_sfd.py::test_forgotten_class_moves_to_the_remap_mode_and_the_others_stay": "toy forgetting run, 16 s",
     "test_dmd2_sd.py::test_hub_id_teacher_trains_and_exports": "hub-id teacher end to end, 30 s",
     "test_trainer_base.py::test_cli_train_reports_bad_recipe": "a subprocess that imports the trainers, 26 s",
     "test_cli.py::test_pipelines_register_in_either_import_order": "two subprocesses that import diffusers",
