@@ -19,14 +19,14 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 
 
-def _launch_two(spec_file: str, out: str):
+def _launch_two(spec_file: str, out: str, worker: str = "ddp_worker.py"):
     # the checkout under test first (an installed stepdistill may be another copy)
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": HERE + os.pathsep + ROOT}
     cmd = [
         sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
         "--main_process_port", str(29500 + os.getpid() % 1000),
-        os.path.join(HERE, "ddp_worker.py"), spec_file,
+        os.path.join(HERE, worker), spec_file,
     ]  # fmt: skip
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-4000:]

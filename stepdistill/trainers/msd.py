@@ -14,7 +14,7 @@ marked unverified in shared/reference/seed_methods_2.md section 3):
   DMD2's (distribution matching against the teacher, optional GAN, optional DMD v1 regression: the
   :class:`~stepdistill.trainers.dmd2.DMD2Trainer` code, unchanged) restricted to its rows; a student with no
   row in a batch is not called, gets no gradient and is not stepped (AdamW skips parameters without a
-  gradient; in one process, not checked under DDP, whose reducer may hand it a zero gradient). Each student
+  gradient: no weight decay, no momentum step). Each student
   sees about B |S_k| / C rows per step, as K separate runs of batch B |S_k| / C would, and the students share
   the generator update schedule (``dfake_gen_update_ratio``).
 * Fake score (``fake_score_per_student``): one fake score shared by all students (default; one teacher-size
@@ -27,6 +27,16 @@ marked unverified in shared/reference/seed_methods_2.md section 3):
   ``student_pretrain_steps`` AdamW steps by regression (mean squared error) of student(z) onto teacher samples
   from z (DMD v1's pairs: ``regression_pairs`` pairs made with ``regression_steps`` teacher DDIM steps), the
   paper's regression initialisation; full-width students start as copies of the teacher.
+
+DDP (``accelerate launch --multi_gpu``): nothing is sharded but the batch. Every process holds the teacher, all
+K students, the fake score(s), the GAN head and their AdamW states in full (DDP replicates them); the global batch
+is split into per-process rows, each process routes its own rows to their students, and the gradients are
+averaged over the processes, so every process takes the step a 1-process run of the global batch takes. A
+student with rows on some processes only gets the average (the others contribute zeros, as rows of other labels
+contribute nothing in one process); a student with no row on any process keeps its gradient at None (the trainer
+sets ``find_unused_parameters``, and DDP leaves a globally unused parameter's gradient alone), so AdamW does not
+step it. Tested on 2 CPU processes (tests/test_msd.py: parity with one process; an idle student unchanged bit for
+bit under weight decay). FSDP would shard the routed model's flat parameters across processes; not tried.
 
 Export: one pipeline folder (StepDistillClassPipeline) whose ``unet/`` is the RoutedUNet2DModel (the K
 students' configs and the routing table in its config.json, all weights in one safetensors file);
@@ -68,6 +78,7 @@ class MSDConfig(DMD2Config):
     student_layers_per_block (`int`, `0`: the teacher's).
     student_pretrain_steps (`int`, `0`): regression steps of each smaller student onto teacher samples before
         distillation (``regression_pairs`` / ``regression_steps`` / ``regression_batch`` pairs).
+    student_pretrain_lr (`float`, `0.0`: the generator's learning rate): the pre-training AdamW's rate.
     """
 
     num_students: int = 2
@@ -76,6 +87,7 @@ class MSDConfig(DMD2Config):
     student_block_out_channels: list[int] = field(default_factory=list)
     student_layers_per_block: int = 0
     student_pretrain_steps: int = 0
+    student_pretrain_lr: float = 0.0
 
     def check(self):
         super().check()
@@ -108,6 +120,8 @@ class MSDConfig(DMD2Config):
                     )
         if self.student_pretrain_steps < 0:
             raise ConfigError(f"student_pretrain_steps must be >= 0, got {self.student_pretrain_steps}")
+        if self.student_pretrain_lr < 0:
+            raise ConfigError(f"student_pretrain_lr must be >= 0, got {self.student_pretrain_lr}")
         if self.student_pretrain_steps and not self.student_block_out_channels:
             raise ConfigError(
                 "student_pretrain_steps > 0 pre-trains smaller students; set student_block_out_channels (full-width "
@@ -239,7 +253,7 @@ class MSDTrainer(DMD2Trainer):
         c = self.config
         noise, images, batch = self._make_regression_pairs()
         params = self.generator_params()
-        opt = torch.optim.AdamW(params, lr=c.generator_lr or c.learning_rate, weight_decay=0.0)
+        opt = torch.optim.AdamW(params, lr=c.student_pretrain_lr or c.generator_lr or c.learning_rate, weight_decay=0.0)
         g = torch.Generator().manual_seed(c.seed + 11)
         losses = []
         for _ in range(c.student_pretrain_steps):
