@@ -400,6 +400,10 @@ def export_generator(trainer, path: str) -> str:
         from .trainers.msd import routed_pipeline_card
 
         card = routed_pipeline_card(net, scheduler, timesteps, path, kind)
+    elif name == "RoutedUNet2DConditionModel":  # MSD by prompt: K students and their k-means centres
+        from .trainers.msd import routed_text_card
+
+        card = routed_text_card(teacher_path, net, scheduler, timesteps, path, kind, w)
     elif name == "UNet2DConditionModel":
         card = _text_pipeline(teacher_path, net, scheduler, timesteps, path, kind, w)
     elif name == "DiTTransformer2DModel":

@@ -243,3 +243,60 @@ def test_msd_ddp_matches_one_process_and_skips_a_student_without_rows(tmp_path):
         assert d1.norm() > 0
         assert torch.nn.functional.cosine_similarity(d1, d2, dim=0) > 0.99, name
         assert abs(d2.norm() / d1.norm() - 1) < 1e-2, name
+
+
+SD_RECIPE = os.path.join(os.path.dirname(__file__), "..", "recipes", "msd", "sd15.yaml")
+PROMPTS = ["a cat", "a dog", "the cat", "a red dog", "a red car", "the blue car", "two cats", "a dog and a cat"]
+
+
+def test_prompt_partition_routes_each_prompt_to_its_nearest_centre_and_exports(tmp_path):
+    """Text teacher (a tiny SD1.5 twin): k-means centres of the training prompts' text features; each prompt runs
+    exactly the student of its nearest centre (forward hooks), in the trainer and in the exported pipeline, whose
+    plain pipe(prompt=[...]) call evaluates one student per image and gives the trainer's samples."""
+    from diffusers import DiffusionPipeline
+    from test_real_recipes import SIDE, _save_sd
+
+    from stepdistill.models.routed import prompt_features
+
+    (tmp_path / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")
+    keys = [f"teacher={_save_sd(tmp_path / 'sd')}", f"dataset={tmp_path / 'prompts.txt'}", f"resolution={SIDE}"]
+    keys += ["num_students=3", "max_steps=1", "mixed_precision=no", "dfake_gen_update_ratio=1"]
+    trainer = make_trainer(SD_RECIPE, [f"output_dir={tmp_path / 'run'}", "global_batch=2", "checkpoint_every=0",
+                                       "sample_every=0", "progress=false", *keys])  # fmt: skip
+    trainer.train()
+    cond = trainer.conditioner(PROMPTS)
+    feats = prompt_features(cond.kwargs["encoder_hidden_states"])
+    centres = trainer.centres()
+    assert centres.shape == (3, feats.shape[1]) and torch.allclose(centres.norm(dim=1), torch.ones(3))
+    nearest = (feats @ centres.T).argmax(dim=1)
+    assert sorted(set(nearest.tolist())) == [0, 1, 2]  # k-means: every cluster holds training prompts
+    for j in range(3):  # a Lloyd fixed point: each centre is the (unit) mean of its prompts
+        mean = feats[nearest == j].mean(0)
+        torch.testing.assert_close(centres[j], mean / mean.norm(), atol=1e-5, rtol=0)
+
+    def hooked(nets, seen):
+        return [
+            s.register_forward_hook(lambda m, args, out, k=k: seen[k].append(args[0].shape[0]))
+            for k, s in enumerate(nets)
+        ]
+
+    seen = {k: [] for k in range(3)}
+    hooks = hooked(students(trainer), seen)
+    noise = torch.randn(len(PROMPTS), *trainer.sample_shape, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = trainer.generator.sample(noise, cond, generator=torch.Generator().manual_seed(1))
+    for h in hooks:
+        h.remove()
+    assert {k: sum(v) for k, v in seen.items()} == {k: int((nearest == k).sum()) for k in range(3)}
+
+    pipe = DiffusionPipeline.from_pretrained(trainer.export())
+    pipe.set_progress_bar_config(disable=True)
+    assert type(pipe.unet).__name__ == "RoutedUNet2DConditionModel"
+    torch.testing.assert_close(pipe.unet.centre_table, centres, atol=1e-6, rtol=0)
+    seen = {k: [] for k in range(3)}
+    hooks = hooked(pipe.unet.nets, seen)
+    latents = pipe(PROMPTS, generator=torch.Generator().manual_seed(1), output_type="latent").images
+    for h in hooks:
+        h.remove()
+    assert {k: sum(v) for k, v in seen.items()} == {k: int((nearest == k).sum()) for k in range(3)}  # 1 per image
+    torch.testing.assert_close(latents.float(), ref.float(), atol=2e-4, rtol=2e-4)

@@ -46,7 +46,7 @@ import stepdistill  # noqa: F401  (registers the StepDistill* pipelines with dif
 from stepdistill.train import make_trainer
 
 ROOT = Path(__file__).resolve().parents[1]
-METHODS = ("dmd2", "sim", "vsd", "consistency", "progressive", "boot", "disback", "meanflow", "scm", "sfd")
+METHODS = ("dmd2", "sim", "vsd", "consistency", "progressive", "boot", "disback", "meanflow", "scm", "sfd", "msd")
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 SIDE = 8  # latent side of every tiny network; the tiny VAE has 2 blocks: 16 px images
 CAPTIONS = ["a cat", "a dog", "the cat", "a red dog"]

@@ -19,7 +19,13 @@ from ..schedules import NoiseSchedule
 from ..trainers import randomness as rnd
 from .conditioning import Cond
 
-_UNET_CLASSES = ("UNet2DModel", "UNet2DConditionModel", "GuidedUNet2DModel", "RoutedUNet2DModel")
+_UNET_CLASSES = (
+    "UNet2DModel",
+    "UNet2DConditionModel",
+    "GuidedUNet2DModel",
+    "RoutedUNet2DModel",
+    "RoutedUNet2DConditionModel",
+)
 _DIT_CLASSES = ("DiTTransformer2DModel", "Transformer2DModel")
 _SD3_CLASSES = ("SD3Transformer2DModel",)
 SUPPORTED_NETWORKS = _UNET_CLASSES + _DIT_CLASSES + _SD3_CLASSES

@@ -1,4 +1,4 @@
-"""K class-conditional ``UNet2DModel`` students behind one routing table (Multi-Student Distillation).
+"""K one-step students behind one router (Multi-Student Distillation): by class label or by prompt.
 
 ``RoutedUNet2DModel(students=[cfg_0, ..., cfg_{K-1}], routing=[k(label 0), ..., k(label C-1)])`` is a diffusers
 ``ModelMixin``: it saves as one ``config.json`` (the K students' UNet2DModel configs and the routing table) plus
@@ -9,6 +9,14 @@ come back in their input order. Labels without a student (the null class of clas
 error: a routed model has no unconditional branch. The config repeats ``sample_size``, ``in_channels``,
 ``out_channels`` and ``num_class_embeds`` (C + 1: the null row, as the teacher's) so that
 :class:`~stepdistill.pipelines.StepDistillClassPipeline` drives it as it drives one UNet2DModel.
+
+``RoutedUNet2DConditionModel(students=[cfg_0, ...], centres=[[...], ...])`` does the same for text-conditional
+``UNet2DConditionModel`` students, routing by prompt: a row's prompt feature is the mean of its
+``encoder_hidden_states`` over the tokens, scaled to unit length (:func:`prompt_features`), and the row goes to the
+student whose centre (a k-means cluster centre of the training prompts' features, unit length, in the config) has
+the largest dot product with it (the nearest on the sphere; ties: the lower index). Since the feature is computed
+from the very embeddings the network is called with, a stock ``pipe(prompt=...)`` routes by itself, one student
+evaluation per image; an empty or negative prompt routes like any other prompt.
 """
 
 from __future__ import annotations
@@ -25,12 +33,63 @@ class RoutedOutput(BaseOutput):
     sample: torch.Tensor
 
 
+def prompt_features(encoder_hidden_states: torch.Tensor) -> torch.Tensor:
+    """(B, L, D) text embeddings -> (B, D) routing features: the token mean, unit length (float32)."""
+    mean = encoder_hidden_states.float().mean(dim=1)
+    return mean / mean.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+
+
+def _rows(value, idx: torch.Tensor, n: int):
+    """The rows ``idx`` of a batch argument: tensors with ``n`` rows (and dicts of them) are indexed, the rest kept."""
+    if isinstance(value, torch.Tensor) and value.ndim > 0 and value.shape[0] == n and n > 1:
+        return value[idx]
+    if isinstance(value, dict):
+        return {k: _rows(v, idx, n) for k, v in value.items()}
+    return value
+
+
+def _run_routed(nets, route: torch.Tensor, sample, timestep, kwargs: dict) -> torch.Tensor:
+    """Each row through the student ``route`` names (students without rows are not called), rows in input order."""
+    n = sample.shape[0]
+    t = torch.as_tensor(timestep, device=sample.device)
+    per_row = t.ndim > 0 and t.numel() == n and n > 1
+    parts, order = [], []
+    for k, student in enumerate(nets):
+        idx = (route == k).nonzero().flatten()
+        if idx.numel() == 0:  # a student without rows is not called: its weights get no gradient
+            continue
+        tk = t[idx] if per_row else t
+        kw = {key: _rows(v, idx, n) for key, v in kwargs.items()}
+        parts.append(student(sample[idx], tk, **kw).sample)
+        order.append(idx)
+    return torch.cat(parts)[torch.argsort(torch.cat(order))]
+
+
 def _plain_config(config) -> dict:
     """A UNet2DModel config as a JSON-able dict (no private ``_`` keys)."""
     return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dict(config).items() if not k.startswith("_")}
 
 
-class RoutedUNet2DModel(ModelMixin, ConfigMixin):
+class _Routed(ModelMixin, ConfigMixin):
+    """What both routed models share: copying given students in, the student count, the output."""
+
+    @classmethod
+    def _copied(cls, students, **table):
+        model = cls(students=[_plain_config(s.config) for s in students], **table)
+        for mine, given in zip(model.nets, students):
+            mine.load_state_dict(given.state_dict())
+        return model.to(next(students[0].parameters()).device)
+
+    @property
+    def num_students(self) -> int:
+        return len(self.nets)
+
+    @staticmethod
+    def _output(out: torch.Tensor, return_dict: bool):
+        return RoutedOutput(sample=out) if return_dict else (out,)
+
+
+class RoutedUNet2DModel(_Routed):
     """K ``UNet2DModel`` students; ``routing[label]`` is the student of class ``label`` (see the module doc)."""
 
     @register_to_config
@@ -74,14 +133,7 @@ class RoutedUNet2DModel(ModelMixin, ConfigMixin):
     @classmethod
     def from_students(cls, students, routing) -> RoutedUNet2DModel:
         """The routed model holding (copies of) the weights of the given UNet2DModel instances."""
-        model = cls(students=[_plain_config(s.config) for s in students], routing=list(routing))
-        for mine, given in zip(model.nets, students):
-            mine.load_state_dict(given.state_dict())
-        return model.to(next(students[0].parameters()).device)
-
-    @property
-    def num_students(self) -> int:
-        return len(self.nets)
+        return cls._copied(students, routing=list(routing))
 
     def partition(self) -> list[list[int]]:
         """The labels of each student."""
@@ -110,17 +162,69 @@ class RoutedUNet2DModel(ModelMixin, ConfigMixin):
         if labels.numel() == 1 and n > 1:
             labels = labels.expand(n)
         route = self.route(labels)
-        t = torch.as_tensor(timestep, device=sample.device)
-        per_row = t.ndim > 0 and t.numel() == n and n > 1
-        parts, order = [], []
-        for k, student in enumerate(self.nets):
-            idx = (route == k).nonzero().flatten()
-            if idx.numel() == 0:  # a student without rows is not called: its weights get no gradient
-                continue
-            tk = t[idx] if per_row else t
-            parts.append(student(sample[idx], tk, class_labels=labels[idx], **kwargs).sample)
-            order.append(idx)
-        out = torch.cat(parts)[torch.argsort(torch.cat(order))]
-        if not return_dict:
-            return (out,)
-        return RoutedOutput(sample=out)
+        out = _run_routed(self.nets, route, sample, timestep, dict(kwargs, class_labels=labels))
+        return self._output(out, return_dict)
+
+
+# what a StableDiffusion(XL)Pipeline reads from its unet's config
+_PIPELINE_KEYS = ("sample_size", "in_channels", "out_channels", "time_cond_proj_dim", "cross_attention_dim")
+
+
+class RoutedUNet2DConditionModel(_Routed):
+    """K ``UNet2DConditionModel`` students routed by prompt: the nearest of ``centres`` (see the module doc)."""
+
+    @register_to_config
+    def __init__(
+        self,
+        students: list | None = None,
+        centres: list | None = None,
+        sample_size=None,  # the keys below are copied from student 0 (stored for pipelines), never read
+        in_channels=None,
+        out_channels=None,
+        time_cond_proj_dim=None,
+        cross_attention_dim=None,
+    ):
+        from diffusers import UNet2DConditionModel
+
+        super().__init__()
+        students = list(students or [])
+        centres = torch.as_tensor(centres if centres is not None else [], dtype=torch.float32)
+        if not students:
+            raise ValueError("RoutedUNet2DConditionModel needs at least one student config")
+        if centres.ndim != 2 or len(centres) != len(students):
+            raise ValueError(
+                f"centres must be one vector per student ({len(students)}), got shape {tuple(centres.shape)}"
+            )
+        self.nets = nn.ModuleList(UNet2DConditionModel.from_config(dict(cfg)) for cfg in students)
+        first = self.nets[0].config
+        for k, s in enumerate(self.nets):
+            for key in ("sample_size", "in_channels", "out_channels", "cross_attention_dim"):
+                if s.config[key] != first[key]:
+                    raise ValueError(f"student {k}: {key}={s.config[key]} differs from student 0's {first[key]}")
+        width = first.cross_attention_dim
+        if isinstance(width, int) and centres.shape[1] != width:
+            raise ValueError(f"centres have {centres.shape[1]} features, the students' text width is {width}")
+        self.register_buffer("centre_table", centres / centres.norm(dim=-1, keepdim=True), persistent=False)
+        self.register_to_config(**{key: first.get(key) for key in _PIPELINE_KEYS})
+
+    @classmethod
+    def from_students(cls, students, centres) -> RoutedUNet2DConditionModel:
+        """The routed model holding (copies of) the weights of the given UNet2DConditionModel instances."""
+        return cls._copied(students, centres=torch.as_tensor(centres).float().tolist())
+
+    @property
+    def add_embedding(self):  # StableDiffusionXLPipeline reads unet.add_embedding.linear_1.in_features
+        return self.nets[0].add_embedding
+
+    def route(self, encoder_hidden_states: torch.Tensor) -> torch.Tensor:
+        """The student index of each row: the centre with the largest dot product with its prompt feature."""
+        feats = prompt_features(encoder_hidden_states)
+        return (feats @ self.centre_table.to(feats.device).T).argmax(dim=-1)
+
+    def forward(self, sample, timestep, encoder_hidden_states=None, return_dict: bool = True, **kwargs):
+        if encoder_hidden_states is None:
+            raise ValueError("RoutedUNet2DConditionModel routes by prompt: pass encoder_hidden_states")
+        route = self.route(encoder_hidden_states)
+        kwargs = dict(kwargs, encoder_hidden_states=encoder_hidden_states)
+        out = _run_routed(self.nets, route, sample, timestep, kwargs)
+        return self._output(out, return_dict)

@@ -1,15 +1,22 @@
 """Multi-Student Distillation (MSD; Song et al. 2024, arXiv:2410.23274): K one-step students over a partition of
-the class labels, with DMD2's losses; inference routes each label to its student.
+the class labels or of the prompts, with DMD2's losses; inference routes each label or prompt to its student.
 
 There is no official code; the choices made here (the paper's partition rule and per-student recipe are
 marked unverified in shared/reference/seed_methods_2.md section 3):
 
 * Partition (``partition`` / ``num_students``): explicit label lists (each label 0..C-1 in exactly one list),
   else the balanced automatic split into ``num_students`` contiguous blocks of the sorted labels whose sizes
-  differ by at most one (K = 2 on ten digits: 0-4 / 5-9; K = 5: {0,1}, {2,3}, ...). Prompt clustering (k-means
-  on text embeddings) is not implemented: MSD here needs a class-conditional UNet2DModel teacher.
+  differ by at most one (K = 2 on ten digits: 0-4 / 5-9; K = 5: {0,1}, {2,3}, ...).
+* Prompt partition (text-conditional UNet2DConditionModel teachers: SD1.5 / SD2.1; SDXL untested): k-means with
+  ``num_students`` clusters on the teacher's text embeddings of the training prompts (the dataset's distinct
+  captions, at most ``kmeans_prompts`` of them, a seeded random subset beyond). A prompt's feature is the token
+  mean of the teacher text encoder's ``encoder_hidden_states``, unit length (cosine k-means: k-means++ seeding,
+  ``kmeans_iters`` Lloyd iterations, an empty cluster re-seeded with the worst-served prompt); the K unit
+  centres are the routing table. Every process computes the same centres (same prompts, same seed). Explicit
+  prompt lists are not supported.
 * Training: all K students train in one run, each on its own labels, by routing: the generator is a
-  :class:`~stepdistill.models.routed.RoutedUNet2DModel` that sends every row of a batch (labels drawn from the
+  :class:`~stepdistill.models.routed.RoutedUNet2DModel` (by label; ``RoutedUNet2DConditionModel`` by prompt:
+  the nearest centre) that sends every row of a batch (labels drawn from the
   whole dataset) through the one student its label routes to. The loss of each student is then exactly
   DMD2's (distribution matching against the teacher, optional GAN, optional DMD v1 regression: the
   :class:`~stepdistill.trainers.dmd2.DMD2Trainer` code, unchanged) restricted to its rows; a student with no
@@ -23,7 +30,7 @@ marked unverified in shared/reference/seed_methods_2.md section 3):
   scores cannot take the null label (no fake CFG, no ``fake_cond_dropout``) nor the GAN head (its bottleneck
   belongs to one network).
 * Smaller students (``student_block_out_channels`` / ``student_layers_per_block``): each student is a
-  UNet2DModel of the teacher's config with these widths, randomly initialised and pre-trained for
+  UNet2DModel (UNet2DConditionModel) of the teacher's config with these widths, randomly initialised and pre-trained for
   ``student_pretrain_steps`` AdamW steps by regression (mean squared error) of student(z) onto teacher samples
   from z (DMD v1's pairs: ``regression_pairs`` pairs made with ``regression_steps`` teacher DDIM steps), the
   paper's regression initialisation; full-width students start as copies of the teacher.
@@ -40,7 +47,9 @@ bit under weight decay). FSDP would shard the routed model's flat parameters acr
 
 Export: one pipeline folder (StepDistillClassPipeline) whose ``unet/`` is the RoutedUNet2DModel (the K
 students' configs and the routing table in its config.json, all weights in one safetensors file);
-``pipe(class_labels=[...])`` routes each row to its student, one network evaluation per image.
+``pipe(class_labels=[...])`` routes each row to its student, one network evaluation per image. A text teacher's
+export is a StepDistillSDPipeline whose ``unet/`` is the RoutedUNet2DConditionModel (the centres in its
+config.json): a plain ``pipe(prompt=...)`` routes each prompt by its embeddings, one network evaluation per image.
 
 Example::
 
@@ -56,9 +65,9 @@ import torch
 from ..config import ConfigError, ObjectError
 from ..losses import denoising_loss
 from ..models import FakeScore, Generator
-from ..models.conditioning import ClassConditioner
+from ..models.conditioning import ClassConditioner, TextConditioner
 from ..models.denoiser import _unwrap
-from ..models.routed import RoutedUNet2DModel
+from ..models.routed import RoutedUNet2DConditionModel, RoutedUNet2DModel
 from .dmd2 import DMD2Config, DMD2Trainer
 
 
@@ -79,6 +88,9 @@ class MSDConfig(DMD2Config):
     student_pretrain_steps (`int`, `0`): regression steps of each smaller student onto teacher samples before
         distillation (``regression_pairs`` / ``regression_steps`` / ``regression_batch`` pairs).
     student_pretrain_lr (`float`, `0.0`: the generator's learning rate): the pre-training AdamW's rate.
+    > Prompt partition (text-conditional teachers)
+    kmeans_prompts (`int`, `10000`): at most this many distinct training prompts are clustered.
+    kmeans_iters (`int`, `50`): Lloyd iterations of the cosine k-means.
     """
 
     num_students: int = 2
@@ -88,6 +100,8 @@ class MSDConfig(DMD2Config):
     student_layers_per_block: int = 0
     student_pretrain_steps: int = 0
     student_pretrain_lr: float = 0.0
+    kmeans_prompts: int = 10000
+    kmeans_iters: int = 50
 
     def check(self):
         super().check()
@@ -120,6 +134,9 @@ class MSDConfig(DMD2Config):
                     )
         if self.student_pretrain_steps < 0:
             raise ConfigError(f"student_pretrain_steps must be >= 0, got {self.student_pretrain_steps}")
+        for key in ("kmeans_prompts", "kmeans_iters"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"{key} must be >= 1, got {getattr(self, key)}")
         if self.student_pretrain_lr < 0:
             raise ConfigError(f"student_pretrain_lr must be >= 0, got {self.student_pretrain_lr}")
         if self.student_pretrain_steps and not self.student_block_out_channels:
@@ -158,6 +175,33 @@ def routing_table(partition: list[list[int]], num_classes: int) -> list[int]:
     return route
 
 
+def kmeans_centres(features: torch.Tensor, k: int, iters: int, seed: int) -> torch.Tensor:
+    """Cosine k-means of unit ``features`` (N, D): k-means++ seeding (seeded), ``iters`` Lloyd iterations; an
+    empty cluster takes the point least similar to its centre. Returns (k, D) unit centres."""
+    feats = features.float()
+    n = len(feats)
+    g = torch.Generator().manual_seed(seed)
+    centres = [feats[int(torch.randint(n, (1,), generator=g))]]
+    for _ in range(1, k):
+        dist = (1 - feats @ torch.stack(centres).T).min(dim=1).values.clamp_min(0)
+        if float(dist.sum()) <= 0:
+            raise ConfigError(f"num_students={k}: the prompts have fewer than {k} distinct text embeddings")
+        centres.append(feats[int(torch.multinomial(dist, 1, generator=g))])
+    c = torch.stack(centres)
+    for _ in range(iters):
+        sim = feats @ c.T
+        assign = sim.argmax(dim=1)
+        new = torch.zeros_like(c).index_add_(0, assign, feats)
+        for j in range(k):
+            if not (assign == j).any():  # re-seed with the worst-served point
+                new[j] = feats[int(sim.max(dim=1).values.argmin())]
+        new = new / new.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        if torch.equal(new, c):
+            break
+        c = new
+    return c
+
+
 class MSDTrainer(DMD2Trainer):
     """DMD2 with K routed one-step students (see the module doc for the choices)."""
 
@@ -174,13 +218,23 @@ class MSDTrainer(DMD2Trainer):
         super().__init__(config, accelerator, **objects)
 
     # ---------------------------------------------------------------- partition
+    def by_prompt(self) -> bool:
+        """True for a text-conditional teacher (k-means prompt partition), False for class labels."""
+        if isinstance(self.conditioner, ClassConditioner):
+            return False
+        if isinstance(self.conditioner, TextConditioner):
+            if self.config.partition:
+                raise ConfigError("partition: explicit lists are class labels; a text teacher's prompts are k-means")
+            return True
+        raise ConfigError(
+            "MSD partitions class labels or prompts: the teacher must be class-conditional (UNet2DModel) or "
+            "text-conditional (UNet2DConditionModel); unconditional teachers are not supported"
+        )
+
     def partition(self) -> list[list[int]]:
         """The labels of each student (explicit ``partition``, else the balanced contiguous split)."""
-        if not isinstance(self.conditioner, ClassConditioner):
-            raise ConfigError(
-                "MSD partitions class labels: the teacher must be a class-conditional UNet2DModel (text prompts "
-                "and unconditional teachers are not supported)"
-            )
+        if self.by_prompt():
+            raise ConfigError("a text teacher's students are routed by prompt (centres()), not by label lists")
         c = self.config
         n = self.conditioner.num_classes
         parts = [list(p) for p in c.partition] if c.partition else balanced_partition(n, c.num_students)
@@ -190,20 +244,51 @@ class MSDTrainer(DMD2Trainer):
     def routing(self) -> list[int]:
         return routing_table(self.partition(), self.conditioner.num_classes)
 
+    def centres(self) -> torch.Tensor:
+        """The K unit k-means centres of the training prompts' features (computed once; see the module doc)."""
+        if getattr(self, "_centres", None) is not None:
+            return self._centres
+        from ..models.routed import prompt_features
+
+        c = self.config
+        prompts = list(dict.fromkeys(self.dataset.captions or ()))
+        if len(prompts) < c.num_students:
+            raise ConfigError(
+                f"num_students={c.num_students}: the dataset has {len(prompts)} distinct prompts to cluster "
+                "(streamed datasets list none); give at least one per student"
+            )
+        if len(prompts) > c.kmeans_prompts:
+            keep = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(c.seed + 13))
+            prompts = [prompts[int(i)] for i in keep[: c.kmeans_prompts]]
+        feats = []
+        for s in range(0, len(prompts), 256):  # not through the conditioner's cache
+            rows = self.conditioner._encode_rows(prompts[s : s + 256])
+            feats.append(prompt_features(rows["ehs"]).cpu())
+        self._centres = kmeans_centres(torch.cat(feats), c.num_students, c.kmeans_iters, c.seed)
+        sizes = torch.bincount((torch.cat(feats) @ self._centres.T).argmax(1), minlength=c.num_students)
+        if self.accelerator.is_main_process:
+            print(f"MSD: {len(prompts)} prompts in {c.num_students} k-means clusters of {sizes.tolist()} prompts")
+        return self._centres
+
     # ---------------------------------------------------------------- students
     def _teacher_unet(self):
-        from diffusers import UNet2DModel
+        from diffusers import UNet2DConditionModel, UNet2DModel
 
         net = _unwrap(self.teacher.net)
-        if not isinstance(net, UNet2DModel):
+        want = UNet2DConditionModel if self.by_prompt() else UNet2DModel
+        if type(net) is not want:
             raise ConfigError(
-                f"MSD's students are UNet2DModels routed by class label; the teacher's network is {type(net).__name__}"
+                f"MSD's students are {want.__name__}s routed by {'prompt' if self.by_prompt() else 'class label'}; "
+                f"the teacher's network is {type(net).__name__}"
             )
         return net
 
-    def _student_nets(self):
-        from diffusers import UNet2DModel
+    def _routed(self, nets):
+        if self.by_prompt():
+            return RoutedUNet2DConditionModel.from_students(nets, self.centres())
+        return RoutedUNet2DModel.from_students(nets, self.routing())
 
+    def _student_nets(self):
         c = self.config
         net = self._teacher_unet()
         if not c.student_block_out_channels:
@@ -224,12 +309,12 @@ class MSDTrainer(DMD2Trainer):
         nets = []
         for k in range(c.num_students):
             torch.manual_seed(c.seed * 1000 + k)
-            nets.append(UNet2DModel.from_config(cfg))
+            nets.append(type(net).from_config(cfg))
         return nets
 
     def make_generator(self, timesteps, *, sampler: str = "consistency", w_embedding_dim: int = 0) -> Generator:
         """The K students behind one routing table (overrides the single copy of the teacher)."""
-        routed = RoutedUNet2DModel.from_students(self._student_nets(), self.routing())
+        routed = self._routed(self._student_nets())
         gen = self.wrap_object(Generator, routed, timesteps=timesteps, sampler=sampler)
         return self.apply_student_prediction(gen, self.student_prediction(timesteps))  # as one DMD2 student
 
@@ -238,7 +323,7 @@ class MSDTrainer(DMD2Trainer):
         c = self.config
         if c.fake_score_per_student:
             net = self._teacher_unet()
-            routed = RoutedUNet2DModel.from_students([net] * c.num_students, self.routing())
+            routed = self._routed([net] * c.num_students)
             self.fake = self.wrap_object(FakeScore, routed)
 
     def on_prepared(self):
@@ -258,7 +343,9 @@ class MSDTrainer(DMD2Trainer):
         losses = []
         for _ in range(c.student_pretrain_steps):
             idx = torch.randint(len(noise), (min(c.regression_batch, len(noise)),), generator=g)
-            cond = self._cond_batch({"label": batch["label"][idx]})
+            cond = self._cond_batch(
+                {k: (v[idx] if torch.is_tensor(v) else [v[i] for i in idx]) for k, v in batch.items() if k != "_n"}
+            )
             x = self.generator(self.generator.initial_noise(noise[idx]), cond, self.gen_times[0].expand(len(idx)))
             loss = denoising_loss(x, images[idx])
             opt.zero_grad(set_to_none=True)
@@ -344,3 +431,21 @@ def routed_pipeline_card(net, scheduler, timesteps, path, kind) -> dict:
         "stock_call": loop,
         "stock_note": note,
     }
+
+
+def routed_text_card(teacher_path, net, scheduler, timesteps, path, kind, w) -> dict:
+    """StepDistillSDPipeline around MSD's RoutedUNet2DConditionModel (routing by prompt): stepdistill required."""
+    from ..export import _text_pipeline
+
+    card = _text_pipeline(teacher_path, net, scheduler, timesteps, path, kind, w)
+    card.pop("stock_call")
+    card.pop("stock_note")
+    card["needs_note"] = (
+        f"The `unet` is stepdistill's `RoutedUNet2DConditionModel`: {net.num_students} `UNet2DConditionModel` "
+        "students of a multi-student (MSD) generator and a routing table of k-means centres of the training "
+        "prompts' text embeddings (`unet/config.json`: the students' configs and `centres`; one safetensors file "
+        "with student k's weights under `nets.k.`). Each prompt goes to the student whose centre is nearest to its "
+        "feature, the token mean of the text encoder's output scaled to unit length (the largest dot product), "
+        "so the plain call routes by itself; each image costs one evaluation of its own student per step."
+    )
+    return card
