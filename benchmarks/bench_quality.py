@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import time
 
 import torch
@@ -22,6 +23,7 @@ from stepdistill.models import Teacher
 from stepdistill.train import make_trainer
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+MSD_PRETRAIN = ["student_pretrain_steps=300", "student_pretrain_lr=0.001", "regression_pairs=512"]
 STUDENTS = [
     ("DMD2", "recipes/dmd2/digits.yaml"),
     ("SIM", "recipes/sim/digits.yaml"),
@@ -30,6 +32,9 @@ STUDENTS = [
     ("MSD", "recipes/msd/digits.yaml"),  # K = 2 routed students, same budget
     ("MeanFlow", "recipes/meanflow/digits.yaml"),  # its own budget (250 it); also sampled in 2 steps
     ("sCM", "recipes/scm/digits.yaml"),  # sCD, 2 steps (its own budget: 300 it of batch 32)
+    ("MSD K=5", "recipes/msd/digits.yaml", ["num_students=5"]),  # optional third item: recipe overrides
+    ("MSD K=2 half-width", "recipes/msd/digits.yaml", ["student_block_out_channels=[16, 32, 32]", *MSD_PRETRAIN]),
+    ("MSD K=2 per-student fake", "recipes/msd/digits.yaml", ["fake_score_per_student=true"]),
 ]
 MORE_STEPS = {"MeanFlow": (2,)}  # students whose sampler takes any step count: extra rows at these counts
 
@@ -69,12 +74,13 @@ def main(argv=None):
             }
         )
         print(rows[-1], flush=True)
-    for name, recipe in STUDENTS:
+    for name, recipe, *extra in STUDENTS:
         overrides = [
-            f"output_dir={os.path.join(args.out, name.lower())}",
+            f"output_dir={os.path.join(args.out, re.sub(r'[^a-z0-9]+', '_', name.lower()))}",
             "checkpoint_every=0",
             "sample_every=0",
             "progress=false",
+            *(extra[0] if extra else []),
         ]
         if args.max_steps:
             overrides.append(f"max_steps={args.max_steps}")
@@ -82,11 +88,16 @@ def main(argv=None):
         t0 = time.perf_counter()
         trainer.train()
         train_s = time.perf_counter() - t0
+        t0 = time.process_time()
+        x = student_samples(trainer, args.num_samples)
+        sample_ms = (time.process_time() - t0) * 1000 / args.num_samples  # CPU time: less load-dependent
         rows.append(
             {
                 "model": f"{name} student",
                 "nfe": len(trainer.generator.timesteps),
-                "fd_digits": fd.score(student_samples(trainer, args.num_samples)),
+                "fd_digits": fd.score(x),
+                "sample_cpu_ms_per_image": round(sample_ms, 2),
+                "generator_params": sum(p.numel() for p in trainer.generator.net.parameters()),
                 "recipe": recipe,
                 "train_iterations": trainer.global_step,
                 "train_seconds": round(train_s, 1),
@@ -95,15 +106,22 @@ def main(argv=None):
         print(rows[-1], flush=True)
         for steps in MORE_STEPS.get(name, ()):
             score = fd.score(student_samples(trainer, args.num_samples, steps=steps))
-            rows.append({**rows[-1], "model": f"{name} student ({steps} steps)", "nfe": steps, "fd_digits": score})
+            row = {k: v for k, v in rows[-1].items() if k != "sample_cpu_ms_per_image"}  # timed at 1 step only
+            rows.append({**row, "model": f"{name} student ({steps} steps)", "nfe": steps, "fd_digits": score})
             print(rows[-1], flush=True)
     with open(os.path.join(args.out, "quality.json"), "w") as f:
         json.dump(rows, f, indent=2)
     t50 = next(r["fd_digits"] for r in rows if r["model"].startswith("teacher") and r["nfe"] == 50)
-    lines = ["| model | network evaluations | FD-digits | vs teacher@50 | training |", "|---|---|---|---|---|"]
+    lines = [
+        "| model | network evaluations | FD-digits | vs teacher@50 | training | sampling CPU ms/image | parameters |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         train = f"{r['train_iterations']} it, {r['train_seconds']:.0f} s" if "train_seconds" in r else ""
-        lines.append(f"| {r['model']} | {r['nfe']} | {r['fd_digits']:.2f} | {r['fd_digits'] / t50:.2f}x | {train} |")
+        cost = f"{r.get('sample_cpu_ms_per_image', '')} | {r['generator_params']}" if "generator_params" in r else " | "
+        lines.append(
+            f"| {r['model']} | {r['nfe']} | {r['fd_digits']:.2f} | {r['fd_digits'] / t50:.2f}x | {train} | {cost} |"
+        )
     with open(os.path.join(args.out, "quality.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))
