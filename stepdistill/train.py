@@ -14,6 +14,8 @@ METHODS = {
     "sim": ("stepdistill.trainers.sim", "SIMTrainer", "score implicit matching (SIM; SiD's loss)"),
     "vsd": ("stepdistill.trainers.vsd", "VSDTrainer", "variational score distillation (SwiftBrush)"),
     "disback": ("stepdistill.trainers.disback", "DisBackTrainer", "distribution backtracking on DMD2 / SIM / VSD"),
+    "fdistill": ("stepdistill.trainers.fdistill", "FDistillTrainer", "f-divergence distribution matching (f-distill)"),
+    "ladd": ("stepdistill.trainers.ladd", "LADDTrainer", "latent adversarial diffusion distillation (LADD)"),
     "boot": ("stepdistill.trainers.boot", "BOOTTrainer", "data-free distillation by bootstrapping (BOOT)"),
     "msd": ("stepdistill.trainers.msd", "MSDTrainer", "multi-student distillation: K routed DMD2 students"),
     "sfd": ("stepdistill.trainers.sfd", "SFDTrainer", "score forgetting distillation (SFD): SiD that unlearns a class"),

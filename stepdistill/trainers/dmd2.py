@@ -317,6 +317,11 @@ def bottleneck_module(net: nn.Module) -> nn.Module:
     raise ValueError(f"{type(net).__name__} has no mid_block or transformer_blocks for the GAN head")
 
 
+def _weighted(g, weight):
+    """g scaled per sample by ``weight`` (B,), or g itself when None."""
+    return g if weight is None else g * weight.to(g).reshape(-1, *([1] * (g.ndim - 1)))
+
+
 def _as_map(h):
     """Bottleneck output -> (B, C, H, W): tuples (SD3 blocks) take the image stream, tokens are unflattened,
     vectors become 1x1 maps."""
@@ -634,8 +639,9 @@ class DMD2Trainer(StudentTrainer):
             out = self.fake.raw(x_g, t, cond)
         return out.detach(), self.head(_as_map(tap.value).float())
 
-    def _dm_loss_at(self, x, x_t, t, cond, fake=None):
-        """The DM loss at x_t; ``fake``: the fake score's raw output there when it is already computed."""
+    def _dm_loss_at(self, x, x_t, t, cond, fake=None, weight=None):
+        """The DM loss at x_t; ``fake``: the fake score's raw output there when it is already computed; ``weight``
+        (B,): a per-sample factor on the gradient g (f-distill's h(r))."""
         c = self.config
         if resolve_backend(None, x) == "triton":  # CUDA: CFG'd teacher + fake -> x0 -> g in two fused passes
             with torch.no_grad():
@@ -653,7 +659,7 @@ class DMD2Trainer(StudentTrainer):
                 real_pred_type=self.real_score.prediction_type,
                 fake_pred_type=self.fake.prediction_type,
             )
-            return distribution_matching_loss(x, g)
+            return distribution_matching_loss(x, _weighted(g, weight))
         with torch.no_grad():
             x0_real = self.real_score.predict(
                 x_t, t, cond, target="x0", guidance_scale=c.real_guidance_scale, float64=True
@@ -665,7 +671,7 @@ class DMD2Trainer(StudentTrainer):
             else:  # as predict(float64=True) converts its raw output
                 x0_fake = self.schedule.convert(fake.double(), x_t.double(), t, self.fake.prediction_type, "x0")
         g = dmd_gradient(x, x0_real, x0_fake)
-        return distribution_matching_loss(x, g)
+        return distribution_matching_loss(x, _weighted(g, weight))
 
     # ---------------------------------------------------------------- hooks
     def generator_loss(self, x, cond):
