@@ -461,7 +461,7 @@ class DMD2Trainer(StudentTrainer):
         if c.init_fake_score:
             _init_weights(self.fake, c.init_fake_score, "fake_score", "init_fake_score")
         self.use_gan = c.gan_generator_weight > 0
-        if self.use_gan and not self.dataset.has_images:
+        if self.use_gan and not self.has_real_images():
             raise ConfigError("gan_generator_weight > 0 needs real images; the dataset has none")
         if self.use_gan:
             try:
@@ -472,6 +472,10 @@ class DMD2Trainer(StudentTrainer):
             self.swap_real_score(c.real_score)
         self._pairs = None  # (teacher, pairs): made from the current teacher at first use (see ``pairs``)
         self._cache = None
+
+    def has_real_images(self) -> bool:
+        """Whether the GAN has real samples (f-distill: teacher samples stand in for them)."""
+        return self.dataset.has_images
 
     def _build_head(self, device):
         with torch.no_grad(), FeatureTap(self.fake.net) as tap:

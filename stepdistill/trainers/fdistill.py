@@ -187,16 +187,13 @@ class FDistillTrainer(DMD2Trainer):
 
     def build(self):
         c = self.config
-        if c.real_data == "teacher":  # DMD2's build requires dataset images for the GAN: ours are teacher samples
-            self.dataset.has_images, had = True, self.dataset.has_images
-        try:
-            super().build()
-        finally:
-            if c.real_data == "teacher":
-                self.dataset.has_images = had
+        super().build()
         self.synthetic = TeacherSamples.of(self)
         self.ratio_bins = torch.ones(c.ratio_bins, dtype=torch.float64)
         self._weights = None
+
+    def has_real_images(self) -> bool:
+        return self.config.real_data == "teacher" or super().has_real_images()
 
     # ---------------------------------------------------------------- the weight
     def f_weights(self, logits: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
