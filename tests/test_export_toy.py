@@ -55,7 +55,8 @@ def class_teacher(tmp_path_factory):
 
 def test_every_toy_recipe_is_covered():
     assert {_name(p) for p in RECIPES} == {
-        "dmd2", "sim", "vsd", "progressive", "consistency", "boot", "disback", "meanflow", "scm", "sfd"
+        "dmd2", "sim", "vsd", "progressive", "consistency", "boot", "disback", "meanflow", "scm", "sfd", "fdistill",
+        "ladd",
     }
 
 
