@@ -46,7 +46,10 @@ import stepdistill  # noqa: F401  (registers the StepDistill* pipelines with dif
 from stepdistill.train import make_trainer
 
 ROOT = Path(__file__).resolve().parents[1]
-METHODS = ("dmd2", "sim", "vsd", "consistency", "progressive", "boot", "disback", "meanflow", "scm", "sfd", "msd")
+METHODS = (
+    "dmd2", "sim", "vsd", "consistency", "progressive", "boot", "disback", "meanflow", "scm", "sfd", "msd", "fdistill",
+    "ladd",
+)
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 SIDE = 8  # latent side of every tiny network; the tiny VAE has 2 blocks: 16 px images
 CAPTIONS = ["a cat", "a dog", "the cat", "a red dog"]
@@ -214,6 +217,8 @@ def _shrink(recipe: str) -> dict:
         out.update(max_steps=3, degradation_steps=2, degradation_nodes=2, backtrack_every=1)
     if r.get("regression_weight", 0):
         out.update(regression_pairs=4, regression_steps=2, regression_batch=2)
+    if r.get("real_data") == "teacher":  # f-distill / LADD teacher samples as the real data
+        out.update(teacher_samples=2, teacher_sample_steps=2)
     if r.get("multiphase_steps"):
         pytest.fail(f"{_name(recipe)}: shrink multiphase_steps to 2 iterations in _shrink")
     return out
@@ -289,6 +294,7 @@ def test_every_real_recipe_is_covered():
     names = {_name(p) for p in RECIPES}
     assert {"dmd2/sd15", "dmd2/sdxl_4step", "dmd2/sdxl_1step", "dmd2/dit_xl2", "dmd2/sd3_medium"} <= names
     assert {"sim/sd15", "vsd/sd21_swiftbrush", "consistency/lcm_sd15", "progressive/sd15_guided"} <= names
+    assert {"fdistill/sd15", "ladd/sd3_medium"} <= names
     for p in RECIPES:
         _kind(p)  # every hub id has a twin
 
