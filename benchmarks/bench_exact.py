@@ -151,6 +151,10 @@ def _trainer_classes(method: str):
         from stepdistill.trainers.vsd import VSDConfig, VSDTrainer
 
         return VSDTrainer, VSDConfig
+    if method == "fdistill":
+        from stepdistill.trainers.fdistill import FDistillConfig, FDistillTrainer
+
+        return FDistillTrainer, FDistillConfig
     if method == "lcm":
         from stepdistill.trainers.consistency import ConsistencyConfig, ConsistencyTrainer
 
@@ -171,7 +175,7 @@ def _trainer_classes(method: str):
 
 
 RECIPE = {"dmd2": "dmd2", "sim": "sim", "vsd": "vsd", "lcm": "consistency", "progressive": "progressive", "scm": "scm",
-          "meanflow": "meanflow"}
+          "meanflow": "meanflow", "fdistill": "fdistill"}
 _NOT_SETTINGS = ("method", "teacher", "output_dir", "dataset", "checkpoint_every", "seed")
 
 
@@ -198,7 +202,7 @@ def make_trainer(method: str, settings: dict, mixture: GaussianMixture, init_net
         dataset=mixture.sample(20000, torch.Generator().manual_seed(seed))[0],
         sample_shape=(mixture.dim,),
     )
-    if method in ("dmd2", "sim", "vsd"):
+    if method in ("dmd2", "sim", "vsd", "fdistill"):
         objects["fake_score"] = copy.deepcopy(init_net).train()
     return cls(build_config(cfg_cls, base), **objects)
 
@@ -256,6 +260,10 @@ ROWS = [
     ("DMD2 (input t 999, no regression)", "dmd2", (1,), {"denoising_timesteps": [999], "regression_weight": 0.0}),
     ("DMD2", "dmd2", (1,), {}),
     ("DMD2 4-step", "dmd2", (4,), {"denoising_timesteps": [999, 749, 499, 249]}),
+    ("f-distill JS", "fdistill", (1,), {}),
+    ("f-distill forward KL", "fdistill", (1,), {"f_divergence": "kl"}),
+    ("f-distill JS (input t 999, no regression)", "fdistill", (1,),
+     {"denoising_timesteps": [999], "regression_weight": 0.0}),
     ("SIM", "sim", (1,), {}),
     ("VSD", "vsd", (1,), {}),
     ("LCM", "lcm", (1, 4), {"inference_steps": 4}),

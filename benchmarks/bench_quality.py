@@ -35,6 +35,9 @@ STUDENTS = [
     ("MSD K=5", "recipes/msd/digits.yaml", ["num_students=5"]),  # optional third item: recipe overrides
     ("MSD K=2 half-width", "recipes/msd/digits.yaml", ["student_block_out_channels=[16, 32, 32]", *MSD_PRETRAIN]),
     ("MSD K=2 per-student fake", "recipes/msd/digits.yaml", ["fake_score_per_student=true"]),
+    ("f-distill (JS)", "recipes/fdistill/digits.yaml"),
+    ("f-distill (forward KL)", "recipes/fdistill/digits_kl.yaml"),
+    ("LADD", "recipes/ladd/digits.yaml"),
 ]
 MORE_STEPS = {"MeanFlow": (2,)}  # students whose sampler takes any step count: extra rows at these counts
 

@@ -168,3 +168,14 @@ def test_teacher_samples_as_real_data(tmp_path):
     assert batch["image"].shape == (4, 2) and torch.isfinite(batch["image"]).all()
     fd.train()
     assert fd.global_step == 2
+
+
+def test_cli_refusal_is_one_line_exit_2(tmp_path, capsys):
+    from stepdistill.cli import main
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("method: fdistill\nteacher: digits\ndataset: digits\ngan_generator_weight: 0\n"
+                      f"output_dir: {tmp_path / 'out'}\n")
+    assert main(["train", "--config", str(recipe)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and "gan_generator_weight must be > 0" in err[0]
