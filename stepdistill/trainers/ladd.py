@@ -5,7 +5,8 @@ A pure adversarial loss, no distribution-matching term. The generator starts as 
 discriminator is the frozen teacher itself, read at several blocks, with a small trainable head per block:
 
     x_hat = G(z)  (or G(x_s, s) at a later step s: the real sample noised to s, as ADD / FastGen)
-    x_t   = add_noise(x_hat, eps, t),     t ~ logit-normal(disc_t_mean, disc_t_std) = sigmoid(N(m, s))
+    x_t   = add_noise(x_hat, eps, t),     t ~ logit-normal(disc_t_mean, disc_t_std) = sigmoid(N(m, s)) in
+            rectified-flow time, i.e. log(sigma_t / alpha_t) ~ N(m, s) on any schedule
     phi_k = the teacher's block k output at (x_t, t, c)    (teacher weights frozen; the gradient flows to x_t)
     L_G   = mean_k l_G(D_k(phi_k(x_t), t))
     L_D   = mean_k l_D(D_k(phi_k(x_real_t), t'), D_k(phi_k(sg x_t), t)) [+ r1_weight approximate R1]
@@ -173,8 +174,10 @@ class LADDConfig(StudentConfig):
     feature_blocks (`list[int]`, `[]`: every tap): indices into the teacher's taps (UNet: down blocks then the mid
         block; transformers: their blocks). FastGen's Wan-1.3B: [15, 22, 29].
     head_width (`int`, `128`): channels of each head.
-    disc_t (`str`, `"logit_normal"`): the discriminator's noise levels: "logit_normal" (t = sigmoid(N(m, s))) or
-        "uniform"; disc_t_mean / disc_t_std (`float`, `1.0` / `1.0`): m and s (LADD: shifted to high noise).
+    disc_t (`str`, `"logit_normal"`): the discriminator's noise levels: "logit_normal" (rectified-flow time
+        t = sigmoid(N(m, s)), i.e. log(sigma / alpha) ~ N(m, s), carried to the teacher's schedule by its noise
+        level) or "uniform" (t uniform in [disc_t_min, disc_t_max]); disc_t_mean / disc_t_std (`float`, `1.0` /
+        `1.0`): m and s (LADD: shifted to high noise).
     disc_t_min / disc_t_max (`float`, `0.001` / `0.999`): clamp of t.
     gan_loss (`str`, `"hinge"`): "hinge" or "nonsaturating".
     dfake_gen_update_ratio (`int`, `5`): FastGen's ``student_update_freq``: the generator is updated at every 5th
@@ -293,10 +296,16 @@ class LADDTrainer(StudentTrainer):
 
     # ---------------------------------------------------------------- pieces
     def disc_times(self, n: int, device) -> torch.Tensor:
+        """The discriminator's noise levels. "logit_normal": LADD's t ~ sigmoid(N(m, s)) is rectified-flow time,
+        where t / (1 - t) is the noise level sigma / alpha; so log(sigma / alpha) ~ N(m, s), mapped to the
+        teacher's own time (a flow teacher: exactly sigmoid(N(m, s)); a VP or EDM teacher: the same
+        signal-to-noise ratios). Clamped to [disc_t_min, disc_t_max]."""
         c = self.config
-        return self.schedule.sample_t(
-            n, c.disc_t, t_min=c.disc_t_min, t_max=c.disc_t_max, p_mean=c.disc_t_mean, p_std=c.disc_t_std
-        ).to(device)
+        if c.disc_t == "uniform":
+            return self.schedule.sample_t(n, "uniform", t_min=c.disc_t_min, t_max=c.disc_t_max).to(device)
+        z = rnd.randn(n, dtype=torch.float64)
+        t = self.schedule.t_from_noise_level(torch.exp(c.disc_t_mean + c.disc_t_std * z))
+        return t.clamp(c.disc_t_min, c.disc_t_max).to(device)
 
     def real_batch(self, batch):
         if self.synthetic is not None:
