@@ -262,8 +262,6 @@ ROWS = [
     ("DMD2 4-step", "dmd2", (4,), {"denoising_timesteps": [999, 749, 499, 249]}),
     ("f-distill JS", "fdistill", (1,), {}),
     ("f-distill forward KL", "fdistill", (1,), {"f_divergence": "kl"}),
-    ("f-distill JS (input t 999, no regression)", "fdistill", (1,),
-     {"denoising_timesteps": [999], "regression_weight": 0.0}),
     ("SIM", "sim", (1,), {}),
     ("VSD", "vsd", (1,), {}),
     ("LCM", "lcm", (1, 4), {"inference_steps": 4}),
