@@ -139,39 +139,13 @@ def fit_teacher_copy(mixture: GaussianMixture, steps: int = 3000, batch: int = 5
 # trainers on the exact teacher
 # --------------------------------------------------------------------------------------------------------
 def _trainer_classes(method: str):
-    if method == "dmd2":
-        from stepdistill.trainers.dmd2 import DMD2Config, DMD2Trainer
+    """The trainer class of a row's method and its config class (the registry of stepdistill.train)."""
+    from stepdistill.train import trainer_classes
 
-        return DMD2Trainer, DMD2Config
-    if method == "sim":
-        from stepdistill.trainers.sim import SIMConfig, SIMTrainer
-
-        return SIMTrainer, SIMConfig
-    if method == "vsd":
-        from stepdistill.trainers.vsd import VSDConfig, VSDTrainer
-
-        return VSDTrainer, VSDConfig
-    if method == "fdistill":
-        from stepdistill.trainers.fdistill import FDistillConfig, FDistillTrainer
-
-        return FDistillTrainer, FDistillConfig
-    if method == "lcm":
-        from stepdistill.trainers.consistency import ConsistencyConfig, ConsistencyTrainer
-
-        return ConsistencyTrainer, ConsistencyConfig
-    if method == "progressive":
-        from stepdistill.trainers.progressive import ProgressiveConfig, ProgressiveTrainer
-
-        return ProgressiveTrainer, ProgressiveConfig
-    if method == "meanflow":
-        from stepdistill.trainers.meanflow import MeanFlowConfig, MeanFlowTrainer
-
-        return MeanFlowTrainer, MeanFlowConfig
-    if method == "scm":
-        from stepdistill.trainers.scm import SCMConfig, SCMTrainer
-
-        return SCMTrainer, SCMConfig
-    raise ValueError(f"unknown method {method!r}")
+    if method not in RECIPE:
+        raise ValueError(f"unknown method {method!r}")
+    cls = trainer_classes()[RECIPE[method]]
+    return cls, cls.config_class
 
 
 RECIPE = {"dmd2": "dmd2", "sim": "sim", "vsd": "vsd", "lcm": "consistency", "progressive": "progressive", "scm": "scm",
