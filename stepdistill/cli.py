@@ -208,8 +208,9 @@ def _load_teacher(args):
     return Teacher.from_pretrained(_model_path(args))
 
 
-def _exported_timesteps(path: str):
-    """The trained timesteps of a stepdistill export (``model_index.json``), or None for another folder."""
+def _exported_timesteps(path: str, text_ok: bool = False):
+    """The trained timesteps of a stepdistill export (``model_index.json``), or None for another folder; a
+    text-to-image export only with ``text_ok`` (a prompt was given)."""
     from .config import ConfigError
 
     index = os.path.join(path, "model_index.json")
@@ -217,10 +218,10 @@ def _exported_timesteps(path: str):
         return None
     with open(index) as f:
         index = json.load(f)
-    if "tokenizer" in index or "text_encoder" in index:
+    if ("tokenizer" in index or "text_encoder" in index) and not text_ok:
         raise ConfigError(
-            f"--model {path!r} is a text-to-image pipeline: `stepdistill sample` draws class-conditional and "
-            "unconditional images only; call the pipeline with prompts, or score it with `stepdistill eval --prompts`"
+            f"--model {path!r} is a text-to-image pipeline: pass --prompt \"...\" (`stepdistill sample`), or "
+            "score it with `stepdistill eval --prompts`"
         )
     return (index.get("_stepdistill") or {}).get("trained_timesteps") or index.get("trained_timesteps")
 
@@ -240,8 +241,14 @@ def cmd_sample(args) -> int:
 
             raise ConfigError("--trace / --hybrid-teacher-steps draw images; for toy pipelines use the Python API")
         return sample_toy(path, args.num, args.steps or 50, args.seed, args.out)
-    trained = _exported_timesteps(path)
+    trained = _exported_timesteps(path, text_ok=bool(args.prompt))
     g = torch.Generator().manual_seed(args.seed)
+    latent = trained and _latent_export(path)
+    if latent and (args.trace or (args.hybrid_teacher_steps and args.teacher is None)):
+        from .config import ConfigError
+
+        raise ConfigError(f"--model {path!r} is a latent (text-to-image / DiT) export: --trace draws pixel-space "
+                          "exports only, and --hybrid-teacher-steps needs --teacher (the teacher's pipeline folder)")
     hybrid = _hybrid_teacher(args, trained)  # checked before the student loads
     if trained and args.steps is None:
         # an export samples as it was trained: its own pipeline, timesteps and scheduler
@@ -249,17 +256,18 @@ def cmd_sample(args) -> int:
 
         import stepdistill  # noqa: F401  (registers the pipeline classes with diffusers)
 
-        pipe = DiffusionPipeline.from_pretrained(path)
-        if not hasattr(pipe, "unet"):
-            from .config import ConfigError
+        how = ""
+        if hybrid and os.path.isdir(os.path.join(path, "lora")):  # a LoRA student on the teacher's own network
+            from .hybrid import load_lora_student
 
-            raise ConfigError(f"--model {args.model!r}: `stepdistill sample` draws pixel-space UNet exports only")
+            pipe, teacher = load_lora_student(path, hybrid[0])
+            hybrid, how = (teacher, hybrid[1]), " (the LoRA student: lora/ on the teacher's network, one copy)"
+        else:
+            pipe = DiffusionPipeline.from_pretrained(path)
         kw = {} if args.guidance_scale is None else {"guidance_scale": args.guidance_scale}
         kw.update(_hybrid_kwargs(args, pipe, hybrid, trace))
-        n_classes = getattr(pipe.unet.config, "num_class_embeds", None)
-        labels = {"class_labels": torch.arange(args.num) % (n_classes - 1)} if n_classes else {"num_images": args.num}
-        x = pipe(**labels, generator=g, output_type="pt", **kw).images * 2 - 1
-        how = f"the export's own sampling: {len(trained)} step(s) at timesteps {trained}"
+        x = pipe(**_sample_inputs(pipe, args), generator=g, output_type="pt", **kw).images * 2 - 1
+        how = f"the export's own sampling: {len(trained)} step(s) at timesteps {trained}" + how
         if args.hybrid_teacher_steps:
             how += f", the first {args.hybrid_teacher_steps} run by the teacher {args.teacher!r}"
     else:
@@ -293,6 +301,29 @@ def cmd_sample(args) -> int:
         save_trace_grid(trace, args.trace)
         print(f"wrote {args.trace} (predicted x0 at each of {len(trace)} steps; a row per sample)")
     return 0
+
+
+def _latent_export(path: str) -> bool:
+    with open(os.path.join(path, "model_index.json")) as f:
+        index = json.load(f)
+    return "transformer" in index or "vae" in index
+
+
+def _sample_inputs(pipe, args) -> dict:
+    """The call's inputs: the prompt (text-to-image), else the labels 0, 1, ... in turn (class / DiT exports)."""
+    import torch
+
+    if getattr(pipe, "tokenizer", None) is not None:
+        return {"prompt": args.prompt, "num_images_per_prompt": args.num}
+    net = _network(pipe)
+    n_classes = getattr(net.config, "num_embeds_ada_norm", None)  # DiT: no null row among the classes
+    if n_classes is None and getattr(net.config, "num_class_embeds", None):
+        n_classes = net.config.num_class_embeds - 1
+    return {"class_labels": torch.arange(args.num) % n_classes} if n_classes else {"num_images": args.num}
+
+
+def _network(pipe):
+    return getattr(pipe, "unet", None) or pipe.transformer
 
 
 def _hybrid_teacher(args, trained):
@@ -332,7 +363,7 @@ def _hybrid_kwargs(args, pipe, hybrid, trace) -> dict:
     if hybrid is None:
         return kw
     teacher, grid = hybrid
-    want = (pipe.unet.config.in_channels, pipe.unet.config.sample_size)
+    want = (_network(pipe).config.in_channels, _network(pipe).config.sample_size)
     got = (teacher.net.config.in_channels, teacher.net.config.sample_size)
     if want != got:
         from .config import ConfigError
@@ -386,7 +417,7 @@ def cmd_eval(args) -> int:
         return 0
     kwargs = {}
     if args.hybrid_teacher_steps:
-        trained = _exported_timesteps(args.pipeline) if os.path.isdir(args.pipeline) else None
+        trained = _exported_timesteps(args.pipeline, text_ok=True) if os.path.isdir(args.pipeline) else None
         teacher, grid = _hybrid_teacher(args, trained)
         kwargs = {"teacher": teacher, "teacher_steps": args.hybrid_teacher_steps, "teacher_timesteps": grid}
         kwargs["teacher_guidance_scale"] = args.teacher_guidance_scale
@@ -501,6 +532,7 @@ def build_parser(argv=None) -> argparse.ArgumentParser:
         "(its trained timesteps and scheduler), 50 for any other model",
     )
     sp.add_argument("--num", type=_positive("--num"), default=40, help="number of images")
+    sp.add_argument("--prompt", default=None, help="the prompt of a text-to-image export (--num images of it)")
     sp.add_argument("--out", default="samples.png", help="output PNG")
     _hybrid_args(sp)
     sp.add_argument("--trace", default=None, help="also write the predicted x0 of every step as an image grid here")

@@ -27,6 +27,10 @@ teacher (every adapter switched off for the teacher's calls), so no second copy 
 
 from __future__ import annotations
 
+import inspect
+import json
+from contextlib import contextmanager
+
 import torch
 
 from .sampling import ddim_step
@@ -83,16 +87,18 @@ def teacher_prefix(
 ) -> tuple[torch.Tensor, int]:
     """Run the teacher's ``k`` steps from ``x`` (the student's initial sample at ``trained[0]``) and return the
     latent at the hand-over timestep and the student's index ``j`` there (:func:`handover`). ``teacher`` is a
-    :class:`stepdistill.models.Teacher`; ``class_labels`` (B,) int labels or None; ``guidance_scale`` the
-    teacher's CFG scale. ``trace`` (a list) receives the teacher's predicted x0 at each of its steps."""
+    :class:`stepdistill.models.Teacher`; ``class_labels`` (B,) int labels (UNet2DModel or DiT teacher), a
+    :class:`~stepdistill.models.conditioning.Cond` (text: :class:`~stepdistill.models.conditioning.TextConditioner`)
+    or None; ``guidance_scale`` the teacher's CFG scale. ``trace`` (a list) receives the teacher's predicted x0
+    at each of its steps."""
+    from .models.conditioning import Cond
+
     times, j = handover(trained, k, teacher_timesteps)
     if not times:
         return x, 0
-    cond = None
-    if class_labels is not None:
-        from .models.conditioning import ClassConditioner
-
-        cond = ClassConditioner.for_unet2d(teacher.net)(torch.as_tensor(class_labels).to(x.device))
+    cond = class_labels
+    if class_labels is not None and not isinstance(class_labels, Cond):
+        cond = class_cond(teacher.net, torch.as_tensor(class_labels).to(x.device))
     sched = teacher.schedule
     ts = sched.timestep_to_t(torch.tensor(times, dtype=torch.float64)).to(x.device)
     b = x.shape[0]
@@ -106,12 +112,149 @@ def teacher_prefix(
     return x, j
 
 
+def class_cond(net, labels):
+    """The :class:`~stepdistill.models.conditioning.Cond` of int ``labels`` for a class-conditional UNet2DModel or
+    DiT (null class: the network's extra row, for CFG)."""
+    from .models.conditioning import ClassConditioner
+    from .models.denoiser import _DIT_CLASSES, _unwrap
+
+    inner = _unwrap(net)
+    make = ClassConditioner.for_dit if type(inner).__name__ in _DIT_CLASSES else ClassConditioner.for_unet2d
+    return make(inner)(labels)
+
+
+# text-to-image pipelines: keyword arguments whose meaning the teacher's prefix would not share
+_TEXT_REFUSED = (
+    "prompt_2", "prompt_3", "negative_prompt", "negative_prompt_2", "negative_prompt_3", "prompt_embeds",
+    "negative_prompt_embeds", "pooled_prompt_embeds", "negative_pooled_prompt_embeds", "ip_adapter_image",
+    "ip_adapter_image_embeds", "original_size", "crops_coords_top_left", "target_size", "denoising_end",
+)
+_TEXT_KIND = {"StepDistillSDPipeline": "sd", "StepDistillSDXLPipeline": "sdxl", "StepDistillSD3Pipeline": "sd3"}
+
+
+def text_prefix(pipe, args, kwargs, teacher, k: int, guidance_scale: float = 1.0, teacher_timesteps=None):
+    """Hybrid sampling of a text-to-image export (StepDistillSD / SDXL / SD3 pipeline): the teacher's ``k``
+    steps (CFG ``guidance_scale`` against the empty prompt, as the stock pipelines' default negative prompt) from
+    the call's initial latent, then the call's keyword arguments for the student's part: ``latents`` = the
+    hand-over latent and the trained timesteps from the hand-over on (``timesteps`` for LCM / TCD schedulers,
+    ``sigmas`` for SD3's flow scheduler). Returns ``(kwargs, cut)``: a scheduler without custom timesteps
+    (trailing DDIM) gets the full step count and is run from index ``cut`` with :func:`scheduler_from_index`
+    (``cut`` is 0 for the others). ``kwargs`` are the call's, after
+    the pipeline's trained-step defaults; the prompt embeddings come from the pipeline's own text encoders (an
+    export carries its teacher's), through :class:`~stepdistill.models.conditioning.TextConditioner`, which
+    equals the stock ``encode_prompt``."""
+    from diffusers.utils.torch_utils import randn_tensor
+
+    from .models.conditioning import TextConditioner
+
+    kind = _TEXT_KIND[type(pipe).__name__]
+    kwargs = dict(kwargs)
+    if args:
+        if len(args) > 1 or "prompt" in kwargs:
+            raise ValueError("hybrid sampling takes the prompt as its only positional argument (or prompt=)")
+        kwargs["prompt"] = args[0]
+    prompt = kwargs.get("prompt")
+    if prompt is None:
+        raise ValueError("hybrid sampling of a text-to-image pipeline needs prompt= (the teacher encodes it)")
+    refused = [key for key in _TEXT_REFUSED if kwargs.get(key) is not None]
+    if refused:
+        raise ValueError(f"hybrid sampling does not take {', '.join(refused)} (the teacher conditions on prompt only)")
+    trained = [float(t) for t in pipe.config.trained_timesteps]
+    custom = kwargs.get("sigmas" if kind == "sd3" else "timesteps")
+    steps = kwargs.get("num_inference_steps")
+    if (custom is not None and [float(v) for v in custom] != _trained_grid(pipe, kind)) or steps not in (
+        None, len(trained)
+    ):
+        raise ValueError("hybrid sampling runs the student at its trained timesteps: drop timesteps / sigmas / "
+                         "num_inference_steps")
+    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+    n = kwargs.get("num_images_per_prompt") or 1
+    rows = [p for p in prompts for _ in range(n)]  # the stock order: each prompt's images together
+    net = pipe.transformer if kind == "sd3" else pipe.unet
+    size = getattr(pipe, "default_sample_size", None) or net.config.sample_size
+    size = (size, size) if isinstance(size, int) else tuple(size)
+    height = kwargs.get("height") or size[0] * pipe.vae_scale_factor
+    width = kwargs.get("width") or size[1] * pipe.vae_scale_factor
+    kwargs.update(height=height, width=width)
+    device = pipe._execution_device
+    x = kwargs.get("latents")
+    if x is None:  # as the stock prepare_latents (init_noise_sigma is 1 for the students' schedulers)
+        shape = (len(rows), net.config.in_channels, height // pipe.vae_scale_factor, width // pipe.vae_scale_factor)
+        x = randn_tensor(shape, generator=kwargs.get("generator"), device=device, dtype=net.dtype)
+    if kind == "sd3":
+        encoders = [pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3]
+        tokenizers = [pipe.tokenizer, pipe.tokenizer_2, pipe.tokenizer_3]
+        extra = {"max_sequence_length": kwargs.get("max_sequence_length") or 256}
+        extra["joint_attention_dim"] = net.config.joint_attention_dim
+    elif kind == "sdxl":
+        encoders, tokenizers = [pipe.text_encoder, pipe.text_encoder_2], [pipe.tokenizer, pipe.tokenizer_2]
+        extra = {"resolution": (int(height), int(width))}
+    else:
+        encoders, tokenizers, extra = [pipe.text_encoder], [pipe.tokenizer], {}
+    cond = TextConditioner(kind, tokenizers, encoders, cache_size=0, **extra).encode(rows, device)
+    x, j = teacher_prefix(teacher, x.to(device), trained, k, cond, guidance_scale, teacher_timesteps)
+    kwargs["latents"] = x
+    rest = trained[j:]
+    if kind == "sd3":
+        T = pipe.scheduler.config.num_train_timesteps
+        kwargs.update(sigmas=[t / T for t in rest], num_inference_steps=len(rest))
+    elif "timesteps" in inspect.signature(pipe.scheduler.set_timesteps).parameters:
+        kwargs.update(timesteps=[int(t) for t in rest], num_inference_steps=len(rest))
+    else:
+        return kwargs, j
+    return kwargs, 0
+
+
+def _trained_grid(pipe, kind) -> list[float]:
+    trained = [float(t) for t in pipe.config.trained_timesteps]
+    return [t / pipe.scheduler.config.num_train_timesteps for t in trained] if kind == "sd3" else trained
+
+
+@contextmanager
+def scheduler_from_index(scheduler, j: int):
+    """Inside the block, ``scheduler.set_timesteps`` keeps its grid from index ``j`` on: a scheduler whose step
+    size comes from its step count (trailing DDIM: prev = t - T / N) then runs the trained steps j .. N-1 exactly
+    as its full call would. No-op for ``j = 0``."""
+    if not j:
+        yield scheduler
+        return
+    original = scheduler.set_timesteps
+
+    def set_timesteps(*args, **kwargs):
+        original(*args, **kwargs)
+        scheduler.timesteps = scheduler.timesteps[j:]
+
+    scheduler.set_timesteps = set_timesteps
+    try:
+        yield scheduler
+    finally:
+        del scheduler.set_timesteps
+
+
 def lora_teacher(net, schedule, prediction_type: str):
     """The teacher of a LoRA student on the same weights: ``net`` (the student's network, carrying the LoRA)
     with every adapter switched off for the teacher's calls; no copy of the base is made."""
     from .models import Teacher
 
     return Teacher(net, schedule, prediction_type, shares_base=True)
+
+
+def load_lora_student(export: str, teacher):
+    """A text-to-image LoRA export (its ``lora/`` folder, diffusers' LoRA format) as a hybrid student on its
+    teacher's own weights: returns ``(pipe, lora_teacher)``, the export's pipeline whose network is ``teacher``'s
+    (a :class:`stepdistill.models.Teacher` of the LoRA's base) carrying the adapter, and that same network with
+    every adapter off as the teacher. The export's fused network is not loaded: one copy of the weights."""
+    import os
+
+    from diffusers import DiffusionPipeline
+
+    import stepdistill  # noqa: F401  (registers the pipeline classes)
+
+    with open(os.path.join(export, "model_index.json")) as f:
+        sub = "transformer" if "transformer" in json.load(f) else "unet"
+    pipe = DiffusionPipeline.from_pretrained(export, **{sub: teacher.net})
+    pipe.load_lora_weights(os.path.join(export, "lora"))
+    return pipe, lora_teacher(teacher.net, teacher.schedule, teacher.prediction_type)
 
 
 def step_x0(scheduler, step_output, model_output, t, x) -> torch.Tensor:

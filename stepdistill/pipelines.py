@@ -199,7 +199,14 @@ class StepDistillDiTPipeline(_PrivateSettings, DiTPipeline):
         timesteps=None,
         output_type: str = "pil",
         return_dict: bool = True,
+        teacher=None,
+        teacher_steps: int = 0,
+        teacher_guidance_scale: float = 1.0,
+        teacher_timesteps=None,
+        trace: list | None = None,
     ):
+        """``teacher`` / ``teacher_steps`` / ``teacher_guidance_scale`` / ``teacher_timesteps`` / ``trace``: as
+        StepDistillClassPipeline (the teacher: a DiT :class:`stepdistill.models.Teacher`; latents traced)."""
         config = self.transformer.config
         n_classes = config.num_embeds_ada_norm
         if class_labels is None:
@@ -219,9 +226,14 @@ class StepDistillDiTPipeline(_PrivateSettings, DiTPipeline):
         x = randn_tensor(shape, generator=generator, device=device, dtype=self.transformer.dtype)
         guidance_scale = 1.0 if guidance_scale is None else float(guidance_scale)
         labels = labels.to(device)
+        x, start = _hybrid_start(
+            self, x, labels, teacher, teacher_steps, teacher_guidance_scale, teacher_timesteps, trace
+        )
         if guidance_scale != 1.0:  # classifier-free guidance with the null class (DiT's label dropout row)
             labels = torch.cat([labels, torch.full_like(labels, n_classes)])
-        for t in self.progress_bar(self.scheduler.timesteps):
+        for i, t in enumerate(self.progress_bar(self.scheduler.timesteps)):
+            if i < start:  # run by the teacher (hybrid sampling)
+                continue
             x_in = self.scheduler.scale_model_input(x, t)
             if guidance_scale != 1.0:
                 x_in = torch.cat([x_in, x_in])
@@ -230,7 +242,7 @@ class StepDistillDiTPipeline(_PrivateSettings, DiTPipeline):
             if guidance_scale != 1.0:
                 cond, uncond = out.chunk(2)
                 out = uncond + guidance_scale * (cond - uncond)
-            x = self.scheduler.step(out, t, x, generator=generator).prev_sample
+            x = student_step(self.scheduler, out, t, x, i, generator, None, trace)
         if output_type == "latent":
             self.maybe_free_model_hooks()
             return ImagePipelineOutput(images=x) if return_dict else (x,)
@@ -486,6 +498,31 @@ class _TrainedStepsMixin:
         kwargs.setdefault("guidance_scale", w if w is not None and self.unet.config.time_cond_proj_dim else 0.0)
         return kwargs
 
+    def __call__(
+        self, *args, teacher=None, teacher_steps=0, teacher_guidance_scale=1.0, teacher_timesteps=None, **kwargs
+    ):
+        """``teacher`` / ``teacher_steps`` / ``teacher_guidance_scale`` / ``teacher_timesteps``: hybrid sampling,
+        as StepDistillClassPipeline (stepdistill.hybrid.text_prefix); the other arguments: the stock call's."""
+        args, kwargs, cut = _hybrid_text(
+            self, args, self._defaults(kwargs), teacher, teacher_steps, teacher_guidance_scale, teacher_timesteps
+        )
+        from .hybrid import scheduler_from_index
+
+        with scheduler_from_index(self.scheduler, cut):
+            return super().__call__(*args, **kwargs)
+
+
+def _hybrid_text(pipe, args, kwargs, teacher, steps, guidance_scale, teacher_timesteps):
+    """(args, kwargs, cut) of a text-to-image call: unchanged without ``steps``, else after the teacher's prefix."""
+    if not steps:
+        return args, kwargs, 0
+    if teacher is None:
+        raise ValueError(f"teacher_steps={steps} needs a teacher (stepdistill.models.Teacher)")
+    from .hybrid import text_prefix
+
+    kwargs, cut = text_prefix(pipe, args, kwargs, teacher, steps, guidance_scale, teacher_timesteps)
+    return (), kwargs, cut
+
 
 class StepDistillSDPipeline(_PrivateSettings, _TrainedStepsMixin, StableDiffusionPipeline):
     """StableDiffusionPipeline whose plain call samples with the trained timesteps and no CFG."""
@@ -519,8 +556,6 @@ class StepDistillSDPipeline(_PrivateSettings, _TrainedStepsMixin, StableDiffusio
             trained_timesteps=list(trained_timesteps or [999]), default_guidance_scale=default_guidance_scale
         )
 
-    def __call__(self, *args, **kwargs):
-        return super().__call__(*args, **self._defaults(kwargs))
 
 
 class StepDistillSDXLPipeline(_PrivateSettings, _TrainedStepsMixin, StableDiffusionXLPipeline):
@@ -559,8 +594,6 @@ class StepDistillSDXLPipeline(_PrivateSettings, _TrainedStepsMixin, StableDiffus
             trained_timesteps=list(trained_timesteps or [999]), default_guidance_scale=default_guidance_scale
         )
 
-    def __call__(self, *args, **kwargs):
-        return super().__call__(*args, **self._defaults(kwargs))
 
 
 class StepDistillSD3Pipeline(_PrivateSettings, StableDiffusion3Pipeline):
@@ -610,7 +643,14 @@ class StepDistillSD3Pipeline(_PrivateSettings, StableDiffusion3Pipeline):
         T = self.scheduler.config.num_train_timesteps
         return [t / T for t in self.config.trained_timesteps]
 
-    def __call__(self, *args, **kwargs):
+    def __call__(
+        self, *args, teacher=None, teacher_steps=0, teacher_guidance_scale=1.0, teacher_timesteps=None, **kwargs
+    ):
+        """``teacher`` / ``teacher_steps`` / ``teacher_guidance_scale`` / ``teacher_timesteps``: hybrid sampling,
+        as StepDistillClassPipeline (stepdistill.hybrid.text_prefix); the other arguments: the stock call's."""
+        args, kwargs, _ = _hybrid_text(
+            self, args, kwargs, teacher, teacher_steps, teacher_guidance_scale, teacher_timesteps
+        )
         trained = list(self.config.trained_timesteps)
         if kwargs.get("sigmas") is None and kwargs.get("num_inference_steps") in (None, len(trained)):
             kwargs["sigmas"] = self.trained_sigmas()
