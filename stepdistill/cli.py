@@ -418,6 +418,9 @@ def cmd_eval(args) -> int:
     kwargs = {}
     if args.hybrid_teacher_steps:
         trained = _exported_timesteps(args.pipeline, text_ok=True) if os.path.isdir(args.pipeline) else None
+        if trained and args.teacher is None and _latent_export(args.pipeline):
+            raise ConfigError(f"--pipeline {args.pipeline!r} is a latent (text-to-image / DiT) export: "
+                              "--hybrid-teacher-steps needs --teacher (the teacher's pipeline folder)")
         teacher, grid = _hybrid_teacher(args, trained)
         kwargs = {"teacher": teacher, "teacher_steps": args.hybrid_teacher_steps, "teacher_timesteps": grid}
         kwargs["teacher_guidance_scale"] = args.teacher_guidance_scale

@@ -95,7 +95,8 @@ def test_sd_student_hooks_and_the_handed_over_latent(tmp_path, k):
     x = torch.randn(2, 4, 8, 8, generator=_g())
     for t, t_next in zip(FOUR[:k], FOUR[1 : k + 1]):
         with torch.no_grad():
-            out_c, out_u = teacher_net(torch.cat([x, x]), t, encoder_hidden_states=torch.cat([cond, null])).sample.chunk(2)
+            both = teacher_net(torch.cat([x, x]), t, encoder_hidden_states=torch.cat([cond, null])).sample
+        out_c, out_u = both.chunk(2)
         eps = (out_u + 3.0 * (out_c - out_u)).double()
         x0 = (x - (1 - ab[t]).sqrt() * eps) / ab[t].sqrt()
         x = (ab[t_next].sqrt() * x0 + (1 - ab[t_next]).sqrt() * eps).float()
@@ -106,9 +107,12 @@ def test_sd_student_hooks_and_the_handed_over_latent(tmp_path, k):
 def test_sd_k0_is_the_plain_call_and_the_refusals(tmp_path):
     pipe = _sd(tmp_path, tiny_sd_unet(seed=2).eval())
     teacher = Teacher(tiny_sd_unet(seed=1).eval(), VPSchedule.from_config(SD_VP), "eps")
-    plain = pipe(PROMPT, generator=_g(), output_type="pt").images
-    assert torch.equal(plain, pipe(PROMPT, generator=_g(), output_type="pt", teacher=teacher, teacher_steps=0).images)
-    assert not torch.equal(plain, pipe(PROMPT, generator=_g(), output_type="pt", teacher=teacher, teacher_steps=1).images)
+    def run(**kw):
+        return pipe(PROMPT, generator=_g(), output_type="pt", **kw).images
+
+    plain = run()
+    assert torch.equal(plain, run(teacher=teacher, teacher_steps=0))
+    assert not torch.equal(plain, run(teacher=teacher, teacher_steps=1))
     with pytest.raises(ValueError, match="negative_prompt"):
         pipe(PROMPT, negative_prompt="dog", teacher=teacher, teacher_steps=1)
     with pytest.raises(ValueError, match="trained timesteps"):
