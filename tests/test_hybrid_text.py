@@ -74,14 +74,14 @@ def _sd(tmp_path, student, kind="lcm"):
 
 
 # --------------------------------------------------------------------------------------------------------
-# SD 1.5: LCM student, the hand-over latent by hand
+# SD 1.5: LCM / TCD students, the hand-over latent by hand
 # --------------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("k", [1, 2])
-def test_sd_student_hooks_and_the_handed_over_latent(tmp_path, k):
+@pytest.mark.parametrize("kind,k", [("lcm", 1), ("lcm", 2), ("tcd", 1)])
+def test_sd_student_hooks_and_the_handed_over_latent(tmp_path, kind, k):
     teacher_net, student_net = tiny_sd_unet(seed=1).eval(), tiny_sd_unet(seed=2).eval()
-    pipe = _sd(tmp_path, student_net)
+    pipe = _sd(tmp_path, student_net, kind)
     teacher = Teacher(teacher_net, VPSchedule.from_config(SD_VP), "eps")
     calls, hooks = _hooked({"teacher": teacher_net, "student": student_net})
     pipe(PROMPT, num_images_per_prompt=2, generator=_g(), output_type="pt", teacher=teacher, teacher_steps=k,
