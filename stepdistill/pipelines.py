@@ -557,7 +557,6 @@ class StepDistillSDPipeline(_PrivateSettings, _TrainedStepsMixin, StableDiffusio
         )
 
 
-
 class StepDistillSDXLPipeline(_PrivateSettings, _TrainedStepsMixin, StableDiffusionXLPipeline):
     """StableDiffusionXLPipeline whose plain call samples with the trained timesteps and no CFG."""
 
@@ -593,7 +592,6 @@ class StepDistillSDXLPipeline(_PrivateSettings, _TrainedStepsMixin, StableDiffus
         self.register_to_config(
             trained_timesteps=list(trained_timesteps or [999]), default_guidance_scale=default_guidance_scale
         )
-
 
 
 class StepDistillSD3Pipeline(_PrivateSettings, StableDiffusion3Pipeline):
