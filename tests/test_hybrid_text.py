@@ -37,6 +37,7 @@ SD_VP = {
     "beta_schedule": "scaled_linear",
     "prediction_type": "epsilon",
 }
+DIT_VP = {**SD_VP, "beta_start": 0.0001, "beta_end": 0.02, "beta_schedule": "linear"}
 FOUR = [999, 749, 499, 249]
 PROMPT = "a cat"
 
@@ -193,14 +194,18 @@ def test_sd3_student_hooks_and_the_handed_over_latent(tmp_path):
 # --------------------------------------------------------------------------------------------------------
 
 
-def test_dit_student_hooks_and_k0():
-    teacher_net, student_net = tiny_dit(seed=1).eval(), tiny_dit(seed=2).eval()
-    vp = {**SD_VP, "beta_start": 0.0001, "beta_end": 0.02, "beta_schedule": "linear"}
+def _dit(net):
     pipe = StepDistillDiTPipeline(
-        transformer=student_net, vae=tiny_vae(), scheduler=student_scheduler("lcm", vp, FOUR), trained_timesteps=FOUR
+        transformer=net, vae=tiny_vae(), scheduler=student_scheduler("lcm", DIT_VP, FOUR), trained_timesteps=FOUR
     )
     pipe.set_progress_bar_config(disable=True)
-    teacher = Teacher(teacher_net, VPSchedule.from_config(vp), "eps")
+    return pipe
+
+
+def test_dit_student_hooks_and_k0():
+    teacher_net, student_net = tiny_dit(seed=1).eval(), tiny_dit(seed=2).eval()
+    pipe = _dit(student_net)
+    teacher = Teacher(teacher_net, VPSchedule.from_config(DIT_VP), "eps")
     labels = [0, 3, 1]
     plain = pipe(class_labels=labels, generator=_g(), output_type="pt").images
     same = pipe(class_labels=labels, generator=_g(), output_type="pt", teacher=teacher, teacher_steps=0).images
@@ -284,3 +289,20 @@ def test_cli_samples_a_text_export_with_the_teacher_first(lora_export, tmp_path,
         code = main(["sample", "--model", str(export), "--out", str(out), *extra])
         err = capsys.readouterr().err
         assert code == 2 and err.startswith("error:") and message in err and len(err.strip().splitlines()) == 1
+
+
+def test_cli_samples_a_dit_export_with_the_teacher_first(tmp_path, capsys):
+    from diffusers import DDPMScheduler
+
+    from stepdistill.cli import main
+
+    _dit(tiny_dit(seed=2)).save_pretrained(tmp_path / "export")
+    tiny_dit(seed=1).save_pretrained(tmp_path / "teacher" / "transformer")
+    DDPMScheduler(**DIT_VP).save_pretrained(tmp_path / "teacher" / "scheduler")
+    out = tmp_path / "s.png"
+    args = ["sample", "--model", str(tmp_path / "export"), "--num", "3", "--out", str(out), "--hybrid-teacher-steps"]
+    capsys.readouterr()
+    assert main(args + ["2", "--teacher", str(tmp_path / "teacher"), "--teacher-guidance-scale", "2"]) == 0
+    assert out.is_file() and "the first 2 run by the teacher" in capsys.readouterr().out
+    assert main(args + ["1", "--trace", str(tmp_path / "t.png"), "--teacher", str(tmp_path / "teacher")]) == 2
+    assert "--trace draws pixel-space exports only" in capsys.readouterr().err
