@@ -6,8 +6,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
+
+from .denoiser import Denoiser
 
 
 class _Reached(Exception):
@@ -43,3 +46,44 @@ def can_stop_early(net: nn.Module) -> bool:
         or getattr(net, "module", None) is None
         or isinstance(net, DistributedDataParallel)
     )
+
+
+def _block_feature(out):
+    """A block's output as one tensor: a UNet down block's hidden states (not its skip tuple), an SD3 block's
+    image stream (the last of its pair), else the output itself."""
+    if isinstance(out, (tuple, list)):
+        out = out[0] if torch.is_tensor(out[0]) and out[0].ndim == 4 else out[-1]
+    return out
+
+
+class _Tapped(Exception):
+    pass
+
+
+def teacher_features(teacher: Denoiser, modules: list[nn.Module], x_t, t, cond) -> list[torch.Tensor]:
+    """Outputs of ``modules`` (blocks of the teacher's net, in forward order) in one teacher forward at
+    (x_t, t, cond), with the gradient w.r.t. x_t (the teacher's weights are frozen; a teacher sharing its base
+    with a LoRA student runs with the adapters off). The forward stops after the last of them when the network
+    allows it (:func:`can_stop_early`). The feature networks of LADD's and PCM's discriminators."""
+    feats: dict[int, torch.Tensor] = {}
+    last = len(modules) - 1
+    early = can_stop_early(teacher.net)
+
+    def hook(i):
+        def keep(module, inputs, output):
+            feats[i] = _block_feature(output)
+            if early and len(feats) == len(modules) and i == last:
+                raise _Tapped
+
+        return keep
+
+    handles = [m.register_forward_hook(hook(i)) for i, m in enumerate(modules)]
+    try:
+        with torch.enable_grad():
+            Denoiser.raw(teacher, x_t, t, cond)
+    except _Tapped:
+        pass
+    finally:
+        for h in handles:
+            h.remove()
+    return [feats[i] for i in range(len(modules))]

@@ -38,8 +38,8 @@ import torch
 from torch import nn
 
 from ..config import ConfigError
-from ..models.denoiser import Denoiser, _unwrap
-from ..models.features import can_stop_early
+from ..models.denoiser import _unwrap
+from ..models.features import teacher_features
 from . import randomness as rnd
 from .base import NetSpec
 from .dmd2 import DMD2Trainer, _as_map
@@ -61,46 +61,6 @@ def tap_modules(net: nn.Module) -> list[nn.Module]:
         if blocks is not None and len(blocks):
             return list(blocks)
     raise ValueError(f"{type(net).__name__} has no down_blocks / mid_block, transformer_blocks or blocks to tap")
-
-
-def _feature(out):
-    """A block's output as one tensor: a UNet down block's hidden states (not its skip tuple), an SD3 block's
-    image stream (the last of its pair), else the output itself."""
-    if isinstance(out, (tuple, list)):
-        out = out[0] if torch.is_tensor(out[0]) and out[0].ndim == 4 else out[-1]
-    return out
-
-
-class _Stop(Exception):
-    pass
-
-
-def teacher_features(teacher: Denoiser, modules: list[nn.Module], x_t, t, cond) -> list[torch.Tensor]:
-    """Outputs of ``modules`` (blocks of the teacher's net) in one teacher forward at (x_t, t, cond), with the
-    gradient w.r.t. x_t (the teacher's weights are frozen). The forward stops after the last of them when the
-    network allows it (:func:`~stepdistill.models.features.can_stop_early`)."""
-    feats: dict[int, torch.Tensor] = {}
-    last = len(modules) - 1
-    early = can_stop_early(teacher.net)
-
-    def hook(i):
-        def keep(module, inputs, output):
-            feats[i] = _feature(output)
-            if early and len(feats) == len(modules) and i == last:
-                raise _Stop
-
-        return keep
-
-    handles = [m.register_forward_hook(hook(i)) for i, m in enumerate(modules)]
-    try:
-        with torch.enable_grad():
-            Denoiser.raw(teacher, x_t, t, cond)
-    except _Stop:
-        pass
-    finally:
-        for h in handles:
-            h.remove()
-    return [feats[i] for i in range(len(modules))]
 
 
 # ------------------------------------------------------------------------------------------------------------

@@ -21,40 +21,18 @@ import torch
 from torch import nn
 
 from ..models.denoiser import Denoiser, _unwrap
+from ..models.features import teacher_features
 
 DISCRIMINATOR_BETAS = (0.0, 0.999)  # PCM's discriminator AdamW
 DISCRIMINATOR_WEIGHT_DECAY = 1e-3
 
 
-class _Stop(Exception):
-    """Raised after the mid block: the teacher's up path is not needed for the features."""
-
-
 def encoder_features(teacher: Denoiser, x_t, t, cond) -> list[torch.Tensor]:
     """The outputs of every down block and of the mid block of the teacher's UNet at (x_t, t, cond), differentiable
     with respect to x_t (the weights stay frozen; a teacher sharing its base with a LoRA student runs with the
-    adapters off). The up path is skipped."""
+    adapters off). The up path is skipped (:func:`~stepdistill.models.features.teacher_features`)."""
     net = _unwrap(teacher.net)
-    feats: list[torch.Tensor] = []
-
-    def keep(module, inputs, output):
-        feats.append(output[0] if isinstance(output, (tuple, list)) else output)
-
-    def stop(module, inputs, output):
-        keep(module, inputs, output)
-        raise _Stop
-
-    handles = [b.register_forward_hook(keep) for b in net.down_blocks]
-    handles.append(net.mid_block.register_forward_hook(stop))
-    try:
-        with torch.enable_grad():
-            Denoiser.raw(teacher, x_t, t, cond)
-    except _Stop:
-        pass
-    finally:
-        for h in handles:
-            h.remove()
-    return feats
+    return teacher_features(teacher, [*net.down_blocks, net.mid_block], x_t, t, cond)
 
 
 def supports_encoder_features(net) -> bool:
