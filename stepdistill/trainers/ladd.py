@@ -137,7 +137,8 @@ class LADDConfig(StudentConfig):
     disc_t (`str`, `"logit_normal"`): the discriminator's noise levels: "logit_normal" (rectified-flow time
         t = sigmoid(N(m, s)), i.e. log(sigma / alpha) ~ N(m, s), carried to the teacher's schedule by its noise
         level) or "uniform" (t uniform in [disc_t_min, disc_t_max]); disc_t_mean / disc_t_std (`float`, `1.0` /
-        `1.0`): m and s (LADD: shifted to high noise).
+        `1.0`): m and s (LADD: shifted to high noise, for 128x128 SD3 latents; small inputs need less noise or
+        the heads stay at chance: the digits recipe (16x16) uses -1, the 2-D toy -2).
     disc_t_min / disc_t_max (`float`, `0.001` / `0.999`): clamp of t.
     gan_loss (`str`, `"hinge"`): "hinge" or "nonsaturating".
     dfake_gen_update_ratio (`int`, `5`): FastGen's ``student_update_freq``: the generator is updated at every 5th
@@ -147,7 +148,8 @@ class LADDConfig(StudentConfig):
     real_data (`str`, `"teacher"`): "teacher" (the paper's synthetic data: ``teacher_samples`` teacher samples of
         ``teacher_sample_steps`` DDIM steps at ``real_guidance_scale``, made once) or "dataset" (its images).
     teacher_samples (`int`, `1024`), teacher_sample_steps (`int`, `25`), real_guidance_scale (`float`, `1.0`).
-    head_lr (`float`, `0`: learning_rate); FastGen's Wan: 2e-6 generator, 4e-6 discriminator.
+    head_lr (`float`, `0`: learning_rate); FastGen's Wan: 2e-6 generator, 4e-6 discriminator; the digits and toy
+        recipes: 10x the generator's, so that the heads learn before the generator drifts.
     """
 
     denoising_timesteps: list[int] = field(default_factory=list)
