@@ -392,7 +392,7 @@ def export_generator(trainer, path: str) -> str:
     if w_cond and w is None:
         w = 1.0
     tmp = begin_export(path)  # beside path: a previous export stays until this one is complete
-    if trainer.generator.schedule.kind == "edm" and name not in ("UNet2DModel", "ToyMLP"):
+    if trainer.generator.schedule.kind == "edm" and name not in ("UNet2DModel", "ToyMLP", "RoutedToyMLP"):
         raise ValueError(f"export of a {name} generator of an EDM teacher is not supported (UNet2DModel, ToyMLP)")
     if name in ("UNet2DModel", "GuidedUNet2DModel"):
         card = _pixel_pipeline(net, scheduler, timesteps, path, kind, w)
@@ -412,6 +412,10 @@ def export_generator(trainer, path: str) -> str:
         card = _sd3_pipeline(teacher_path, net, scheduler, timesteps, path, w)
     elif name == "ToyMLP":
         card = _toy_pipeline(net, scheduler, timesteps, path, kind, w if w_cond else None)
+    elif name == "RoutedToyMLP":  # MSD on a class-conditional toy teacher
+        from .trainers.msd import routed_toy_card
+
+        card = routed_toy_card(net, scheduler, timesteps, path, kind, w if w_cond else None)
     else:
         raise ValueError(
             f"export of a {name} generator is not supported (UNet2DModel, UNet2DConditionModel, "

@@ -298,15 +298,21 @@ class StepDistillToyPipeline(_PrivateSettings, DiffusionPipeline):
         teacher_steps: int = 0,
         teacher_timesteps=None,
         trace: list | None = None,
+        class_labels=None,
     ):
-        """``teacher`` / ``teacher_steps`` / ``teacher_timesteps`` / ``trace``: as StepDistillClassPipeline."""
+        """``teacher`` / ``teacher_steps`` / ``teacher_timesteps`` / ``trace``: as StepDistillClassPipeline.
+        ``class_labels``: one label per point for a class-conditional ToyMLP (MSD's routed one: each point's
+        student); they set the number of points."""
+        kwargs = {}
+        if class_labels is not None:
+            kwargs["cond"] = torch.as_tensor(class_labels, device=self.device).long().reshape(-1)
+            num_samples = len(kwargs["cond"])
         set_scheduler_timesteps(
             self.scheduler, self.config.trained_timesteps, num_inference_steps, timesteps, self.device
         )
         shape = (int(num_samples), self.unet.config.dim)
         x = initial_sample(self.scheduler, shape, generator, self.device, self.unet.dtype)
         x, start = _hybrid_start(self, x, None, teacher, teacher_steps, 1.0, teacher_timesteps, trace)
-        kwargs = {}
         w_dim = getattr(self.unet.config, "time_cond_proj_dim", None)
         if w_dim:
             from .guidance import guidance_scale_embedding

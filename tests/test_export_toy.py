@@ -56,23 +56,25 @@ def class_teacher(tmp_path_factory):
 def test_every_toy_recipe_is_covered():
     assert {_name(p) for p in RECIPES} == {
         "dmd2", "sim", "vsd", "progressive", "consistency", "boot", "disback", "meanflow", "scm", "sfd", "fdistill",
-        "ladd",
+        "ladd", "msd",
     }
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=_name)
 def test_toy_recipe_exits_0_and_its_export_reloads_and_samples(recipe, request, tmp_path, capsys):
     # SFD forgets a class: its teacher is class-conditional (sampled here without labels, as the pipeline is)
-    teacher = request.getfixturevalue("class_teacher" if _name(recipe) == "sfd" else "teacher")
+    teacher = request.getfixturevalue("class_teacher" if _name(recipe) in ("sfd", "msd") else "teacher")
     # the CLI, as the recipe's header says to run it (tiny budget): exit 0 and a pipeline folder
     cli_out = tmp_path / "cli"
     assert main(["train", "--config", recipe, f"teacher={teacher}", f"output_dir={cli_out}", *_budget(recipe)]) == 0
     assert "exported to" in capsys.readouterr().out
     folder = cli_out / "pipeline"
     index = json.loads((folder / "model_index.json").read_text())
-    assert index["_class_name"] == "StepDistillToyPipeline" and index["unet"] == ["stepdistill.models.toy", "ToyMLP"]
+    routed = _name(recipe) == "msd"  # K ToyMLP students behind a routing table
+    unet = ["stepdistill.models.routed", "RoutedToyMLP"] if routed else ["stepdistill.models.toy", "ToyMLP"]
+    assert index["_class_name"] == "StepDistillToyPipeline" and index["unet"] == unet
     assert (folder / "unet" / "diffusion_pytorch_model.safetensors").is_file()
-    assert json.loads((folder / "unet" / "config.json").read_text())["_class_name"] == "ToyMLP"
+    assert json.loads((folder / "unet" / "config.json").read_text())["_class_name"] == unet[1]
     assert "With stepdistill installed (required)" in (folder / "README.md").read_text()
     assert toy_model_kind(str(folder)) == "pipeline" and toy_model_kind(teacher) == "network"
 

@@ -300,3 +300,55 @@ def test_prompt_partition_routes_each_prompt_to_its_nearest_centre_and_exports(t
         h.remove()
     assert {k: sum(v) for k, v in seen.items()} == {k: int((nearest == k).sum()) for k in range(3)}  # 1 per image
     torch.testing.assert_close(latents.float(), ref.float(), atol=2e-4, rtol=2e-4)
+
+
+def test_toy_students_each_label_reaches_exactly_its_toymlp_and_exports(tmp_path):
+    """A class-conditional ToyMLP teacher (the mixture mode as the class): K ToyMLP students behind a RoutedToyMLP;
+    forward hooks see each label at its student only, in the trainer and in the reloaded toy pipeline, which
+    samples the trainer's points per label."""
+    from diffusers import DDIMScheduler, DiffusionPipeline
+
+    import stepdistill  # noqa: F401  (registers the pipeline classes)
+    from stepdistill.models.toy import ToyMLP
+
+    torch.manual_seed(0)  # a small class-conditional toy teacher folder, as recipes/sfd/teacher_toy2d.yaml writes
+    ToyMLP(dim=2, hidden=16, layers=2, num_class_embeds=8).save_pretrained(str(tmp_path / "teacher" / "unet"))
+    DDIMScheduler(beta_schedule="squaredcos_cap_v2", prediction_type="v_prediction", timestep_spacing="trailing",
+                  clip_sample=False).save_pretrained(str(tmp_path / "teacher" / "scheduler"))  # fmt: skip
+    recipe = os.path.join(os.path.dirname(RECIPE), "toy2d.yaml")
+    trainer = make_trainer(recipe, [f"teacher={tmp_path / 'teacher'}", f"output_dir={tmp_path / 'run'}",
+                                    "num_students=3", "max_steps=1", "global_batch=16", "regression_pairs=64",
+                                    "checkpoint_every=0", "progress=false"])  # fmt: skip
+    trainer.train()
+    assert trainer.partition() == [[0, 1, 2], [3, 4, 5], [6, 7]]
+    net = students(trainer)
+    assert all(type(s) is ToyMLP for s in net)
+    assert type(trainer.fake.net).__name__ == "ToyMLP"  # one shared fake score (a teacher copy)
+
+    def seen_by(nets, call):
+        seen = {k: [] for k in range(len(nets))}
+        hooks = [s.register_forward_hook(lambda m, a, kw, out, k=k: seen[k].extend(kw["cond"].tolist()),
+                                         with_kwargs=True) for k, s in enumerate(nets)]  # fmt: skip
+        try:
+            out = call()
+        finally:
+            for h in hooks:
+                h.remove()
+        return {k: sorted(v) for k, v in seen.items()}, out
+
+    labels = torch.tensor([7, 0, 3, 5, 1, 6, 2, 4, 4])
+    noise = torch.randn(len(labels), 2, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        seen, ref = seen_by(net, lambda: trainer.generator.sample(noise, trainer.conditioner(labels)))
+    assert seen == {0: [0, 1, 2], 1: [3, 4, 4, 5], 2: [6, 7]}
+
+    pipe = DiffusionPipeline.from_pretrained(trainer.export())
+    pipe.set_progress_bar_config(disable=True)
+    assert type(pipe.unet).__name__ == "RoutedToyMLP" and pipe.unet.partition() == trainer.partition()
+    call = lambda: pipe(class_labels=labels.tolist(), generator=torch.Generator().manual_seed(1)).samples  # noqa: E731
+    seen, points = seen_by(pipe.unet.nets, call)
+    assert seen == {0: [0, 1, 2], 1: [3, 4, 4, 5], 2: [6, 7]}  # one student evaluation per point
+    torch.testing.assert_close(points, ref, atol=1e-5, rtol=0)
+    # without labels (the toy pipeline's plain call) point i takes label i mod 8
+    seen, _ = seen_by(pipe.unet.nets, lambda: pipe(num_samples=10, generator=torch.Generator().manual_seed(1)))
+    assert seen == {0: [0, 0, 1, 1, 2], 1: [3, 4, 5], 2: [6, 7]}

@@ -10,6 +10,11 @@ error: a routed model has no unconditional branch. The config repeats ``sample_s
 ``out_channels`` and ``num_class_embeds`` (C + 1: the null row, as the teacher's) so that
 :class:`~stepdistill.pipelines.StepDistillClassPipeline` drives it as it drives one UNet2DModel.
 
+``RoutedToyMLP(students=[cfg_0, ...], routing=[...])`` routes ``ToyMLP`` students (a class-conditional 2-D toy
+teacher) the same way; it is called like a ToyMLP, ``net(x, timestep, cond)`` with the labels as ``cond``, and
+exports as the ``unet`` of a :class:`~stepdistill.pipelines.StepDistillToyPipeline`. Called without labels (the toy
+pipeline's plain call), row i takes label i mod C: the C classes in turn.
+
 ``RoutedUNet2DConditionModel(students=[cfg_0, ...], centres=[[...], ...])`` does the same for text-conditional
 ``UNet2DConditionModel`` students, routing by prompt: a row's prompt feature is the mean of its
 ``encoder_hidden_states`` over the tokens, scaled to unit length (:func:`prompt_features`), and the row goes to the
@@ -60,18 +65,35 @@ def _run_routed(nets, route: torch.Tensor, sample, timestep, kwargs: dict) -> to
             continue
         tk = t[idx] if per_row else t
         kw = {key: _rows(v, idx, n) for key, v in kwargs.items()}
-        parts.append(student(sample[idx], tk, **kw).sample)
+        out = student(sample[idx], tk, **kw)
+        parts.append(out.sample if hasattr(out, "sample") else out)  # diffusers output or a plain tensor (ToyMLP)
         order.append(idx)
     return torch.cat(parts)[torch.argsort(torch.cat(order))]
 
 
 def _plain_config(config) -> dict:
-    """A UNet2DModel config as a JSON-able dict (no private ``_`` keys)."""
+    """A student's config as a JSON-able dict (no private ``_`` keys)."""
     return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dict(config).items() if not k.startswith("_")}
 
 
 class _Routed(ModelMixin, ConfigMixin):
-    """What both routed models share: copying given students in, the student count, the output."""
+    """What every routed model shares: building and checking the students, copying given ones in, the output."""
+
+    def _build_students(self, student_class, students, same_keys) -> dict:
+        """``self.nets`` from the student configs; the students must agree on ``same_keys``. Returns student 0's
+        config."""
+        students = list(students or [])
+        if not students:
+            raise ValueError(f"{type(self).__name__} needs at least one student config")
+        self.nets = nn.ModuleList(student_class.from_config(dict(cfg)) for cfg in students)
+        first = self.nets[0].config
+        for k, s in enumerate(self.nets):
+            for key in same_keys:
+                if s.config.get(key) != first.get(key):
+                    raise ValueError(
+                        f"student {k}: {key}={s.config.get(key)} differs from student 0's {first.get(key)}"
+                    )
+        return first
 
     @classmethod
     def _copied(cls, students, **table):
@@ -89,50 +111,29 @@ class _Routed(ModelMixin, ConfigMixin):
         return RoutedOutput(sample=out) if return_dict else (out,)
 
 
-class RoutedUNet2DModel(_Routed):
-    """K ``UNet2DModel`` students; ``routing[label]`` is the student of class ``label`` (see the module doc)."""
+class _LabelRouted(_Routed):
+    """Routing by class label (UNet2DModel and ToyMLP students): ``routing[label]`` is the student of ``label``."""
 
-    @register_to_config
-    def __init__(
-        self,
-        students: list | None = None,
-        routing: list | None = None,
-        sample_size=None,  # the four below are derived from the students (stored for pipelines), never read
-        in_channels=None,
-        out_channels=None,
-        num_class_embeds=None,
-    ):
-        super().__init__()
-        students = list(students or [])
+    def _build_label_routed(self, student_class, students, routing, same_keys) -> dict:
+        """The students and the routing table (a buffer of ``num_class_embeds`` rows; -1: no student, such as the
+        null row of classifier-free guidance). Returns student 0's config."""
         routing = [int(k) for k in (routing or [])]
-        if not students:
-            raise ValueError("RoutedUNet2DModel needs at least one student config")
-        if not routing or min(routing) < 0 or max(routing) >= len(students):
-            raise ValueError(f"routing must map every label to a student in [0, {len(students) - 1}], got {routing}")
-        self.nets = nn.ModuleList(UNet2DModel.from_config(dict(cfg)) for cfg in students)
-        first = self.nets[0].config
+        first = self._build_students(student_class, students, same_keys)
+        if not routing or min(routing) < 0 or max(routing) >= len(self.nets):
+            raise ValueError(f"routing must map every label to a student in [0, {len(self.nets) - 1}], got {routing}")
         for k, s in enumerate(self.nets):
-            for key in ("sample_size", "in_channels", "out_channels"):
-                if s.config[key] != first[key]:
-                    raise ValueError(f"student {k}: {key}={s.config[key]} differs from student 0's {first[key]}")
-            if not s.config.num_class_embeds or s.config.num_class_embeds <= len(routing) - 1:
+            if not s.config.num_class_embeds or s.config.num_class_embeds < len(routing):
                 raise ValueError(
                     f"student {k}: num_class_embeds={s.config.num_class_embeds} cannot take {len(routing)} labels"
                 )
-        table = torch.full((int(first.num_class_embeds),), -1, dtype=torch.long)  # -1: no student (the null row)
+        table = torch.full((int(first.num_class_embeds),), -1, dtype=torch.long)
         table[: len(routing)] = torch.tensor(routing)
         self.register_buffer("route_table", table, persistent=False)
-        # what a UNet2DModel caller reads from the config
-        self.register_to_config(
-            sample_size=first.sample_size,
-            in_channels=first.in_channels,
-            out_channels=first.out_channels,
-            num_class_embeds=first.num_class_embeds,
-        )
+        return first
 
     @classmethod
-    def from_students(cls, students, routing) -> RoutedUNet2DModel:
-        """The routed model holding (copies of) the weights of the given UNet2DModel instances."""
+    def from_students(cls, students, routing):
+        """The routed model holding (copies of) the weights of the given student networks."""
         return cls._copied(students, routing=list(routing))
 
     def partition(self) -> list[list[int]]:
@@ -154,16 +155,67 @@ class RoutedUNet2DModel(_Routed):
             )
         return table[labels]
 
+    def _labels(self, class_labels, sample) -> torch.Tensor:
+        """(B,) int64 labels on the sample's device; one label is repeated for every row."""
+        n = sample.shape[0]
+        labels = torch.as_tensor(class_labels, device=sample.device).reshape(-1).long()
+        return labels.expand(n) if labels.numel() == 1 and n > 1 else labels
+
+
+class RoutedUNet2DModel(_LabelRouted):
+    """K ``UNet2DModel`` students; ``routing[label]`` is the student of class ``label`` (see the module doc)."""
+
+    @register_to_config
+    def __init__(
+        self,
+        students: list | None = None,
+        routing: list | None = None,
+        sample_size=None,  # the four below are derived from the students (stored for pipelines), never read
+        in_channels=None,
+        out_channels=None,
+        num_class_embeds=None,
+    ):
+        super().__init__()
+        keys = ("sample_size", "in_channels", "out_channels")
+        first = self._build_label_routed(UNet2DModel, students, routing, keys)
+        # what a UNet2DModel caller reads from the config
+        self.register_to_config(**{key: first[key] for key in (*keys, "num_class_embeds")})
+
     def forward(self, sample, timestep, class_labels=None, return_dict: bool = True, **kwargs):
         if class_labels is None:
             raise ValueError("RoutedUNet2DModel routes by class label: pass class_labels")
-        n = sample.shape[0]
-        labels = torch.as_tensor(class_labels, device=sample.device).reshape(-1).long()
-        if labels.numel() == 1 and n > 1:
-            labels = labels.expand(n)
-        route = self.route(labels)
-        out = _run_routed(self.nets, route, sample, timestep, dict(kwargs, class_labels=labels))
+        labels = self._labels(class_labels, sample)
+        out = _run_routed(self.nets, self.route(labels), sample, timestep, dict(kwargs, class_labels=labels))
         return self._output(out, return_dict)
+
+
+class RoutedToyMLP(_LabelRouted):
+    """K ``ToyMLP`` students (class-conditional 2-D toy teachers); called like a ToyMLP, ``net(x, timestep, cond)``
+    with the labels as ``cond``, it returns the (B, dim) output tensor. ``cond=None`` (the toy pipeline's plain
+    call, ``stepdistill sample``) gives row i the label i mod C: the C classes in turn, each through its student."""
+
+    @register_to_config
+    def __init__(
+        self,
+        students: list | None = None,
+        routing: list | None = None,
+        dim=None,  # the three below are derived from the students (stored for the toy pipeline), never read
+        num_class_embeds=None,
+        time_cond_proj_dim=None,
+    ):
+        from .toy import ToyMLP
+
+        super().__init__()
+        keys = ("dim", "time_cond_proj_dim")
+        first = self._build_label_routed(ToyMLP, students, routing, keys)
+        self.register_to_config(**{key: first.get(key) for key in (*keys, "num_class_embeds")})
+
+    def forward(self, x, timestep, cond=None, timestep_cond=None) -> torch.Tensor:
+        if cond is None:
+            cond = torch.arange(x.shape[0], device=x.device) % len(self.config.routing)
+        labels = self._labels(cond, x)
+        kwargs = {"cond": labels} if timestep_cond is None else {"cond": labels, "timestep_cond": timestep_cond}
+        return _run_routed(self.nets, self.route(labels), x, timestep, kwargs)
 
 
 # what a StableDiffusion(XL)Pipeline reads from its unet's config
@@ -187,20 +239,14 @@ class RoutedUNet2DConditionModel(_Routed):
         from diffusers import UNet2DConditionModel
 
         super().__init__()
-        students = list(students or [])
+        first = self._build_students(
+            UNet2DConditionModel, students, ("sample_size", "in_channels", "out_channels", "cross_attention_dim")
+        )
         centres = torch.as_tensor(centres if centres is not None else [], dtype=torch.float32)
-        if not students:
-            raise ValueError("RoutedUNet2DConditionModel needs at least one student config")
-        if centres.ndim != 2 or len(centres) != len(students):
+        if centres.ndim != 2 or len(centres) != len(self.nets):
             raise ValueError(
-                f"centres must be one vector per student ({len(students)}), got shape {tuple(centres.shape)}"
+                f"centres must be one vector per student ({len(self.nets)}), got shape {tuple(centres.shape)}"
             )
-        self.nets = nn.ModuleList(UNet2DConditionModel.from_config(dict(cfg)) for cfg in students)
-        first = self.nets[0].config
-        for k, s in enumerate(self.nets):
-            for key in ("sample_size", "in_channels", "out_channels", "cross_attention_dim"):
-                if s.config[key] != first[key]:
-                    raise ValueError(f"student {k}: {key}={s.config[key]} differs from student 0's {first[key]}")
         width = first.cross_attention_dim
         if isinstance(width, int) and centres.shape[1] != width:
             raise ValueError(f"centres have {centres.shape[1]} features, the students' text width is {width}")

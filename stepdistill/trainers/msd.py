@@ -67,7 +67,8 @@ from ..losses import denoising_loss
 from ..models import FakeScore, Generator
 from ..models.conditioning import ClassConditioner, TextConditioner
 from ..models.denoiser import _unwrap
-from ..models.routed import RoutedUNet2DConditionModel, RoutedUNet2DModel
+from ..models.routed import RoutedToyMLP, RoutedUNet2DConditionModel, RoutedUNet2DModel
+from ..models.toy import ToyMLP
 from .dmd2 import DMD2Config, DMD2Trainer
 
 
@@ -272,27 +273,35 @@ class MSDTrainer(DMD2Trainer):
 
     # ---------------------------------------------------------------- students
     def _teacher_unet(self):
+        """The teacher's network, checked to be one MSD routes: by prompt a UNet2DConditionModel, by class label a
+        UNet2DModel or a (class-conditional) ToyMLP."""
         from diffusers import UNet2DConditionModel, UNet2DModel
 
         net = _unwrap(self.teacher.net)
-        want = UNet2DConditionModel if self.by_prompt() else UNet2DModel
-        if type(net) is not want:
+        want = (UNet2DConditionModel,) if self.by_prompt() else (UNet2DModel, ToyMLP)
+        if type(net) not in want:
             raise ConfigError(
-                f"MSD's students are {want.__name__}s routed by {'prompt' if self.by_prompt() else 'class label'}; "
-                f"the teacher's network is {type(net).__name__}"
+                f"MSD's students are {' or '.join(w.__name__ for w in want)}s routed by "
+                f"{'prompt' if self.by_prompt() else 'class label'}; the teacher's network is {type(net).__name__}"
             )
         return net
 
     def _routed(self, nets):
         if self.by_prompt():
             return RoutedUNet2DConditionModel.from_students(nets, self.centres())
-        return RoutedUNet2DModel.from_students(nets, self.routing())
+        routed = RoutedToyMLP if isinstance(nets[0], ToyMLP) else RoutedUNet2DModel
+        return routed.from_students(nets, self.routing())
 
     def _student_nets(self):
         c = self.config
         net = self._teacher_unet()
         if not c.student_block_out_channels:
-            return [net] * c.num_students  # copied by RoutedUNet2DModel.from_students
+            return [net] * c.num_students  # copied by the routed model's from_students
+        if isinstance(net, ToyMLP):
+            raise ConfigError(
+                "student_block_out_channels: smaller students are narrower UNets; a ToyMLP teacher's students are "
+                "copies of it (leave the key empty)"
+            )
         cfg = {k: v for k, v in dict(net.config).items() if not k.startswith("_")}
         widths = list(c.student_block_out_channels)
         if len(widths) != len(cfg["block_out_channels"]):
@@ -447,5 +456,27 @@ def routed_text_card(teacher_path, net, scheduler, timesteps, path, kind, w) -> 
         "with student k's weights under `nets.k.`). Each prompt goes to the student whose centre is nearest to its "
         "feature, the token mean of the text encoder's output scaled to unit length (the largest dot product), "
         "so the plain call routes by itself; each image costs one evaluation of its own student per step."
+    )
+    return card
+
+
+def routed_toy_card(net, scheduler, timesteps, path, kind, w=None) -> dict:
+    """StepDistillToyPipeline around MSD's RoutedToyMLP (K ToyMLP students of a class-conditional toy teacher)."""
+    from ..export import _plain, _toy_pipeline
+
+    card = _toy_pipeline(net, scheduler, timesteps, path, kind, w)
+    parts = "; ".join(f"student {k}: labels {p}" for k, p in enumerate(net.partition()))
+    call = (
+        "points = pipe(class_labels=[0, 1, 2, 3, 4, 5, 6, 7], "
+        "generator=torch.Generator().manual_seed(0)).samples  # (N, 2)"
+    )
+    card["plain_call"] = _plain(path, call)
+    card["needs_note"] = (
+        f"A toy 2-D multi-student (MSD) generator: its network is stepdistill's `RoutedToyMLP`, {net.num_students} "
+        f"`ToyMLP` students and a routing table ({parts}); `unet/config.json` holds the students' configs and the "
+        "table, `unet/` one safetensors file with student k's weights under `nets.k.`. `class_labels` picks each "
+        "point's class, and its student draws it (one network evaluation per point and step); without them point "
+        "i takes label i mod the number of classes. No stock diffusers class loads it. "
+        "`stepdistill sample --model <this folder>` draws a scatter plot of all classes."
     )
     return card
