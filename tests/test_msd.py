@@ -174,7 +174,7 @@ def test_bad_keys_and_objects(tmp_path):
         msd(tmp_path, "generator_mode=lora")
     from stepdistill.trainers.msd import MSDConfig, MSDTrainer
 
-    with pytest.raises(ObjectError, match="generator: MSD builds its K students"):
+    with pytest.raises(ObjectError, match="generator: MSD's students .* start as copies of one UNet2DModel or ToyMLP"):
         MSDTrainer(MSDConfig(), generator=torch.nn.Linear(2, 2))
 
 
@@ -352,3 +352,27 @@ def test_toy_students_each_label_reaches_exactly_its_toymlp_and_exports(tmp_path
     # without labels (the toy pipeline's plain call) point i takes label i mod 8
     seen, _ = seen_by(pipe.unet.nets, lambda: pipe(num_samples=10, generator=torch.Generator().manual_seed(1)))
     assert seen == {0: [0, 0, 1, 1, 2], 1: [3, 4, 5], 2: [6, 7]}
+
+
+def test_a_generator_object_is_each_students_start_so_a_callable_teacher_distils(tmp_path):
+    """The exact class-conditional mixture (a callable, no network to copy) with a ToyMLP ``generator=``: every
+    student starts as a copy of it, each fake score (per student here) as a copy of ``fake_score=``, and the
+    students train."""
+    from stepdistill.models.analytic import MixtureDataset, mixture_teacher, toy_mixture
+    from stepdistill.models.toy import ToyMLP
+    from stepdistill.trainers.msd import MSDConfig, MSDTrainer
+
+    mix = toy_mixture("gmm8")
+    torch.manual_seed(0)
+    gen, fake = (ToyMLP(dim=2, hidden=16, layers=1, num_class_embeds=8) for _ in range(2))
+    cfg = MSDConfig(output_dir=str(tmp_path), num_students=2, fake_score_per_student=True, max_steps=2,
+                    dfake_gen_update_ratio=1, global_batch=16, checkpoint_every=0, progress=False)  # fmt: skip
+    trainer = MSDTrainer(cfg, teacher=mixture_teacher(mix), generator=gen, fake_score=fake,
+                         dataset=MixtureDataset(mix, 64))  # fmt: skip
+    trainer.setup()
+    for name, given in (("generator", gen), ("fake", fake)):
+        for s in students(trainer, name):
+            assert type(s) is ToyMLP and unchanged(s, snapshot(given))
+    before = [snapshot(s) for s in students(trainer)]
+    trainer.train()
+    assert not any(unchanged(s, b) for s, b in zip(students(trainer), before))

@@ -23,7 +23,10 @@ marked unverified in shared/reference/seed_methods_2.md section 3):
   row in a batch is not called, gets no gradient and is not stepped (AdamW skips parameters without a
   gradient: no weight decay, no momentum step). Each student
   sees about B |S_k| / C rows per step, as K separate runs of batch B |S_k| / C would, and the students share
-  the generator update schedule (``dfake_gen_update_ratio``).
+  the generator update schedule (``dfake_gen_update_ratio``). Object API: ``generator=`` (a class-conditional
+  UNet2DModel or ToyMLP) is what every student starts as instead of the teacher's network (so a callable teacher,
+  such as the exact mixture of stepdistill.models.analytic, can be distilled); ``fake_score=`` likewise for the
+  fake score(s).
 * Fake score (``fake_score_per_student``): one fake score shared by all students (default; one teacher-size
   copy, conditioned on the label, the paper's cheaper variant) or one per student (K copies, each fitted only
   to its student's samples, routed like the generator; K times the fake-score memory). Per-student fake
@@ -210,11 +213,12 @@ class MSDTrainer(DMD2Trainer):
     method_name = "MSD"
 
     def __init__(self, config, accelerator=None, **objects):
-        for name in ("generator", "fake_score"):
-            if objects.get(name) is not None:
+        for name in ("generator", "fake_score"):  # the network every student (per-student fake score) copies
+            given = objects.get(name)
+            if given is not None and type(_unwrap(given)).__name__ not in ("UNet2DModel", "ToyMLP"):
                 raise ObjectError(
-                    f"{name}: MSD builds its K students (and fake scores) from the teacher's UNet2DModel; "
-                    "pass teacher= / dataset= objects only"
+                    f"{name}: MSD's students (and per-student fake scores) start as copies of one UNet2DModel or "
+                    f"ToyMLP, the given one or the teacher's; got {type(_unwrap(given)).__name__}"
                 )
         super().__init__(config, accelerator, **objects)
 
@@ -294,7 +298,7 @@ class MSDTrainer(DMD2Trainer):
 
     def _student_nets(self):
         c = self.config
-        net = self._teacher_unet()
+        net = _unwrap(self.generator_object) if self.generator_object is not None else self._teacher_unet()
         if not c.student_block_out_channels:
             return [net] * c.num_students  # copied by the routed model's from_students
         if isinstance(net, ToyMLP):
@@ -331,7 +335,8 @@ class MSDTrainer(DMD2Trainer):
         super().build()  # teacher, routed generator, a shared fake score, the GAN head
         c = self.config
         if c.fake_score_per_student:
-            net = self._teacher_unet()
+            given = self.fake_score_object
+            net = _unwrap(given) if given is not None else self._teacher_unet()
             routed = self._routed([net] * c.num_students)
             self.fake = self.wrap_object(FakeScore, routed)
 
