@@ -15,18 +15,17 @@ marked unverified in shared/reference/seed_methods_2.md section 3):
   centres are the routing table. Every process computes the same centres (same prompts, same seed). Explicit
   prompt lists are not supported.
 * Training: all K students train in one run, each on its own labels, by routing: the generator is a
-  :class:`~stepdistill.models.routed.RoutedUNet2DModel` (by label; ``RoutedUNet2DConditionModel`` by prompt:
-  the nearest centre) that sends every row of a batch (labels drawn from the
-  whole dataset) through the one student its label routes to. The loss of each student is then exactly
-  DMD2's (distribution matching against the teacher, optional GAN, optional DMD v1 regression: the
-  :class:`~stepdistill.trainers.dmd2.DMD2Trainer` code, unchanged) restricted to its rows; a student with no
-  row in a batch is not called, gets no gradient and is not stepped (AdamW skips parameters without a
-  gradient: no weight decay, no momentum step). Each student
-  sees about B |S_k| / C rows per step, as K separate runs of batch B |S_k| / C would, and the students share
-  the generator update schedule (``dfake_gen_update_ratio``). Object API: ``generator=`` (a class-conditional
-  UNet2DModel or ToyMLP) is what every student starts as instead of the teacher's network (so a callable teacher,
-  such as the exact mixture of stepdistill.models.analytic, can be distilled); ``fake_score=`` likewise for the
-  fake score(s).
+  :class:`~stepdistill.models.routed.RoutedUNet2DModel` (by label; ``RoutedToyMLP`` for a class-conditional toy
+  teacher's ToyMLP; ``RoutedUNet2DConditionModel`` by prompt: the nearest centre) that sends every row of a batch
+  (labels drawn from the whole dataset) through the one student its label routes to. The loss of each student is then
+  exactly DMD2's (distribution matching against the teacher, optional GAN, optional DMD v1 regression: the
+  :class:`~stepdistill.trainers.dmd2.DMD2Trainer` code, unchanged) restricted to its rows; a student with no row in a
+  batch is not called, gets no gradient and is not stepped (AdamW skips parameters without a gradient: no weight
+  decay, no momentum step). Each student sees about B |S_k| / C rows per step, as K separate runs of batch B |S_k| / C
+  would, and the students share the generator update schedule (``dfake_gen_update_ratio``). Object API: ``generator=``
+  (a class-conditional UNet2DModel or ToyMLP) is what every student starts as instead of the teacher's network (so a
+  callable teacher, such as the exact mixture of stepdistill.models.analytic, can be distilled); ``fake_score=``
+  likewise for the fake score(s).
 * Fake score (``fake_score_per_student``): one fake score shared by all students (default; one teacher-size
   copy, conditioned on the label, the paper's cheaper variant) or one per student (K copies, each fitted only
   to its student's samples, routed like the generator; K times the fake-score memory). Per-student fake
@@ -53,6 +52,7 @@ students' configs and the routing table in its config.json, all weights in one s
 ``pipe(class_labels=[...])`` routes each row to its student, one network evaluation per image. A text teacher's
 export is a StepDistillSDPipeline whose ``unet/`` is the RoutedUNet2DConditionModel (the centres in its
 config.json): a plain ``pipe(prompt=...)`` routes each prompt by its embeddings, one network evaluation per image.
+A toy teacher's export is a StepDistillToyPipeline whose ``unet/`` is the RoutedToyMLP: ``pipe(class_labels=[...])``.
 
 Example::
 
