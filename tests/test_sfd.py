@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from torch import nn
 
 from stepdistill.cli import main
@@ -23,6 +24,16 @@ from stepdistill.trainers.student import PlainLabels
 
 ROOT = Path(__file__).resolve().parents[1]
 DIGITS = str(ROOT / "recipes" / "sfd" / "digits.yaml")
+
+
+def test_digits_recipe_uses_the_official_class_conditional_forget_weights():
+    # tqch/score-forgetting-distillation DDPM/configs/cifar10_sfd.yml: sg/g_remain_coef 1.0, sg/g_forget_coef 0.01
+    # (the class-conditional setting; SD/run_sfd.sh's 1.0 is the text one); SFDConfig's defaults are those values
+    with open(DIGITS) as f:
+        recipe = yaml.safe_load(f)
+    for key in ("fake_remain_weight", "fake_forget_weight", "gen_remain_weight", "gen_forget_weight"):
+        assert recipe[key] == getattr(SFDConfig, key), key
+    assert (SFDConfig.fake_forget_weight, SFDConfig.gen_forget_weight) == (0.01, 0.01)
 
 
 # ---------------------------------------------------------------- pure pieces, by hand
