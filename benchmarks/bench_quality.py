@@ -38,6 +38,7 @@ STUDENTS = [
     ("f-distill (JS)", "recipes/fdistill/digits.yaml"),
     ("f-distill (forward KL)", "recipes/fdistill/digits_kl.yaml"),
     ("LADD", "recipes/ladd/digits.yaml"),
+    ("DisBack (DMD2 base)", "recipes/disback/digits.yaml"),  # + 100 degradation it in front (no gen. updates)
 ]
 MORE_STEPS = {"MeanFlow": (2,)}  # students whose sampler takes any step count: extra rows at these counts
 
