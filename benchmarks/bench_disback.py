@@ -150,7 +150,9 @@ def main(argv=None):
     p.add_argument("--quick", action="store_true", help="one seed, a quarter of the iterations (not the table)")
     p.add_argument("--problem", default="ring", choices=["ring", "digits"],
                    help="digits: recipes/dmd2/digits.yaml vs recipes/disback/digits.yaml, one seed (30-45 min each)")
-    p.add_argument("--methods", default="dmd2,disback", help="which runs (digits: one process per run in parallel)")
+    p.add_argument("--methods", default="dmd2,disback",
+                   help="which runs, one after the other in this process (digits: one --methods per process, each "
+                   "with its own --out, lets the runs be queued separately)")
     p.add_argument("--num-samples", type=int, default=1000, help="digits: samples per FD-digits")
     args = p.parse_args(argv)
     if args.problem == "digits":
