@@ -8,7 +8,7 @@ from torch import nn
 from stepdistill.config import ConfigError
 from stepdistill.models import Cond, Denoiser
 from stepdistill.models.adapters import add_lora
-from stepdistill.models.jvp import JVP, check_jvp_mode, denoiser_jvp, jvp
+from stepdistill.models.jvp import JVP, check_jvp_mode, denoiser_jvp, jvp, time_difference
 from stepdistill.schedules import EDMSchedule, FlowSchedule, VPSchedule, vp_alphas_cumprod
 
 
@@ -214,3 +214,23 @@ def test_forward_mode_bypasses_an_autocast_wrapper():
     assert out.dtype == d.dtype == torch.float32
     torch.testing.assert_close(d, v @ exact.T, rtol=1e-6, atol=1e-6)
     assert net(x).dtype == torch.bfloat16  # restored
+
+
+def test_time_difference_reads_the_trend_under_timestep_wiggles_and_is_one_sided_at_the_ends():
+    """A network time input tau = 1000 t and a function with a wiggle of one network timestep's period: the exact
+    derivative is dominated by the wiggle, a difference over +- 10 timesteps reads the trend exactly; at the ends
+    of the range the difference is one-sided over the times actually reached."""
+    t = torch.tensor([0.3, 0.5, 1.0, 0.0], dtype=torch.float64)
+    tau = lambda t_: 1000 * t_  # noqa: E731
+
+    def fn(t_):
+        return (2 * t_ + 1e-3 * torch.sin(2 * torch.pi * tau(t_)))[:, None].expand(-1, 3)
+
+    exact = torch.func.jvp(fn, (t,), (torch.ones_like(t),))[1]
+    assert float((exact[:2, 0] - 2).abs().min()) > 3  # 2 + 2 pi cos(2 pi tau): the wiggle dominates
+    d = time_difference(fn, t, 10.0, tau, (0.0, 1.0))
+    assert d.shape == (4, 3)
+    torch.testing.assert_close(d, torch.full_like(d, 2.0), rtol=0, atol=1e-9)
+    quad = time_difference(lambda t_: (t_ * t_)[:, None], t, 10.0, tau, (0.0, 1.0))[:, 0]
+    # interior: central, exact for a quadratic (2 t); ends: one-sided over 0.01, (1 - 0.99^2) / 0.01, 0.01^2 / 0.01
+    torch.testing.assert_close(quad, torch.tensor([0.6, 1.0, 1.99, 0.01], dtype=torch.float64))

@@ -200,3 +200,40 @@ def test_trainer_runs_on_the_analytic_teacher_and_moves_the_one_step_sampler(mod
     assert isinstance(tr.generator, MeanFlowGenerator) and tr.generator.net.config.time_cond_proj_dim == 256
     assert all(math.isfinite(h["loss"]) for h in tr.history)
     assert tr.generator.net.cond_proj.weight.abs().sum() > 0  # the second input trains
+
+
+def test_time_shift_reads_du_dt_in_time_over_network_timesteps(tmp_path):
+    """``jvp_time_shift``: the z part of du/dt stays the JVP, the t part is a difference over +- that many network
+    timesteps (one-sided at the top flow time, where the 1-step sampler starts); a small shift is the exact JVP."""
+    with pytest.raises(ConfigError, match="jvp_time_shift must be >= 0"):
+        build_config(MeanFlowConfig, {"jvp_time_shift": -1.0})
+    mix = toy_mixture("gmm8")
+    cfg = MeanFlowConfig(output_dir=str(tmp_path), max_steps=1, global_batch=8, checkpoint_every=0, progress=False,
+                         jvp="forward")
+    torch.manual_seed(0)
+    tr = MeanFlowTrainer(cfg, teacher=mixture_teacher(mix), generator=ToyMLP(dim=2, hidden=16, layers=2),
+                         dataset=MixtureDataset(mix, 32))
+    tr.setup()
+    gen = tr.generator
+    with torch.no_grad():
+        gen.net.cond_proj.weight.normal_(0, 0.3)
+    sched = gen.schedule
+
+    def flow_t(timestep):  # the flow time of a network timestep
+        level = sched.noise_level(torch.as_tensor(timestep, dtype=torch.float64) / 999)
+        return (level / (1 + level)).clamp(max=gen.tau_max)
+
+    t = flow_t([300.3, 600.6, 998.5])  # between integer timesteps (alpha_bar is interpolated linearly)
+    r = torch.tensor([0.1, 0.0, 0.2], dtype=torch.float64)
+    z = torch.randn(3, 2, generator=torch.Generator().manual_seed(1))
+    v = torch.randn(3, 2, generator=torch.Generator().manual_seed(2))
+    exact = tr.du_dt(z, r, t, v, None)
+    tr.config.jvp_time_shift = 0.05  # small (the network is float32)
+    torch.testing.assert_close(tr.du_dt(z, r, t, v, None)[:2], exact[:2], rtol=1e-2, atol=1e-4)
+    tr.config.jvp_time_shift = 1.0
+    with torch.no_grad():
+        dz = torch.func.jvp(lambda z_: gen.u(z_, r, t), (z,), (v,))[1]
+        hi, lo = flow_t([301.3, 601.6, 999.0]), flow_t([299.3, 599.6, 997.5])
+        want = (dz + (gen.u(z, r, hi) - gen.u(z, r, lo)) / (hi - lo)[:, None]).float()
+    got = tr.du_dt(z, r, t, v, None)
+    assert float((got - want).norm() / want.norm()) < 1e-2

@@ -226,6 +226,15 @@ def test_student_F_is_the_trigflow_view_of_the_student(tmp_path):
     assert float((d_fwd - d_shift).norm() / d_fwd.norm()) < 1e-2
     tr.config.jvp_time_shift = 2.0  # a shift of 2 timesteps reads another (smoothed) time derivative
     assert float((d_fwd - tr.F_jvp(x_hat, t_hat, dx, None)).norm() / d_fwd.norm()) > 1e-3
+    # at the top of the time range (1-step sampling starts there) the shift is one-sided over the times reached:
+    # from timestep 998.5, +- 1 reaches 999 (clamped) and 997.5
+    tr.config.jvp_time_shift = 1.0
+    zero = torch.zeros_like(dx)
+    ts = lambda k: tr.trig.t_hat(torch.full((4,), k / 999, dtype=torch.float64))  # noqa: E731
+    th, hi, lo = ts(998.5), ts(999.0), ts(997.5)
+    want = (tr.student_F(x_hat, hi, None) - tr.student_F(x_hat, lo, None)) / (hi - lo)[:, None]
+    cs = (torch.cos(th) * torch.sin(th))[:, None]
+    torch.testing.assert_close(tr.F_jvp(x_hat, th, zero, None), cs * want, rtol=2e-2, atol=1e-9)  # old: 25% off
 
 
 @pytest.mark.parametrize(

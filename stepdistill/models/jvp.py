@@ -43,7 +43,9 @@ from ..config import ConfigError
 JVP_MODES = ("auto", "forward", "finite_difference")
 DEFAULT_FD_EPS = 1e-3
 
-__all__ = ["JVP", "JVP_MODES", "DEFAULT_FD_EPS", "check_jvp_mode", "denoiser_jvp", "jvp", "time_step"]
+__all__ = [
+    "JVP", "JVP_MODES", "DEFAULT_FD_EPS", "check_jvp_mode", "denoiser_jvp", "jvp", "time_difference", "time_step",
+]
 
 
 def check_jvp_mode(mode, eps=DEFAULT_FD_EPS, key: str = "jvp"):
@@ -256,6 +258,23 @@ def time_step(model, t: torch.Tensor, dt: torch.Tensor, eps: float) -> float:
     tau = model.schedule.model_time
     rate = float(((tau(t + h * dt) - tau(t - h * dt)) / (2 * h)).abs().max())
     return min(float(eps), TIME_SHIFT / rate) if rate > 0 else float(eps)
+
+
+def time_difference(fn: Callable, t: torch.Tensor, shift: float, model_time: Callable, bounds) -> torch.Tensor:
+    """d fn / dt as a central difference that moves the network's time input ``model_time(t)`` by +- ``shift``
+    per sample: a smoothed time derivative for networks conditioned on integer timesteps through sinusoids
+    (frequencies up to 1 per timestep: DDPM, SD, the toy teacher), whose exact time derivative is dominated by
+    timestep-scale wiggles (the continuous-time methods' ``jvp_time_shift``). ``t`` (B,) float64 in
+    ``bounds`` (lo, hi); the shifted times are clamped there (one-sided at the ends: the quotient uses the times
+    reached)."""
+    lo, hi = bounds
+    h = 1e-6
+    up, down = (t + h).clamp(max=hi), (t - h).clamp(min=lo)
+    rate = ((model_time(up) - model_time(down)) / (up - down)).abs().clamp_min(1e-12)
+    t_plus, t_minus = (t + shift / rate).clamp(max=hi), (t - shift / rate).clamp(min=lo)
+    diff = fn(t_plus) - fn(t_minus)
+    gap = (t_plus - t_minus).to(diff.dtype).reshape(-1, *[1] * (diff.ndim - 1))
+    return diff / gap
 
 
 def denoiser_jvp(

@@ -36,7 +36,7 @@ from torch import nn
 
 from ..config import ConfigError
 from ..models.denoiser import _unwrap
-from ..models.jvp import JVP, check_jvp_mode, time_step
+from ..models.jvp import JVP, check_jvp_mode, time_difference, time_step
 from ..schedules import TrigFlow, _bcast
 from . import randomness as rnd
 from .base import NetSpec
@@ -242,6 +242,7 @@ class SCMTrainer(StudentTrainer):
         lo = float(sched.noise_level(0.0))
         hi = float(sched.noise_level(1.0))
         self.levels = (max(lo, 1e-4), hi if math.isfinite(hi) else 1e4)
+        self.t_hat_range = tuple(math.atan(level / c.sigma_data) for level in self.levels)
         self.generator = self.make_generator(self.trained_times(), sampler="consistency")
         if c.init == "scratch":
             from .consistency import ConsistencyTrainer
@@ -326,12 +327,9 @@ class SCMTrainer(StudentTrainer):
         out = out.double()
         if shift > 0:
             with torch.no_grad():
-                t, rate = self._native_time_rate(t_hat, cs)
-                tau = self.schedule.model_time
-                h = 1e-6
-                tau_rate = ((tau(t + h * rate) - tau(t - h * rate)) / (2 * h)).abs().clamp_min(1e-12)
-                step = shift / tau_rate  # per sample: +- shift in the network's time input
-                out = out + (fn(x_hat, t_hat + step * cs) - fn(x_hat, t_hat - step * cs)) / _bcast(2 * step, out)
+                tau = lambda th: self.schedule.model_time(self.trig.t_native(th))  # noqa: E731
+                d = time_difference(lambda th: fn(x_hat, th), t_hat, shift, tau, self.t_hat_range)
+                out = out + _bcast(cs, out) * d.double()
         return out
 
     # ---------------------------------------------------------------- the loss
