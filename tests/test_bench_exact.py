@@ -80,3 +80,28 @@ def test_evaluator_floor_is_the_teachers_own_distance():
     res = ev(ev.teacher_x)
     assert res["ratio"] == pytest.approx(1.0) and res["min_share"] > 0.7
     assert ev(torch.full((1000, 2), float("nan")))["ratio"] == float("inf")
+
+
+def test_continuous_time_rows_start_from_a_copy_with_a_smooth_time_input():
+    """sCD and MeanFlow differentiate the student in time. A ToyMLP with the default timestep embedding (up to 1 rad
+    per timestep) has an exact time derivative unrelated to its trend over +- 10 timesteps (here at init; the
+    fitted teacher copy: 1.3 to 300x the exact teacher's derivative, README "sCM"); the copy those rows start
+    from (time_scale SMOOTH_TIME_SCALE) has none of that."""
+    rows = {label: over for label, _, _, over in be.ROWS}
+    assert rows["sCD"]["copy_time_scale"] == rows["MeanFlow distill"]["copy_time_scale"] == be.SMOOTH_TIME_SCALE
+    mix = be.problem("ring")
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(256, 2, generator=g)
+    ts = 50 + 900 * torch.rand(256, generator=g)
+
+    def wiggle(net):
+        with torch.no_grad():
+            exact = torch.func.jvp(lambda s: net(x, s), (ts,), (torch.ones_like(ts),))[1]
+            trend = (net(x, ts + 10) - net(x, ts - 10)) / 20
+        return float((exact - trend).norm() / trend.norm())
+
+    torch.manual_seed(0)
+    default = wiggle(be.net_for(mix))
+    torch.manual_seed(0)
+    smooth = wiggle(be.net_for(mix, be.SMOOTH_TIME_SCALE))
+    assert default > 1.0 and smooth < 0.01
