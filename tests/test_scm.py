@@ -10,7 +10,7 @@ from torch import nn
 
 from stepdistill.cli import main
 from stepdistill.config import ConfigError, build_config
-from stepdistill.models.analytic import MixtureDataset, mixture_teacher, toy_mixture
+from stepdistill.models.analytic import GaussianMixture, MixtureDataset, ddpm_schedule, mixture_teacher, toy_mixture
 from stepdistill.models.jvp import JVP
 from stepdistill.models.toy import ToyMLP
 from stepdistill.schedules import EDMSchedule, FlowSchedule, TrigFlow, VPSchedule, vp_alphas_cumprod
@@ -260,3 +260,46 @@ def test_config_errors_are_one_line(tmp_path, capsys, override, message):
 def test_guidance_needs_an_unconditional_branch(tmp_path):
     with pytest.raises(ConfigError, match="unconditional branch"):
         _trainer(tmp_path, guidance_scale=2.0).setup()
+
+
+class _ExactConsistency(nn.Module):
+    """The exact consistency function of data N(mu, s^2 I) under the DDPM schedule as a v-prediction network:
+    f(x_t, t) = mu + s (x_t - alpha mu) / sqrt(alpha^2 s^2 + sigma^2) (the PF-ODE keeps the standardised point)."""
+
+    def __init__(self, mu, s):
+        super().__init__()
+        self.mu, self.s = mu, s
+        self.schedule = ddpm_schedule()
+        self.dummy = nn.Parameter(torch.zeros(1))
+
+    def forward(self, x, timestep, cond=None):
+        t = self.schedule.timestep_to_t(torch.as_tensor(timestep, dtype=torch.float64)).expand(x.shape[0])
+        a, sg = self.schedule.alpha(t)[:, None], self.schedule.sigma(t)[:, None]
+        xd = x.double()
+        f = self.mu + self.s * (xd - a * self.mu) / (a * a * self.s**2 + sg * sg).sqrt()
+        return ((a * xd - f) / sg + 0 * self.dummy).to(x.dtype)
+
+
+@pytest.mark.parametrize("shift", [0.0, 10.0])
+def test_tangent_vanishes_at_the_exact_consistency_function_through_the_trainer(tmp_path, shift):
+    """sCD's whole chain (TrigFlow view of a VP teacher, native-time conversion, the student's JVP, the teacher's
+    velocity, the tangent at r = 1) on Gaussian data: a student that is the exact consistency function has g = 0
+    at every time."""
+    mu, s = torch.tensor([[0.8, -0.3]], dtype=torch.float64), 0.6
+    mix = GaussianMixture(mu, s)
+    settings = dict(output_dir=str(tmp_path), max_steps=1, global_batch=8, sigma_data=1.4, checkpoint_every=0,
+                    progress=False, jvp="forward", jvp_time_shift=shift)
+    tr = SCMTrainer(build_config(SCMConfig, settings), teacher=mixture_teacher(mix),
+                    generator=_ExactConsistency(mu, s), dataset=MixtureDataset(mix, 16), sample_shape=(2,))
+    tr.setup()
+    g = torch.Generator().manual_seed(0)
+    th = torch.tensor([0.05, 0.3, 0.7, 1.0, 1.3, 1.55], dtype=torch.float64)
+    x0 = mix.sample(6, g)[0].double()
+    x_hat = tr.trig.add_noise(x0, 1.4 * torch.randn(6, 2, generator=g, dtype=torch.float64), th).float()
+    dxdt = tr.teacher_velocity(x_hat, th, None)
+    F = tr.student_F(x_hat, th, None).detach()
+    F_jvp = tr.F_jvp(x_hat, th, dxdt.float(), None)
+    tol = 1e-6 if shift == 0 else 1e-3  # +- 10 timesteps: the central difference's O(h^2) error
+    assert float(scm_tangent(F, F_jvp, x_hat.double(), dxdt, th, 1.4, 1.0).abs().max()) < tol
+    # a cancellation: each of the two terms alone (r = 0: the first) is far from 0
+    assert float(scm_tangent(F, F_jvp, x_hat.double(), dxdt, th, 1.4, 0.0).abs().max()) > 0.1
