@@ -31,7 +31,7 @@ STUDENTS = [
     ("BOOT", "recipes/boot/digits.yaml"),
     ("MSD", "recipes/msd/digits.yaml"),  # K = 2 routed students, same budget
     ("MeanFlow", "recipes/meanflow/digits.yaml"),  # its own budget (250 it); also sampled in 2 steps
-    ("sCM", "recipes/scm/digits.yaml"),  # sCD, 2 steps (its own budget: 300 it of batch 32)
+    ("sCM", "recipes/scm/digits.yaml"),  # sCD, 2 steps (its own budget: 200 it of batch 32); also 1 step
     ("MSD K=5", "recipes/msd/digits.yaml", ["num_students=5"]),  # optional third item: recipe overrides
     ("MSD K=2 half-width", "recipes/msd/digits.yaml", ["student_block_out_channels=[16, 32, 32]", *MSD_PRETRAIN]),
     ("MSD K=2 per-student fake", "recipes/msd/digits.yaml", ["fake_score_per_student=true"]),
@@ -40,7 +40,7 @@ STUDENTS = [
     ("LADD", "recipes/ladd/digits.yaml"),
     ("DisBack (DMD2 base)", "recipes/disback/digits.yaml"),  # + 100 degradation it in front (no gen. updates)
 ]
-MORE_STEPS = {"MeanFlow": (2,)}  # students whose sampler takes any step count: extra rows at these counts
+MORE_STEPS = {"MeanFlow": (2,), "sCM": (1,)}  # students whose sampler takes any step count: extra rows at these counts
 
 
 @torch.no_grad()
