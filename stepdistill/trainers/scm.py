@@ -77,11 +77,11 @@ class SCMConfig(StudentConfig):
     jvp_eps (`float`, `0.001`): the finite-difference step along the tangent (the time direction takes a smaller
         one where the network's timestep would move more than 0.05: :func:`stepdistill.models.jvp.time_step`).
     jvp_time_shift (`float`, `0.0`: exact): > 0 takes the time part of the JVP as a central difference that moves
-        the network's time input by +- this much (the x part stays ``jvp``'s). A teacher trained at integer
-        timesteps only (DDPM, SD) has a sinusoidal embedding whose between-timestep wiggles (frequencies up to 1
-        per timestep) dominate the exact time derivative; a shift of ~1 timestep reads the trend instead (an
-        uncontrolled toy2d observation, README "sCM"). For EDM teachers (time input ln(sigma) / 4) the shift is
-        in those units.
+        the network's time input by +- this much (the x part stays ``jvp``'s; one-sided at the ends of the time
+        range). A teacher that embeds integer timesteps with sinusoids (DDPM, SD, the toy teacher: frequencies up
+        to 1 rad per timestep) has an exact time derivative that is mostly wiggle, not trend; +- 10 timesteps
+        reads the trend (the toy and digits recipes; README "sCM": this was why sCD did not train). For EDM
+        teachers (time input ln(sigma) / 4) the shift is in those units.
     > Sampling and export
     inference_steps (`int`, `1`): 1 or 2 steps in the exported pipeline.
     two_step_sigma (`float`, `0.821`): the noise level sigma / alpha of the second step (FastGen's CIFAR-10 list
