@@ -30,7 +30,7 @@ STUDENTS = [
     ("VSD", "recipes/vsd/digits.yaml"),
     ("BOOT", "recipes/boot/digits.yaml"),
     ("MSD", "recipes/msd/digits.yaml"),  # K = 2 routed students, same budget
-    ("MeanFlow", "recipes/meanflow/digits.yaml"),  # its own budget (250 it); also sampled in 2 steps
+    ("MeanFlow", "recipes/meanflow/digits.yaml"),  # its own budget (120 it); also sampled in 2 steps
     ("sCM", "recipes/scm/digits.yaml"),  # sCD, 2 steps (its own budget: 200 it of batch 32); also 1 step
     ("MSD K=5", "recipes/msd/digits.yaml", ["num_students=5"]),  # optional third item: recipe overrides
     ("MSD K=2 half-width", "recipes/msd/digits.yaml", ["student_block_out_channels=[16, 32, 32]", *MSD_PRETRAIN]),
