@@ -303,6 +303,7 @@ def student_scheduler(kind: str, teacher_schedule_config: dict, timesteps: list[
             original_inference_steps=steps if T % steps == 0 else 50,
             clip_sample=False,
             set_alpha_to_one=True,
+            steps_offset=1,  # unused by TCDScheduler; 1 keeps StableDiffusionPipeline from calling it outdated
         )
     raise ValueError(f"unknown export scheduler {kind!r}; expected one of {SCHEDULERS}")
 

@@ -298,3 +298,17 @@ def test_card_metadata_from_the_teacher(tmp_path, exports):
         assert meta["library_name"] == "diffusers" and "stepdistill" in meta["tags"]
         tag = "unconditional-image-generation" if kind in ("class", "dit") else "text-to-image"
         assert meta["pipeline_tag"] == tag
+
+
+@pytest.mark.parametrize("kind,timesteps", [("lcm", [999, 759]), ("ddim", [999, 499]), ("tcd", [999, 759])])
+def test_exported_vp_schedulers_are_not_outdated_for_stock_sd(kind, timesteps):
+    """StableDiffusionPipeline calls a scheduler with ``steps_offset != 1`` outdated (a FutureWarning and a config
+    rewrite on every load); each exported VP scheduler writes 1, which none of them reads."""
+    from stepdistill.export import student_scheduler
+
+    cfg = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+               prediction_type="epsilon")
+    sched = student_scheduler(kind, cfg, timesteps)
+    assert sched.config.steps_offset == 1
+    sched.set_timesteps(timesteps=timesteps) if kind != "ddim" else sched.set_timesteps(len(timesteps))
+    assert [int(t) for t in sched.timesteps] == timesteps
