@@ -312,7 +312,12 @@ class StepDistillToyPipeline(_PrivateSettings, DiffusionPipeline):
         )
         shape = (int(num_samples), self.unet.config.dim)
         x = initial_sample(self.scheduler, shape, generator, self.device, self.unet.dtype)
-        x, start = _hybrid_start(self, x, None, teacher, teacher_steps, 1.0, teacher_timesteps, trace)
+        labels = None
+        if "cond" in kwargs:  # a class-conditional toy teacher reads the same labels as ``cond``
+            from .models.conditioning import Cond
+
+            labels = Cond(kwargs={"cond": kwargs["cond"]}, null=None, null_reason="toy labels have no null class")
+        x, start = _hybrid_start(self, x, labels, teacher, teacher_steps, 1.0, teacher_timesteps, trace)
         w_dim = getattr(self.unet.config, "time_cond_proj_dim", None)
         if w_dim:
             from .guidance import guidance_scale_embedding

@@ -432,3 +432,28 @@ def test_lora_transfer_refuses_other_shapes():
         transfer_lora(other, teacher)
     with pytest.raises(ValueError, match="no adapter 'nope'"):
         transfer_lora(_net(2), teacher, "nope")
+
+
+def test_toy_pipeline_hybrid_passes_the_class_labels_to_the_teacher():
+    """A class-conditional ToyMLP teacher (MSD's toy setting) reads the call's ``class_labels`` in its steps."""
+    from stepdistill.models.toy import ToyMLP
+    from stepdistill.pipelines import StepDistillToyPipeline
+
+    torch.manual_seed(0)
+    teacher_net, student_net = (ToyMLP(hidden=16, layers=1, num_class_embeds=4).eval() for _ in range(2))
+    pipe = StepDistillToyPipeline(
+        unet=student_net, scheduler=student_scheduler("lcm", VP_EPS, FOUR), trained_timesteps=FOUR
+    )
+    pipe.set_progress_bar_config(disable=True)
+    seen = []
+    hook = teacher_net.register_forward_hook(lambda m, a, kw, out: seen.append(a[2] if len(a) > 2 else kw["cond"]),
+                                             with_kwargs=True)  # fmt: skip
+    labels = [3, 0, 2, 1, 3]
+    out = pipe(class_labels=labels, generator=torch.Generator().manual_seed(0), teacher=_vp_teacher(teacher_net),
+               teacher_steps=2).samples  # fmt: skip
+    hook.remove()
+    assert len(seen) == 2 and all(s.tolist() == labels for s in seen)
+    # the labels change the teacher's part: other labels, other hand-over point
+    other = pipe(class_labels=[0, 1, 0, 2, 2], generator=torch.Generator().manual_seed(0),
+                 teacher=_vp_teacher(teacher_net), teacher_steps=2).samples  # fmt: skip
+    assert out.shape == (5, 2) and not torch.allclose(out, other)
