@@ -331,6 +331,9 @@ def main(argv=None):
                    "instead of "
                    "the trained fake score in the generator loss")
     p.add_argument("--quick", action="store_true", help="2-D problem, one seed, a quarter of the iterations")
+    p.add_argument("--teacher-steps", default="", metavar="N,N,...",
+                   help="also rows of the exact teacher's DDIM at these step counts (what a method that distils "
+                   "an N-step sampler can reach)")
     args = p.parse_args(argv)
     if args.quick:
         args.problems, args.seeds, args.scale, args.eval = "ring", 1, args.scale * 0.25, min(args.eval, 2000)
@@ -351,6 +354,11 @@ def main(argv=None):
         lines.append(f"| {name} | exact teacher, DDIM | 100 | - | 1.00 (SW {ev.floor:.4f}) | {ts['min_share']:.2f} | "
                      f"{100 * ts['off_mode']:.1f}% | - |")
         print(lines[-1], flush=True)
+        for n in [int(v) for v in args.teacher_steps.split(",") if v.strip()]:
+            r = ev(teacher_samples(ev.teacher, ev.noise, n))
+            lines.append(f"| {name} | exact teacher, DDIM | {n} | - | {r['ratio']:.2f} | {r['min_share']:.2f} | "
+                         f"{100 * r['off_mode']:.1f}% | - |")
+            print(lines[-1], flush=True)
         copies = {}
         for label, method, steps, overrides in rows:
             overrides = dict(overrides)
