@@ -221,18 +221,9 @@ def use_oracle_fake(trainer, n: int = 4096) -> None:
 def generator_samples(trainer, noise: torch.Tensor, steps: int) -> torch.Tensor:
     """The trained generator's ``steps``-step samples (its EMA weights when the run keeps an EMA: what export
     writes)."""
-    g = trainer.generator
-    net = trainer._inner("generator")
-    ema = trainer.ema.get("generator") if getattr(trainer, "ema", None) else None
-    saved = {k: v.detach().clone() for k, v in net.state_dict().items()} if ema is not None else None
-    if ema is not None:
-        net.load_state_dict(ema)
-    try:
-        return g.sample(noise.to(trainer.accelerator.device), None, num_steps=steps,
-                        generator=torch.Generator().manual_seed(5))
-    finally:
-        if saved is not None:
-            net.load_state_dict(saved)
+    with trainer.export_weights():
+        return trainer.generator.sample(noise.to(trainer.accelerator.device), None, num_steps=steps,
+                                        generator=torch.Generator().manual_seed(5))
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -133,3 +133,18 @@ def test_sample_command_draws_a_toy_teacher(teacher, tmp_path):
     assert main(["sample", "--model", teacher, "--num", "30", "--steps", "5", "--out", str(png)]) == 0
     points = np.load(tmp_path / "teacher.npy")
     assert points.shape == (30, 2) and np.isfinite(points).all() and png.is_file()
+
+
+def test_trainer_sample_uses_the_ema_weights_the_export_writes_and_restores_its_own(teacher, tmp_path):
+    recipe = str(ROOT / "recipes" / "meanflow" / "toy2d.yaml")
+    trainer = make_trainer(recipe, [f"teacher={teacher}", f"output_dir={tmp_path}", *_budget(recipe), "ema_decay=0.5"])
+    trainer.train()
+    net = trainer._inner("generator")
+    own = {k: v.detach().clone() for k, v in net.state_dict().items()}
+    noise = torch.randn(16, 2, generator=torch.Generator().manual_seed(0))
+    with trainer.export_weights():
+        assert all(torch.equal(v.float(), trainer.ema["generator"][k]) for k, v in net.state_dict().items())
+    with torch.no_grad():
+        ema_points = trainer.sample(noise)
+        assert all(torch.equal(own[k], v) for k, v in net.state_dict().items())  # its own weights are back
+        assert not torch.allclose(ema_points, trainer.generator.sample(noise), atol=1e-6)

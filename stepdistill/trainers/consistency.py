@@ -734,22 +734,24 @@ class ConsistencyTrainer(StudentTrainer):
     @torch.no_grad()
     def sample(self, noise, cond=None, steps: int | None = None, generator=None, guidance_scale=None):
         """Samples from ``noise`` ~ N(0, I): multistep consistency sampling with the consistency function (lcm,
-        ict, ect; fresh noise between steps), deterministic DDIM jumps through the segments (multiphase)."""
+        ict, ect; fresh noise between steps), deterministic DDIM jumps through the segments (multiphase); with
+        the weights the export writes (:meth:`export_weights`)."""
         w = guidance_scale if guidance_scale is not None else self.export_guidance_scale
         ts = self.inference_times(steps)
-        if self.config.mode == "multiphase":
-            gen = copy.copy(self.generator)
-            gen.timesteps = ts
-            return gen.sample(noise, cond, guidance_scale=w)
-        n = noise.shape[0]
-        wt = None if w is None else torch.full((n,), float(w), device=noise.device)
-        return consistency_sample(
-            lambda x, t: self.consistency_fn(self.generator, x, t, cond, wt),
-            self.schedule,
-            noise,
-            ts,
-            generator=generator,
-        )
+        with self.export_weights():
+            if self.config.mode == "multiphase":
+                gen = copy.copy(self.generator)
+                gen.timesteps = ts
+                return gen.sample(noise, cond, guidance_scale=w)
+            n = noise.shape[0]
+            wt = None if w is None else torch.full((n,), float(w), device=noise.device)
+            return consistency_sample(
+                lambda x, t: self.consistency_fn(self.generator, x, t, cond, wt),
+                self.schedule,
+                noise,
+                ts,
+                generator=generator,
+            )
 
     @torch.no_grad()
     def sample_images(self, step):

@@ -371,16 +371,8 @@ class SCMTrainer(StudentTrainer):
         """1- or 2-step consistency samples from ``noise`` ~ N(0, I) (default: ``inference_steps``), with the
         weights the export writes (the EMA when ``ema_decay`` > 0)."""
         n = self.config.inference_steps if steps is None else steps
-        ema = self.ema_state_dict("generator") if getattr(self, "ema", None) else None
-        net = self._inner("generator") if ema is not None else None
-        saved = {k: v.detach().clone() for k, v in net.state_dict().items()} if net is not None else None
-        if net is not None:
-            net.load_state_dict(ema)
-        try:
+        with self.export_weights():
             return self.generator.sample(noise, cond, num_steps=n, generator=generator)
-        finally:
-            if net is not None:
-                net.load_state_dict(saved)
 
     @torch.no_grad()
     def sample_images(self, step):

@@ -728,6 +728,31 @@ class StudentTrainer(DistillTrainer):
             out.append(v if off_grid else int(round(v)))
         return out
 
+    @contextmanager
+    def export_weights(self):
+        """Within the block the generator holds the weights that export writes: its EMA when ``ema_decay`` > 0
+        (except a LoRA generator, whose export merges the live adapter); its own weights are restored after."""
+        ema = self.ema_state_dict("generator") if getattr(self, "ema", None) else None
+        if ema is None or getattr(self.generator, "adapter_name", None) is not None:
+            yield
+            return
+        net = self._inner("generator")
+        saved = {k: v.detach().clone() for k, v in net.state_dict().items()}
+        net.load_state_dict(ema)
+        try:
+            yield
+        finally:
+            net.load_state_dict(saved)
+
+    @torch.no_grad()
+    def sample(self, noise, cond=None, steps: int | None = None, generator=None, guidance_scale=None):
+        """Samples from ``noise`` ~ N(0, I) with the generator's sampler and the weights the export writes
+        (:meth:`export_weights`): what the exported pipeline gives for the same noise. ``steps``: the trained count
+        by default; ``guidance_scale``: the export's default call scale by default."""
+        w = self.export_guidance_scale if guidance_scale is None else guidance_scale
+        with self.export_weights():
+            return self.generator.sample(noise, cond, num_steps=steps, generator=generator, guidance_scale=w)
+
     @torch.no_grad()
     def sample_images(self, step):
         n = 20
