@@ -312,6 +312,7 @@ def main(argv=None):
     p.add_argument("--problems", default="ring,mix64")
     p.add_argument("--methods", default="", help="comma-separated row labels (default: every row)")
     p.add_argument("--seeds", type=int, default=2)
+    p.add_argument("--first-seed", type=int, default=0, help="seeds first-seed, first-seed + 1, ...")
     p.add_argument("--eval", type=int, default=4000, help="samples per evaluation")
     p.add_argument("--scale", type=float, default=1.0, help="multiply every row's iterations")
     p.add_argument("--trace", type=int, default=0, help="print the SW ratio every N iterations")
@@ -365,11 +366,12 @@ def main(argv=None):
             results = [
                 run_row(label, method, steps, overrides, mixture, init_net, ev, seed, args.scale, args.trace,
                         oracle_fake=args.oracle_fake and method in ("dmd2", "sim", "vsd"))
-                for seed in range(args.seeds)
+                for seed in range(args.first_seed, args.first_seed + args.seeds)
             ]
             for n in steps:
                 lines.append(fmt_row(name, label, n, results, results[0]["budget"]))
-                print(lines[-1], f"  ({sum(r['seconds'] for r in results):.0f} s; per-mode shares seed 0: "
+                seconds = sum(r["seconds"] for r in results)
+                print(lines[-1], f"  ({seconds:.0f} s; per-mode shares seed {args.first_seed}: "
                       f"{results[0]['by_steps'][n]['shares']})", flush=True)
     text = "\n".join(
         [
